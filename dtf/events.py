@@ -1,0 +1,241 @@
+"""The event contract: every state change in dtf is one of these versioned msgspec Structs.
+
+Each event carries `id` (also sent as the Nats-Msg-Id header, so a retried publish is deduplicated),
+`time` (UTC), `v` (its schema version) and the ids it concerns. On the wire an event is plain JSON with
+a `type` tag, so any language can publish one. `decode` upgrades older versions (upcasting) so old
+streams stay replayable; the JSON Schemas under streams/schemas/ are generated from these classes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+from dtf.spec import TaskSpec
+
+ErrorCategory = Literal[
+    "network", "resource", "worker", "task", "data", "hardware",
+    "authentication", "authorization", "timeout", "unknown",
+]
+Outcome = Literal["passed", "failed", "error", "timed_out", "cancelled"]
+TestStatus = Literal["passed", "failed", "skipped", "error"]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=False):
+    """Common envelope. Subclasses set `v` to their current schema version."""
+
+    id: str = msgspec.field(default_factory=new_id)
+    time: datetime = msgspec.field(default_factory=now)
+    v: int = 1
+
+
+class TaskEvent(Event, kw_only=True):
+    run_id: str
+    task_id: str
+
+
+class AttemptEvent(TaskEvent, kw_only=True):
+    attempt: int
+    worker_id: str
+
+
+# --- task lifecycle -------------------------------------------------------------------------------
+
+
+class TaskSubmitted(TaskEvent, tag=True, kw_only=True):
+    """A submitter asks for a task. v2: spec.requirements.hardware is an any-of list (v1: one string)."""
+
+    v: int = 2
+    submitter: str
+    project: str = ""
+    spec: TaskSpec
+
+
+class TaskAssigned(AttemptEvent, tag=True, kw_only=True):
+    """The coordinator gives attempt N of a task to one worker; the spec travels with it."""
+
+    coordinator: str
+    spec: TaskSpec
+
+
+class TaskStarted(AttemptEvent, tag=True, kw_only=True):
+    pid: int | None = None
+
+
+class TestOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    nodeid: str
+    outcome: TestStatus
+    duration_s: float = 0.0
+    message: str = ""
+
+
+class TestCounts(msgspec.Struct, kw_only=True):
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    errors: int = 0
+
+
+class ResultReported(AttemptEvent, tag=True, kw_only=True):
+    """The outcome of one attempt. `tests` may be moved to the object store (`tests_ref`) when large;
+    `counts` always stays. The full output lives in the logs object store under `log_ref`."""
+
+    outcome: Outcome
+    exit_code: int | None = None
+    duration_s: float = 0.0
+    counts: TestCounts = msgspec.field(default_factory=TestCounts)
+    tests: list[TestOutcome] = []
+    tests_ref: str | None = None
+    metrics: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    output_tail: str = ""
+    log_ref: str | None = None
+
+
+class TaskFailed(AttemptEvent, tag=True, kw_only=True):
+    """An attempt ended without a result: the worker could not run it, or it was lost."""
+
+    category: ErrorCategory = "unknown"
+    reason: str
+
+
+class TaskReleased(AttemptEvent, tag=True, kw_only=True):
+    """A worker hands an attempt back unrun or unfinished (draining, over capacity): requeue it."""
+
+    reason: str
+
+
+class TaskCancelled(TaskEvent, tag=True, kw_only=True):
+    reason: str = ""
+    by: str = ""
+
+
+class TaskRejected(TaskEvent, tag=True, kw_only=True):
+    """A submission (or any message on a task subject) that could not be accepted, kept for audit."""
+
+    reason: str
+    raw: str = ""
+    source_subject: str = ""
+    source_seq: int = 0
+
+
+# --- workers ----------------------------------------------------------------------------------------
+
+
+class Gpu(msgspec.Struct, kw_only=True):
+    name: str
+    memory_gb: float
+    cuda_compute: float | None = None
+
+
+class Capabilities(msgspec.Struct, kw_only=True):
+    hardware: list[str] = msgspec.field(default_factory=lambda: ["cpu"])
+    cores: int = 1
+    memory_gb: float = 0.0
+    platform: str = ""
+    python: str = ""
+    gpus: list[Gpu] = []
+    tags: dict[str, str] = {}
+
+
+class WorkerRegistered(Event, tag=True, kw_only=True):
+    worker_id: str
+    host: str
+    pid: int
+    concurrency: int = 1
+    capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
+
+
+class WorkerHeartbeat(Event, tag=True, kw_only=True):
+    worker_id: str
+    running: list[str] = []
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+
+
+class WorkerLeft(Event, tag=True, kw_only=True):
+    worker_id: str
+    reason: str = ""
+
+
+AnyEvent = (
+    TaskSubmitted | TaskAssigned | TaskStarted | ResultReported | TaskFailed | TaskReleased
+    | TaskCancelled | TaskRejected | WorkerRegistered | WorkerHeartbeat | WorkerLeft
+)
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]
+}
+CURRENT_VERSION: dict[str, int] = {
+    name: next(f.default for f in msgspec.structs.fields(cls) if f.name == "v")
+    for name, cls in EVENT_TYPES.items()
+}
+
+
+# --- wire format and upcasting ----------------------------------------------------------------------
+
+
+class DecodeError(ValueError):
+    """The bytes are not a valid event; the message says why in one line."""
+
+
+class _Header(msgspec.Struct):
+    type: str = ""
+    v: int = 1
+
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _submitted_v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    requirements = raw.get("spec", {}).get("requirements", {})
+    if isinstance(requirements.get("hardware"), str):
+        requirements["hardware"] = [requirements["hardware"]]
+    return {**raw, "v": 2}
+
+
+UPCASTERS: dict[tuple[str, int], Upcaster] = {("TaskSubmitted", 1): _submitted_v1_to_v2}
+"""(type, version) -> function turning that version's JSON object into the next version's."""
+
+_header_decoder = msgspec.json.Decoder(_Header)
+_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> AnyEvent:
+    """Decode one event of any known type and version; DecodeError otherwise (never anything else)."""
+    try:
+        header = _header_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"not an event object: {exc}") from None
+    current = CURRENT_VERSION.get(header.type)
+    if current is None:
+        raise DecodeError(f"unknown event type {header.type!r}")
+    try:
+        if header.v == current:
+            return _decoders[header.type].decode(data)
+        if header.v > current or header.v < 1:
+            raise DecodeError(f"{header.type} schema version {header.v} is not supported (<= {current})")
+        raw = msgspec.json.decode(data)
+        for version in range(header.v, current):
+            raw = UPCASTERS[(header.type, version)](raw)
+        return msgspec.convert(raw, EVENT_TYPES[header.type])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DecodeError(f"invalid {header.type}: {exc}") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DecodeError(f"cannot upgrade {header.type} v{header.v}: {exc!r}") from None

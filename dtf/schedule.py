@@ -1,0 +1,127 @@
+"""Scheduling policy: pure functions from folded state to decisions (events to publish).
+
+`decide(fold, now, coordinator)` returns every event the coordinator should publish given what it has
+folded so far: rejections of set-aside submissions, cancellations of tasks whose dependencies failed,
+and assignments of ready tasks to capable workers with free slots. It reads no clock and does no I/O,
+so replicas that folded the same log decide the same thing, and the stream arbitrates their writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from dtf import events as ev
+from dtf import subjects
+from dtf.spec import Requirements
+from dtf.state import TERMINAL, Fold, TaskState, WorkerState
+
+HEARTBEAT_TIMEOUT = timedelta(seconds=60)
+"""A worker silent for this long gets no new work (the seeds' 60 s; #4 makes it configurable)."""
+RAW_KEEP = 64 * 1024
+"""How much of a rejected payload the TaskRejected keeps for audit."""
+
+
+def capable(worker: WorkerState, req: Requirements) -> bool:
+    caps = worker.capabilities
+    if req.hardware and not set(req.hardware) & set(caps.hardware):
+        return False
+    if req.min_memory_gb is not None and caps.memory_gb < req.min_memory_gb:
+        return False
+    if req.gpu_count and len(caps.gpus) < req.gpu_count:
+        return False
+    if req.min_cuda_compute is not None and not any(
+        (gpu.cuda_compute or 0) >= req.min_cuda_compute for gpu in caps.gpus
+    ):
+        return False
+    wanted = dict(req.tags)
+    if req.browser:
+        wanted["browser"] = req.browser
+    if req.device_type:
+        wanted["device_type"] = req.device_type
+    return all(caps.tags.get(key) == value for key, value in wanted.items())
+
+
+def available(worker: WorkerState, now: datetime) -> bool:
+    if worker.status != "online":
+        return False
+    return worker.last_heartbeat is None or now - worker.last_heartbeat <= HEARTBEAT_TIMEOUT
+
+
+def ready(task: TaskState, tasks: dict[str, TaskState], now: datetime) -> bool:
+    if task.status != "pending" or task.spec is None:
+        return False
+    if task.not_before is not None and task.not_before > now:
+        return False
+    return all(dep in tasks and tasks[dep].status == "passed" for dep in task.spec.dependencies)
+
+
+def queue_order(task: TaskState) -> tuple:
+    """Lower priority number first, then submission order."""
+    assert task.spec is not None and task.submitted_at is not None
+    return (task.spec.priority, task.submitted_at, task.task_id)
+
+
+def assignments(fold: Fold, now: datetime, coordinator: str) -> list[ev.TaskAssigned]:
+    free = {
+        w.worker_id: w.concurrency - len(fold.active.get(w.worker_id, ()))
+        for w in fold.workers.values()
+        if available(w, now)
+    }
+    decisions: list[ev.TaskAssigned] = []
+    for task in sorted((t for t in fold.tasks.values() if ready(t, fold.tasks, now)), key=queue_order):
+        assert task.spec is not None
+        candidates = [
+            wid for wid, slots in free.items()
+            if slots > 0 and capable(fold.workers[wid], task.spec.requirements)
+        ]
+        if not candidates:
+            continue
+        chosen = max(candidates, key=lambda wid: (free[wid], wid))
+        free[chosen] -= 1
+        attempt = task.attempt + 1
+        decisions.append(ev.TaskAssigned(
+            id=f"assign-{task.task_id}-{attempt}", time=now, run_id=task.run_id,
+            task_id=task.task_id, attempt=attempt, worker_id=chosen, coordinator=coordinator,
+            spec=task.spec,
+        ))
+    return decisions
+
+
+def dependency_cancellations(fold: Fold, now: datetime) -> list[ev.TaskCancelled]:
+    decisions = []
+    for task in fold.tasks.values():
+        if task.status != "pending" or task.spec is None:
+            continue
+        for dep in task.spec.dependencies:
+            failed = fold.tasks.get(dep)
+            if failed is not None and failed.status in TERMINAL and failed.status != "passed":
+                decisions.append(ev.TaskCancelled(
+                    id=f"cancel-{task.task_id}-dep", time=now, run_id=task.run_id,
+                    task_id=task.task_id, reason=f"dependency {dep} ended {failed.status}",
+                    by=subjects.COORDINATOR,
+                ))
+                break
+    return decisions
+
+
+def rejections(fold: Fold, now: datetime) -> list[ev.TaskRejected]:
+    decisions = []
+    for bad in fold.invalid.values():
+        parsed = subjects.parse(bad.subject)
+        usable = subjects.is_token(parsed.run_id) and subjects.is_token(parsed.task_id)
+        decisions.append(ev.TaskRejected(
+            id=f"reject-{bad.seq}", time=now,
+            run_id=parsed.run_id if usable else subjects.INVALID_RUN,
+            task_id=parsed.task_id if usable else f"seq{bad.seq}",
+            reason=bad.reason, raw=bad.raw[:RAW_KEEP].decode("utf-8", "replace"),
+            source_subject=bad.subject, source_seq=bad.seq,
+        ))
+    return decisions
+
+
+def decide(fold: Fold, now: datetime, coordinator: str) -> Iterable[ev.TaskEvent]:
+    """Everything to publish now, in a safe order: verdicts before new work."""
+    yield from rejections(fold, now)
+    yield from dependency_cancellations(fold, now)
+    yield from assignments(fold, now, coordinator)

@@ -1,0 +1,263 @@
+"""Task and worker state machines: pure folds of events into state.
+
+`evolve_task` and `evolve_worker` are pure: (state, event) -> new state, never touching I/O or the
+clock. `Fold` is the in-memory cache of every aggregate that the coordinator, `dtf wait` and the
+replay command build from the stream; its `apply` turns one raw stream message into those pure calls,
+remembers each task subject's last stream sequence (the coordinator's optimistic-concurrency token)
+and sets aside messages that cannot be accepted so the coordinator can reject them on the record.
+
+Task lifecycle (attempt numbers start at 1):
+
+    pending --TaskAssigned(n)--> assigned --TaskStarted(n)--> running --ResultReported(n)--> passed|failed|...
+       ^                           |  |                          |  |
+       +------ TaskReleased(n) ----+  +----- TaskFailed(n) ------+  +-- retryable and retries left --> pending
+    any non-terminal --TaskCancelled--> cancelled;   unknown task --TaskRejected--> rejected
+
+An event for any attempt but the current one (a late result from a lost attempt, a duplicate) changes
+nothing: at most one terminal outcome per attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from typing import Literal
+
+import msgspec
+
+from dtf import events as ev
+from dtf import subjects
+from dtf.spec import RetryPolicy, SpecError, TaskSpec, validate
+
+TaskStatus = Literal[
+    "pending", "assigned", "running", "passed", "failed", "error", "timed_out", "cancelled", "rejected",
+]
+TERMINAL: frozenset[str] = frozenset({"passed", "failed", "error", "timed_out", "cancelled", "rejected"})
+ACTIVE: frozenset[str] = frozenset({"assigned", "running"})
+RETRYABLE_OUTCOMES: frozenset[str] = frozenset({"error", "timed_out"})
+"""Tests that ran and failed are not retried by default; infrastructure trouble is."""
+
+
+class TaskState(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: str
+    task_id: str
+    submitter: str = ""
+    project: str = ""
+    spec: TaskSpec | None = None
+    status: TaskStatus = "pending"
+    attempt: int = 0
+    failures: int = 0
+    worker_id: str = ""
+    submitted_at: datetime | None = None
+    assigned_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    not_before: datetime | None = None
+    duration_s: float | None = None
+    counts: ev.TestCounts = msgspec.field(default_factory=ev.TestCounts)
+    reason: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: str
+    host: str = ""
+    pid: int = 0
+    concurrency: int = 0
+    capabilities: ev.Capabilities = msgspec.field(default_factory=ev.Capabilities)
+    status: Literal["online", "left", "unknown"] = "unknown"
+    registered_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    reason: str = ""
+
+
+def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
+    """Exponential backoff with full jitter, deterministic per (task, failure) so every replica and
+    every replay computes the same delay."""
+    ceiling = min(policy.max_delay_seconds, policy.retry_delay_seconds * 2 ** max(failures - 1, 0))
+    if not policy.jitter:
+        return ceiling
+    digest = hashlib.blake2b(f"{task_id}:{failures}".encode(), digest_size=8).digest()
+    return ceiling * int.from_bytes(digest) / 2**64
+
+
+def _current_attempt(task: TaskState, event: ev.AttemptEvent) -> bool:
+    return (
+        task.status in ACTIVE and event.attempt == task.attempt and event.worker_id == task.worker_id
+    )
+
+
+def _after_failure(task: TaskState, event: ev.AttemptEvent, status: TaskStatus, reason: str) -> TaskState:
+    """An attempt ended badly: requeue with backoff while retries remain, else settle on `status`."""
+    assert task.spec is not None
+    failures = task.failures + 1
+    if failures <= task.spec.retry_policy.max_retries:
+        delay = backoff_delay(task.spec.retry_policy, task.task_id, failures)
+        return msgspec.structs.replace(
+            task, status="pending", failures=failures, reason=reason,
+            not_before=event.time + timedelta(seconds=delay),
+        )
+    return msgspec.structs.replace(
+        task, status=status, failures=failures, reason=reason, finished_at=event.time,
+    )
+
+
+def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None:
+    """The task state machine. Returns the task unchanged for events that do not apply."""
+    match event:
+        case ev.TaskSubmitted() if task is None:
+            return TaskState(
+                run_id=event.run_id, task_id=event.task_id, submitter=event.submitter,
+                project=event.project or event.submitter, spec=event.spec, submitted_at=event.time,
+            )
+        case ev.TaskRejected() if task is None:
+            return TaskState(
+                run_id=event.run_id, task_id=event.task_id, status="rejected",
+                reason=event.reason, submitted_at=event.time, finished_at=event.time,
+            )
+        case _ if task is None or task.terminal:
+            return task
+        case ev.TaskAssigned() if task.status == "pending" and event.attempt == task.attempt + 1:
+            return msgspec.structs.replace(
+                task, status="assigned", attempt=event.attempt, worker_id=event.worker_id,
+                assigned_at=event.time, started_at=None, not_before=None, reason="",
+            )
+        case ev.TaskStarted() if task.status == "assigned" and _current_attempt(task, event):
+            return msgspec.structs.replace(task, status="running", started_at=event.time)
+        case ev.ResultReported() if _current_attempt(task, event):
+            settled = msgspec.structs.replace(
+                task, duration_s=event.duration_s, counts=event.counts,
+                started_at=task.started_at or task.assigned_at,
+            )
+            if event.outcome in RETRYABLE_OUTCOMES:
+                return _after_failure(settled, event, event.outcome, event.output_tail[-200:])
+            return msgspec.structs.replace(settled, status=event.outcome, finished_at=event.time)
+        case ev.TaskFailed() if _current_attempt(task, event):
+            return _after_failure(task, event, "error", f"{event.category}: {event.reason}")
+        case ev.TaskReleased() if _current_attempt(task, event):
+            return msgspec.structs.replace(task, status="pending", reason=event.reason)
+        case ev.TaskCancelled():
+            return msgspec.structs.replace(
+                task, status="cancelled", reason=event.reason, finished_at=event.time,
+            )
+    return task
+
+
+def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | None:
+    match event:
+        case ev.WorkerRegistered():
+            return WorkerState(
+                worker_id=event.worker_id, host=event.host, pid=event.pid,
+                concurrency=event.concurrency, capabilities=event.capabilities, status="online",
+                registered_at=event.time,
+                last_heartbeat=worker.last_heartbeat if worker else None,
+            )
+        case ev.WorkerHeartbeat():
+            base = worker or WorkerState(worker_id=event.worker_id)
+            if base.last_heartbeat and base.last_heartbeat >= event.time:
+                return base
+            return msgspec.structs.replace(base, last_heartbeat=event.time)
+        case ev.WorkerLeft() if worker is not None:
+            return msgspec.structs.replace(worker, status="left", reason=event.reason)
+    return worker
+
+
+class Invalid(msgspec.Struct, frozen=True):
+    """A message the fold could not accept, waiting for the coordinator's TaskRejected."""
+
+    seq: int
+    subject: str
+    raw: bytes
+    reason: str
+
+
+def admit(event: ev.Event, subject: str) -> str | None:
+    """Why an otherwise decodable event cannot be accepted (None when it can)."""
+    reason = subjects.mismatch(event, subject)
+    if reason is None and isinstance(event, ev.TaskSubmitted):
+        for token in (event.run_id, event.task_id, event.submitter):
+            if not subjects.is_token(token):
+                return f"{token!r} is not a valid id (letters, digits, _ and -; at most 80)"
+        try:
+            validate(event.spec)
+        except SpecError as exc:
+            return str(exc)
+    return reason
+
+
+class Fold:
+    """Every task and worker, folded from raw stream messages in stream order."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskState] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self.active: dict[str, set[str]] = {}
+        """worker id -> ids of its assigned or running tasks (derived, kept for the scheduler)."""
+        self.task_seq: dict[tuple[str, str], int] = {}
+        self.invalid: dict[int, Invalid] = {}
+        self.ignored = 0
+        self.last_seq = 0
+
+    def apply(self, subject: str, seq: int, data: bytes) -> ev.Event | None:
+        """Fold one stream message. Never raises on bad input: it is set aside or counted."""
+        parsed = subjects.parse(subject)
+        if parsed.run_id:
+            self.task_seq[(parsed.run_id, parsed.task_id)] = seq
+        self.last_seq = max(self.last_seq, seq)
+        try:
+            event = ev.decode(data)
+        except ev.DecodeError as exc:
+            return self._set_aside(seq, subject, data, str(exc))
+        reason = admit(event, subject) or self._conflict(event)
+        if reason is not None:
+            return self._set_aside(seq, subject, data, reason)
+        self.apply_event(event)
+        return event
+
+    def _conflict(self, event: ev.Event) -> str | None:
+        """A second submission of a task id that is taken, under another run or as another event."""
+        if isinstance(event, ev.TaskSubmitted) and event.task_id in self.tasks:
+            known = self.tasks[event.task_id]
+            if known.run_id != event.run_id or known.submitted_at != event.time:
+                return f"task id {event.task_id} is already used by run {known.run_id}"
+        return None
+
+    def _set_aside(self, seq: int, subject: str, data: bytes, reason: str) -> None:
+        kind = subjects.parse(subject).kind
+        if kind in ("submitted", "") and subject.startswith(f"{subjects.PREFIX}.task."):
+            self.invalid[seq] = Invalid(seq, subject, data, reason)
+        else:
+            self.ignored += 1
+        return None
+
+    def apply_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.TaskEvent):
+            if isinstance(event, ev.TaskRejected):
+                self.invalid.pop(event.source_seq, None)
+            before = self.tasks.get(event.task_id)
+            if before is not None and before.run_id != event.run_id:
+                self.ignored += 1
+                return
+            after = evolve_task(before, event)
+            if after is None or after is before:
+                self.ignored += 1
+                return
+            self.tasks[event.task_id] = after
+            self._index(before, after)
+        else:
+            worker_id = event.worker_id  # type: ignore[attr-defined]
+            after_worker = evolve_worker(self.workers.get(worker_id), event)
+            if after_worker is not None:
+                self.workers[worker_id] = after_worker
+
+    def _index(self, before: TaskState | None, after: TaskState) -> None:
+        if before is not None and before.status in ACTIVE:
+            self.active.get(before.worker_id, set()).discard(after.task_id)
+        if after.status in ACTIVE:
+            self.active.setdefault(after.worker_id, set()).add(after.task_id)
+
+    def run_tasks(self, run_id: str) -> list[TaskState]:
+        return [t for t in self.tasks.values() if t.run_id == run_id]

@@ -1,0 +1,136 @@
+"""Subject names: where each event is published, with the acting identity in the subject.
+
+NATS stamps no publisher identity on a message and a JSON field can be forged, so the party an event
+comes from (a submitter, a worker) is a subject token that server permissions can pin (#7):
+
+    dtf.task.<run_id>.<task_id>.<kind>.<party>   task history (stream DTF_EVENTS)
+    dtf.worker.<worker_id>.<kind>                worker lifecycle (stream DTF_EVENTS)
+    dtf.hb.<worker_id>                           heartbeats, last one per worker (stream DTF_HEARTBEATS)
+    dtf.query.<name>                             request-reply to the projector's read model (core NATS)
+
+`<party>` is the submitter for `submitted`/`cancelled`, the worker for everything a worker publishes and
+for `assigned` (the assignee, so each worker's durable consumer filters on its own id), and
+`coordinator` for the coordinator's own verdicts (`rejected`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from dtf import events as ev
+from dtf.spec import TOKEN_RE
+
+PREFIX = "dtf"
+TASKS = f"{PREFIX}.task.>"
+WORKERS = f"{PREFIX}.worker.>"
+HEARTBEATS = f"{PREFIX}.hb.>"
+COORDINATOR = "coordinator"
+INVALID_RUN = "_invalid"
+"""Run token used for a rejection whose source subject named no usable run/task."""
+
+TASK_KINDS: dict[type[ev.Event], str] = {
+    ev.TaskSubmitted: "submitted",
+    ev.TaskAssigned: "assigned",
+    ev.TaskStarted: "started",
+    ev.ResultReported: "result",
+    ev.TaskFailed: "failed",
+    ev.TaskReleased: "released",
+    ev.TaskCancelled: "cancelled",
+    ev.TaskRejected: "rejected",
+}
+WORKER_KINDS: dict[type[ev.Event], str] = {
+    ev.WorkerRegistered: "registered",
+    ev.WorkerLeft: "left",
+}
+KIND_TYPES: dict[str, type[ev.Event]] = {kind: cls for cls, kind in (TASK_KINDS | WORKER_KINDS).items()}
+
+
+def is_token(value: str) -> bool:
+    return bool(TOKEN_RE.match(value))
+
+
+def task(run_id: str, task_id: str, kind: str, party: str) -> str:
+    return f"{PREFIX}.task.{run_id}.{task_id}.{kind}.{party}"
+
+
+def task_all(run_id: str, task_id: str) -> str:
+    """Every event of one task: the subject filter the coordinator's expected-sequence check uses."""
+    return f"{PREFIX}.task.{run_id}.{task_id}.>"
+
+
+def run_all(run_id: str) -> str:
+    return f"{PREFIX}.task.{run_id}.>"
+
+
+def task_any_run(task_id: str) -> str:
+    return f"{PREFIX}.task.*.{task_id}.>"
+
+
+def assignments_for(worker_id: str) -> str:
+    return f"{PREFIX}.task.*.*.assigned.{worker_id}"
+
+
+def cancellations() -> str:
+    return f"{PREFIX}.task.*.*.cancelled.*"
+
+
+def worker(worker_id: str, kind: str) -> str:
+    return f"{PREFIX}.worker.{worker_id}.{kind}"
+
+
+def heartbeat(worker_id: str) -> str:
+    return f"{PREFIX}.hb.{worker_id}"
+
+
+def query(name: str) -> str:
+    return f"{PREFIX}.query.{name}"
+
+
+def party_of(event: ev.Event) -> str:
+    """The identity token an event is published under (see module docstring)."""
+    if isinstance(event, ev.TaskSubmitted):
+        return event.submitter
+    if isinstance(event, ev.TaskCancelled):
+        return event.by or COORDINATOR
+    if isinstance(event, ev.AttemptEvent):
+        return event.worker_id
+    return COORDINATOR
+
+
+def subject_for(event: ev.Event) -> str:
+    """The one subject an event belongs on; the same function for every publisher."""
+    if isinstance(event, ev.TaskEvent):
+        return task(event.run_id, event.task_id, TASK_KINDS[type(event)], party_of(event))
+    if isinstance(event, ev.WorkerHeartbeat):
+        return heartbeat(event.worker_id)
+    if isinstance(event, (ev.WorkerRegistered, ev.WorkerLeft)):
+        return worker(event.worker_id, WORKER_KINDS[type(event)])
+    raise TypeError(f"no subject for {type(event).__name__}")
+
+
+class Parsed(NamedTuple):
+    """What a subject says about the message on it; `kind` is '' when the subject is malformed."""
+
+    run_id: str
+    task_id: str
+    kind: str
+    party: str
+
+
+def parse(subject: str) -> Parsed:
+    parts = subject.split(".")
+    if len(parts) == 6 and parts[:2] == [PREFIX, "task"]:
+        return Parsed(parts[2], parts[3], parts[4], parts[5])
+    if len(parts) == 4 and parts[:2] == [PREFIX, "worker"]:
+        return Parsed("", "", parts[3], parts[2])
+    if len(parts) == 3 and parts[:2] == [PREFIX, "hb"]:
+        return Parsed("", "", "heartbeat", parts[2])
+    return Parsed("", "", "", "")
+
+
+def mismatch(event: ev.Event, subject: str) -> str | None:
+    """Why an event does not belong on the subject it arrived on (a forgery or a buggy client)."""
+    expected = subject_for(event)
+    if expected != subject:
+        return f"{type(event).__name__} {event.id} arrived on {subject}, belongs on {expected}"
+    return None

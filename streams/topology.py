@@ -1,0 +1,110 @@
+"""Every stream, consumer and object-store bucket dtf uses, declared once and provisioned idempotently.
+
+DTF_EVENTS      task history and worker lifecycle (dtf.task.>, dtf.worker.>): the source of truth.
+DTF_HEARTBEATS  dtf.hb.<worker_id>, one message kept per subject: each worker's last heartbeat.
+dtf-workspaces  packed submission directories, named by content hash.
+dtf-artifacts   full logs and large result lists, referenced from ResultReported.
+
+Consumers: each worker has a durable pull consumer on its own assignment subject (`worker_consumer`);
+the projector has one durable on all events (`PROJECTOR`); coordinator replicas and `dtf wait`/`replay`
+fold the history through ephemeral ordered consumers, since each needs every event from the start.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, ObjectStoreConfig, StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from dtf import subjects
+
+EVENTS = "DTF_EVENTS"
+HEARTBEATS = "DTF_HEARTBEATS"
+WORKSPACES_BUCKET = "dtf-workspaces"
+ARTIFACTS_BUCKET = "dtf-artifacts"
+PROJECTOR = "projector"
+
+DUPLICATE_WINDOW_S = 120.0
+"""Publishes retried within this window with the same Nats-Msg-Id are stored once."""
+MAX_MSG_SIZE = 1024 * 1024
+ASSIGNMENT_ACK_WAIT_S = 30.0
+"""A worker renews its claim on a running assignment with in-progress acks well inside this."""
+
+
+def events_stream(replicas: int = 1, max_age_s: float = 0) -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS,
+        description="dtf task history and worker lifecycle: the source of truth",
+        subjects=[subjects.TASKS, subjects.WORKERS],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_age=max_age_s or None,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_msg_size=MAX_MSG_SIZE,
+        allow_direct=True,
+        deny_delete=True,
+    )
+
+
+def heartbeats_stream(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=HEARTBEATS,
+        description="dtf worker heartbeats, the last one per worker",
+        subjects=[subjects.HEARTBEATS],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        discard=DiscardPolicy.OLD,
+        max_msg_size=64 * 1024,
+        allow_direct=True,
+    )
+
+
+def worker_consumer(worker_id: str) -> ConsumerConfig:
+    """A worker's own queue of assignments. Created before the worker registers, so nothing assigned
+    to it can be missed; a restarted worker with the same id gets its unacknowledged ones again."""
+    return ConsumerConfig(
+        durable_name=f"worker-{worker_id}",
+        filter_subject=subjects.assignments_for(worker_id),
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ASSIGNMENT_ACK_WAIT_S,
+        max_ack_pending=1000,
+    )
+
+
+def projector_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=PROJECTOR,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=60.0,
+        max_ack_pending=20_000,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    if info.config.subjects != config.subjects or info.config.max_age != config.max_age:
+        await js.update_stream(config)
+
+
+async def provision(js: JetStreamContext, replicas: int = 1, max_age_s: float = 0) -> None:
+    """Create or update every stream and bucket; safe to run from every process at every start."""
+    await _ensure_stream(js, events_stream(replicas, max_age_s))
+    await _ensure_stream(js, heartbeats_stream(replicas))
+    for bucket in (WORKSPACES_BUCKET, ARTIFACTS_BUCKET):
+        try:
+            await js.object_store(bucket)
+        except NotFoundError:
+            await js.create_object_store(
+                bucket, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
+            )
