@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -188,6 +188,13 @@ def admit(event: ev.Event, subject: str) -> str | None:
     return reason
 
 
+class Applied(NamedTuple):
+    """What one message did: the accepted event, or why it was not accepted."""
+
+    event: ev.Event | None
+    invalid_reason: str | None
+
+
 class Fold:
     """Every task and worker, folded from raw stream messages in stream order."""
 
@@ -201,7 +208,7 @@ class Fold:
         self.ignored = 0
         self.last_seq = 0
 
-    def apply(self, subject: str, seq: int, data: bytes) -> ev.Event | None:
+    def apply(self, subject: str, seq: int, data: bytes) -> Applied:
         """Fold one stream message. Never raises on bad input: it is set aside or counted."""
         parsed = subjects.parse(subject)
         if parsed.run_id:
@@ -215,7 +222,7 @@ class Fold:
         if reason is not None:
             return self._set_aside(seq, subject, data, reason)
         self.apply_event(event)
-        return event
+        return Applied(event, None)
 
     def _conflict(self, event: ev.Event) -> str | None:
         """A second submission of a task id that is taken, under another run or as another event."""
@@ -225,13 +232,15 @@ class Fold:
                 return f"task id {event.task_id} is already used by run {known.run_id}"
         return None
 
-    def _set_aside(self, seq: int, subject: str, data: bytes, reason: str) -> None:
+    def _set_aside(self, seq: int, subject: str, data: bytes, reason: str) -> Applied:
+        """Submissions (and anything on a malformed task subject) await a TaskRejected; any other bad
+        message is only counted here (the projector keeps each one in its invalid_events table)."""
         kind = subjects.parse(subject).kind
         if kind in ("submitted", "") and subject.startswith(f"{subjects.PREFIX}.task."):
             self.invalid[seq] = Invalid(seq, subject, data, reason)
         else:
             self.ignored += 1
-        return None
+        return Applied(None, reason)
 
     def apply_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.TaskEvent):

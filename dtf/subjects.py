@@ -7,6 +7,7 @@ comes from (a submitter, a worker) is a subject token that server permissions ca
     dtf.worker.<worker_id>.<kind>                worker lifecycle (stream DTF_EVENTS)
     dtf.hb.<worker_id>                           heartbeats, last one per worker (stream DTF_HEARTBEATS)
     dtf.query.<name>                             request-reply to the projector's read model (core NATS)
+    dtf.log.<task_id>                            live output chunks of a running task (core NATS)
 
 `<party>` is the submitter for `submitted`/`cancelled`, the worker for everything a worker publishes and
 for `assigned` (the assignee, so each worker's durable consumer filters on its own id), and
@@ -80,6 +81,11 @@ def worker(worker_id: str, kind: str) -> str:
 
 def heartbeat(worker_id: str) -> str:
     return f"{PREFIX}.hb.{worker_id}"
+
+
+def live_log(task_id: str) -> str:
+    """Core NATS (not stored): output chunks of a running task, for `dtf logs --follow`."""
+    return f"{PREFIX}.log.{task_id}"
 
 
 def query(name: str) -> str:
