@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -37,7 +37,7 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=False)
     """Common envelope. Subclasses set `v` to their current schema version."""
 
     id: str = msgspec.field(default_factory=new_id)
-    time: datetime = msgspec.field(default_factory=now)
+    time: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=now)
     v: int = 1
 
 
@@ -193,6 +193,8 @@ class DecodeError(ValueError):
 class _Header(msgspec.Struct):
     type: str = ""
     v: int = 1
+    id: Any = msgspec.UNSET
+    time: Any = msgspec.UNSET
 
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
@@ -221,11 +223,14 @@ def decode(data: bytes) -> AnyEvent:
     """Decode one event of any known type and version; DecodeError otherwise (never anything else)."""
     try:
         header = _header_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
         raise DecodeError(f"not an event object: {exc}") from None
     current = CURRENT_VERSION.get(header.type)
     if current is None:
         raise DecodeError(f"unknown event type {header.type!r}")
+    if header.id is msgspec.UNSET or header.time is msgspec.UNSET:
+        # Filled in from a random generator or the clock, they would differ on every replay.
+        raise DecodeError(f"{header.type} needs both `id` and `time`")
     try:
         if header.v == current:
             return _decoders[header.type].decode(data)
@@ -235,7 +240,7 @@ def decode(data: bytes) -> AnyEvent:
         for version in range(header.v, current):
             raw = UPCASTERS[(header.type, version)](raw)
         return msgspec.convert(raw, EVENT_TYPES[header.type])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError) as exc:
         raise DecodeError(f"invalid {header.type}: {exc}") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise DecodeError(f"cannot upgrade {header.type} v{header.v}: {exc!r}") from None

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")
 """Ids that appear as NATS subject tokens: no dots, wildcards or whitespace."""
 
 TaskType = Literal["test", "command", "benchmark"]
@@ -95,9 +95,11 @@ def test_paths(spec: TaskSpec) -> list[str]:
     paths = spec.config.get("paths", [])
     if isinstance(paths, str):
         paths = [paths]
+    if not isinstance(paths, list):
+        raise SpecError("config.paths must be a list of test paths or node ids")
     if "test_file" in spec.config:
         paths = [spec.config["test_file"], *paths]
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+    if not all(isinstance(p, str) and p for p in paths):
         raise SpecError("config.paths must be a list of test paths or node ids")
     return paths
 
@@ -133,6 +135,6 @@ def spec_from_json(data: bytes | str) -> TaskSpec:
     """Parse and validate a seeds-style task spec; SpecError names the first problem."""
     try:
         spec = _spec_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
         raise SpecError(f"invalid task spec: {exc}") from None
     return validate(spec)

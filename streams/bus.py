@@ -89,6 +89,8 @@ class StoredMsg:
     seq: int
     subject: str
     data: bytes
+    pending: int = 0
+    """Messages still to come after this one when it was delivered: 0 means caught up."""
 
 
 async def read(
@@ -116,6 +118,6 @@ async def read(
             msg: Msg = await sub.next_msg(timeout=None)
             meta = msg.metadata
             remaining = meta.num_pending
-            yield StoredMsg(stream, meta.sequence.stream, msg.subject, msg.data)
+            yield StoredMsg(stream, meta.sequence.stream, msg.subject, msg.data, remaining)
     finally:
         await sub.unsubscribe()

@@ -1,0 +1,173 @@
+"""Reading commands: `dtf tasks`, `dtf workers`, `dtf results` (asked of the projector, which owns the
+DuckDB read model), `dtf replay` (straight from the event log) and `dtf schema`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import msgspec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from rich.console import Console
+from rich.table import Table
+
+from dtf import events as ev
+from dtf import subjects
+from dtf.cli.common import CliError, connected, nats_options
+from dtf.streams import bus, topology
+
+QUERY_TIMEOUT_S = 10.0
+COLUMNS = {
+    "tasks": ["task_id", "run_id", "type", "name", "state", "worker_id", "attempts", "duration_s", "tests"],
+    "workers": ["worker_id", "host", "pid", "state", "concurrency", "capabilities", "last_heartbeat"],
+    "results": ["run_id", "task_id", "attempt", "worker_id", "nodeid", "outcome", "duration_s"],
+}
+
+
+async def ask(nc, name: str, request: dict) -> list[dict]:
+    """All rows of one read-model query, following the projector's pages."""
+    rows: list[dict] = []
+    offset: int | None = 0
+    while offset is not None:
+        try:
+            reply = await nc.request(subjects.query(name), json.dumps({**request, "offset": offset}).encode(),
+                                     timeout=QUERY_TIMEOUT_S)
+        except (NoRespondersError, NatsTimeout):
+            raise CliError("no projector answered (is `dtf up` or `dtf projector` running?)") from None
+        body = json.loads(reply.data)
+        if "error" in body:
+            raise CliError(f"projector: {body['error']}")
+        rows.extend(body.get(name, []))
+        offset = body.get("next_offset")
+    return rows
+
+
+def cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items() if v not in (None, [], {}, ""))
+    return str(value)
+
+
+def query_command(name: str, doc: str, with_run: bool) -> click.Command:
+    """`dtf tasks|workers|results`: one shape, so one factory."""
+
+    @nats_options
+    @click.option("--json", "as_json", is_flag=True, help=f'Print {{"{name}": [...]}} on stdout.')
+    def command(as_json: bool, nats_url: str | None, creds: str | None, run_id: str | None = None) -> None:
+        request = {"run_id": run_id} if run_id else {}
+
+        async def main() -> list[dict]:
+            async with connected(nats_url, creds, f"dtf-{name}") as nc:
+                return await ask(nc, name, request)
+
+        rows = asyncio.run(main())
+        if as_json:
+            click.echo(json.dumps({name: rows}))
+            return
+        table = Table(title=name)
+        for column in COLUMNS[name]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(cell(row.get(column)) for column in COLUMNS[name]))
+        Console().print(table)
+
+    command.__doc__ = doc
+    if with_run:
+        command = click.option("--run", "run_id", metavar="RUN_ID", help="Only this run.")(command)
+    return click.command(name)(command)
+
+
+tasks = query_command("tasks", "List tasks and their states (from the read model).", with_run=True)
+workers = query_command("workers", "List workers, their capabilities and last heartbeats.", with_run=False)
+results = query_command("results", "List per-test results (from the read model).", with_run=True)
+
+
+def parse_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO-8601 time", param_hint="--until") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def replay_line(msg: bus.StoredMsg) -> tuple[dict, datetime | None]:
+    """One stored message as the JSON object `dtf replay --json` prints, and its event time."""
+    try:
+        event = ev.decode(msg.data)
+    except ev.DecodeError as exc:
+        body = {"type": "Invalid", "reason": str(exc), "raw": msg.data[:4096].decode("utf-8", "replace")}
+        return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": None, "event": body}, None
+    body = msgspec.to_builtins(event)
+    return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": body["time"], "event": body}, event.time
+
+
+def human_line(line: dict) -> str:
+    event = line["event"]
+    detail = {k: v for k, v in event.items() if k in ("worker_id", "attempt", "outcome", "reason", "submitter")}
+    return (f"{line['seq']:>7} {line['time'] or '-':<32} {event['type']:<17} "
+            f"{event.get('task_id', event.get('worker_id', ''))} {cell(detail)}")
+
+
+@click.command()
+@click.option("--task", "task_id", metavar="ID", help="Only this task's events.")
+@click.option("--until", "until", metavar="TIME", help="Stop at the first event after this ISO-8601 time.")
+@click.option("--upto-seq", type=click.IntRange(min=1), metavar="N", help="Stop after stream sequence N.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Rebuild a read model in this (new) DuckDB file as of that point.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@nats_options
+def replay(task_id: str | None, until: str | None, upto_seq: int | None, db_path: Path | None, as_json: bool,
+           nats_url: str | None, creds: str | None) -> None:
+    """Print the event log in stream order, or rebuild a read model from it (--db)."""
+    if until and upto_seq:
+        raise click.UsageError("give --until or --upto-seq, not both")
+    if task_id is not None and not subjects.is_token(task_id):
+        raise click.BadParameter("not a task id", param_hint="--task")
+    until_time = parse_time(until) if until else None
+    if db_path is not None and db_path.exists():
+        raise CliError(f"{db_path} exists: --db rebuilds into a new file")
+    asyncio.run(_replay(task_id, until_time, upto_seq, db_path, as_json, nats_url, creds))
+
+
+async def _replay(task_id, until_time, upto_seq, db_path, as_json, nats_url, creds) -> None:
+    async with connected(nats_url, creds, "dtf-replay") as nc:
+        js = nc.jetstream()
+        if db_path is not None:
+            from dtf.projections.rebuild import rebuild
+
+            counts = await rebuild(js, db_path, upto_seq=upto_seq, until=until_time)
+            click.echo(json.dumps({"db": str(db_path), **counts}) if as_json else f"rebuilt {db_path}: {counts}")
+            return
+        filters = [subjects.task_any_run(task_id)] if task_id else [subjects.TASKS, subjects.WORKERS]
+        async for msg in bus.read(js, topology.EVENTS, filters):
+            if upto_seq is not None and msg.seq > upto_seq:
+                break
+            line, when = replay_line(msg)
+            if until_time is not None and when is not None and when > until_time:
+                break
+            click.echo(json.dumps(line) if as_json else human_line(line))
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write one <Event>.json schema per event type here (default: print them all).")
+def schema(out_dir: Path | None) -> None:
+    """The JSON Schemas of every event (committed under streams/schemas/)."""
+    from dtf.streams import schemas
+
+    if out_dir is None:
+        click.echo(json.dumps(schemas.all_schemas(), indent=2, sort_keys=True))
+        return
+    for path in schemas.export(out_dir):
+        click.echo(str(path))
+
+
+COMMANDS = [tasks, workers, results, replay, schema]

@@ -1,0 +1,147 @@
+"""Commands that run processes: `dtf up`, `dtf demo`, and the services `dtf coordinator`,
+`dtf worker` and `dtf projector`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from nats.aio.client import Client
+
+from dtf.cli.common import CliError, nats_options, parse_pairs, serve, serve_with_nats
+from dtf.cli.up import System
+
+log = logging.getLogger("dtf.cli")
+
+
+@click.command()
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256), help="Local workers to start.")
+@click.option("--data-dir", default=".dtf", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the JetStream store, read model, logs and context live.")
+@click.option("--nats-port", default=4222, show_default=True, type=click.IntRange(0, 65535),
+              help="Client port of the embedded nats-server (0 picks a free one).")
+@click.option("--listen", default="127.0.0.1", show_default=True, metavar="HOST",
+              help="Address to bind; another address lets workers on other machines connect.")
+@click.option("--no-dashboard", is_flag=True, help="Do not start the dashboard.")
+@click.option("--dashboard-port", default=0, type=click.IntRange(0, 65535), help="Dashboard port (0 picks one).")
+def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: bool, dashboard_port: int) -> None:
+    """Start a local dtf: nats-server, coordinator, projector and N workers, until SIGINT/SIGTERM."""
+    system = System(data_dir=data_dir, workers=workers, nats_port=nats_port, listen=listen)
+    if not no_dashboard:
+        log.warning("the dashboard is not built yet (issue #6); starting without it")
+
+    async def main(stop: asyncio.Event) -> None:
+        try:
+            await system.start()
+        except Exception as exc:
+            await system.stop()
+            raise CliError(f"could not start: {exc}") from None
+        click.echo(f"export DTF_NATS_URL={system.url}")
+        click.echo(f"dtf up: nats {system.url}, {workers} workers, data in {data_dir}; Ctrl-C stops", err=True)
+        await stop.wait()
+        click.echo("dtf up: stopping (workers hand back unfinished work)...", err=True)
+        await system.stop()
+
+    serve(main)
+
+
+@click.command()
+@click.option("--keep", is_flag=True, help="Leave the system running afterwards (Ctrl-C stops it).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+def demo(keep: bool, workers: int) -> None:
+    """Start a throwaway dtf, run the example suite on it, show the results, stop."""
+    from dtf.cli.commands_submit import report_run, submit_and_wait_demo
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    if not (examples / "suite").is_dir():
+        raise CliError(f"the example suite is not at {examples}/suite (run dtf demo from a source checkout)")
+    data_dir = Path(tempfile.mkdtemp(prefix="dtf-demo-"))
+    system = System(data_dir=data_dir, workers=workers, nats_port=0)
+    exit_code = 0
+
+    async def main(stop: asyncio.Event) -> None:
+        nonlocal exit_code
+        await system.start()
+        try:
+            click.echo(f"dtf demo: nats {system.url}, {workers} workers, data in {data_dir}", err=True)
+            click.echo("dtf demo: dashboard: not started (the dashboard is issue #6)", err=True)
+            run_id, tasks = await submit_and_wait_demo(system.url, examples)
+            exit_code = report_run(run_id, tasks, as_json=False)
+            if keep:
+                click.echo(f"export DTF_NATS_URL={system.url}")
+                click.echo("dtf demo: still running (--keep); try `dtf replay`, `dtf tasks`; Ctrl-C stops", err=True)
+                await stop.wait()
+        finally:
+            await system.stop()
+            if not keep:
+                shutil.rmtree(data_dir, ignore_errors=True)
+
+    serve(main)
+    sys.exit(exit_code)
+
+
+@click.command()
+@nats_options
+@click.option("--id", "name", help="Replica name (default coord-HOST-PID).")
+def coordinator(nats_url: str | None, creds: str | None, name: str | None) -> None:
+    """Run a coordinator replica (any number may run at once)."""
+    from dtf.cli.coordinator import Coordinator
+    from dtf.streams import topology
+
+    async def body(nc: Client, stop: asyncio.Event) -> None:
+        await topology.provision(nc.jetstream())
+        await Coordinator(nc, name).run(stop)
+
+    serve_with_nats(nats_url, creds, "dtf-coordinator", body)
+
+
+@click.command()
+@nats_options
+@click.option("--id", "worker_id", help="Worker id (default HOST-PID); reuse it to resume after a restart.")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 1024),
+              help="Attempts run at once; more are handed back.")
+@click.option("--capability", "capabilities", multiple=True, metavar="K=V", help="Extra capability tag.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Workspace cache (default ~/.cache/dtf/workspaces).")
+def worker(nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
+           capabilities: tuple[str, ...], cache_dir: Path | None) -> None:
+    """Run a worker agent on this machine."""
+    from dtf.spec import TOKEN_RE
+    from dtf.workers.agent import WorkerAgent
+
+    tags = parse_pairs(capabilities, "--capability")
+    worker_id = worker_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    if not TOKEN_RE.match(worker_id):
+        raise click.BadParameter("letters, digits, _ and - only (at most 80)", param_hint="--id")
+    cache = cache_dir or Path.home() / ".cache" / "dtf" / "workspaces"
+
+    async def body(nc: Client, stop: asyncio.Event) -> None:
+        agent = WorkerAgent(nc, worker_id=worker_id, concurrency=concurrency, tags=tags, cache_dir=cache)
+        await agent.run(stop)
+
+    serve_with_nats(nats_url, creds, f"dtf-worker-{worker_id}", body)
+
+
+@click.command()
+@nats_options
+@click.option("--db", "db_path", default=".dtf/readmodel.duckdb", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="DuckDB file this projector owns.")
+def projector(nats_url: str | None, creds: str | None, db_path: Path) -> None:
+    """Run the projector: fold events into the DuckDB read model and answer queries on it."""
+    from dtf.projections.projector import run_projector
+
+    async def body(nc: Client, stop: asyncio.Event) -> None:
+        await run_projector(nc, db_path, stop)
+
+    serve_with_nats(nats_url, creds, "dtf-projector", body)
+
+
+COMMANDS = [up, demo, coordinator, worker, projector]

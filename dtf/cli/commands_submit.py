@@ -1,0 +1,320 @@
+"""`dtf submit`, `dtf wait` and `dtf logs`: putting work on the bus and following it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import click
+import msgspec
+from nats.js.errors import NotFoundError
+from rich.console import Console
+from rich.table import Table
+
+from dtf import events as ev
+from dtf import subjects
+from dtf.cli import submit as sub
+from dtf.cli.common import CliError, connected, nats_options, parse_pairs
+from dtf.cli.progress import RunProgress
+from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json
+from dtf.state import TaskState
+from dtf.streams import bus, topology
+
+
+class PassthroughCommand(click.Command):
+    """Keeps everything after `--` for pytest instead of letting click read it as paths."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            ctx.meta["passthrough"] = args[cut + 1:]
+            args = args[:cut]
+        return super().parse_args(ctx, args)
+
+
+def parse_requirements(pairs: tuple[str, ...]) -> Requirements:
+    """`--requires hardware=cuda|rocm min_memory_gb=16 min_cuda_compute=7.5 gpu_count=2 k=v`."""
+    fields: dict = {"tags": {}}
+    for key, value in parse_pairs(pairs, "--requires").items():
+        try:
+            if key == "hardware":
+                kinds = [k for k in value.replace(",", "|").split("|") if k]
+                unknown = [k for k in kinds if k not in HARDWARE_KINDS]
+                if unknown or not kinds:
+                    raise ValueError(f"unknown hardware {unknown or value!r} (known: {', '.join(HARDWARE_KINDS)})")
+                fields["hardware"] = kinds
+            elif key in ("min_memory_gb", "min_cuda_compute"):
+                fields[key] = float(value)
+                if fields[key] < 0:
+                    raise ValueError("must not be negative")
+            elif key == "gpu_count":
+                fields[key] = int(value)
+            elif key in ("browser", "device_type"):
+                fields[key] = value
+            else:
+                fields["tags"][key] = value
+        except ValueError as exc:
+            raise click.BadParameter(f"{key}={value}: {exc}", param_hint="--requires") from None
+    return msgspec.convert(fields, Requirements)
+
+
+def load_spec_file(path: Path) -> list[TaskSpec]:
+    """A seeds-style spec: one JSON object, or a list of them."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read spec {path}: {exc}") from None
+    items = data if isinstance(data, list) else [data]
+    try:
+        return [spec_from_json(json.dumps(item)) for item in items]
+    except SpecError as exc:
+        raise CliError(f"{path}: {exc}") from None
+
+
+def render_report(report: dict) -> None:
+    console = Console()
+    table = Table(title=f"run {report['run_id']}")
+    for column in ("task", "type", "state", "worker", "attempts", "duration", "passed", "failed", "skipped", "errors"):
+        table.add_column(column)
+    colors = {"passed": "green", "failed": "red", "error": "red", "timed_out": "red", "cancelled": "yellow",
+              "rejected": "yellow"}
+    for row in report["tasks"]:
+        state = row["state"]
+        table.add_row(
+            row["name"] or row["task_id"], row["type"] or "-", f"[{colors.get(state, 'white')}]{state}",
+            row["worker_id"] or "-", str(row["attempts"]),
+            f"{row['duration_s']:.2f}s" if row["duration_s"] is not None else "-",
+            *(str(row["tests"][k]) for k in ("passed", "failed", "skipped", "errors")),
+        )
+    console.print(table)
+    s = report["summary"]
+    console.print(f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped, {s['errors']} errors")
+    for row in report["tasks"]:
+        if row["reason"] and row["state"] != "passed":
+            console.print(f"[yellow]{row['task_id']}: {row['reason']}")
+
+
+def report_run(run_id: str, tasks: list[TaskState], as_json: bool) -> int:
+    report = sub.run_report(run_id, tasks)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        render_report(report)
+    return sub.run_exit_code(tasks)
+
+
+async def follow_with_progress(js, run_id: str, show: bool) -> list[TaskState]:
+    with RunProgress(run_id, enabled=show) as progress:
+        return await sub.follow_run(js, run_id, progress.update)
+
+
+async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[TaskState]]:
+    """The demo's run: the example suite shipped as a workspace, plus one benchmark task."""
+    from dtf.workers import workspace
+
+    async with connected(url, None, "dtf-demo") as nc:
+        js = nc.jetstream()
+        data, ref = workspace.pack(examples)
+        await workspace.upload(js, data, ref)
+        base = TaskSpec(type="test", labels={"source": "demo"})
+        specs = sub.task_specs(kind="test", paths=[str(examples / "suite")], command=None, base=base,
+                               root=examples, workspace=ref)
+        bench = TaskSpec(type="benchmark", name="example benchmark",
+                         config={"command": f"{sys.executable} bench_example.py", "model": "toy", "batch_size": 8},
+                         workspace=ref)
+        run_id = sub.new_run_id()
+        await sub.submit_run(js, sub.submissions(run_id, [*specs, bench], sub.submitter_name(), "demo"))
+        click.echo(f"dtf demo: submitted run {run_id} ({len(specs) + 1} tasks)", err=True)
+        return run_id, await follow_with_progress(js, run_id, show=True)
+
+
+@click.command(cls=PassthroughCommand)
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option("--command", "command", metavar="CMD", help="Run a shell command as one task.")
+@click.option("--benchmark", "benchmark", metavar="CMD",
+              help="Run a benchmark command; it writes a JSON object of metrics to $DTF_METRICS.")
+@click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A seeds-style task spec JSON file (an object or a list of them).")
+@click.option("--wait", is_flag=True, help="Wait for the run to finish; exit 0 only if everything passed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@click.option("--priority", type=int, default=5, show_default=True, help="Lower is more urgent.")
+@click.option("--requires", multiple=True, metavar="K=V",
+              help="hardware=cuda|rocm, min_memory_gb=16, min_cuda_compute=7.5, gpu_count=N, or a tag.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Label results for aggregation.")
+@click.option("--config", "configs", multiple=True, metavar="K=V", help="Task config (benchmark model, ...).")
+@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="Retries after infrastructure errors and timeouts.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=3600, show_default=True,
+              help="Seconds before an attempt is killed.")
+@click.option("--no-ship", is_flag=True, help="Do not pack the directory: workers share this filesystem.")
+@click.option("--run-id", help="Run id (default generated).")
+@click.option("--project", default="", help="Project for fair share (default the submitter).")
+@click.option("--name", default="", help="Task name (command and benchmark tasks).")
+@nats_options
+@click.pass_context
+def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benchmark: str | None,
+           spec_file: Path | None, wait: bool, as_json: bool, priority: int, requires: tuple[str, ...],
+           labels: tuple[str, ...], configs: tuple[str, ...], retries: int, timeout: float, no_ship: bool,
+           run_id: str | None, project: str, name: str, nats_url: str | None, creds: str | None) -> None:
+    """Submit tests (PATHS), a --command, a --benchmark or a --spec file. Arguments after `--` go to pytest."""
+    pytest_args = ctx.meta.get("passthrough", [])
+    kinds = [k for k, given in (("command", command), ("benchmark", benchmark), ("spec", spec_file)) if given]
+    if len(kinds) > 1:
+        raise click.UsageError(f"give one of --command, --benchmark, --spec (got {', '.join(kinds)})")
+    if not paths and not kinds:
+        raise click.UsageError("nothing to submit: give test PATHS, --command, --benchmark or --spec")
+    if paths and kinds and kinds[0] != "spec":
+        raise click.UsageError(f"--{kinds[0]} takes no PATHS (they would be ignored)")
+    if run_id is not None and not subjects.is_token(run_id):
+        raise click.BadParameter("letters, digits, _ and - only (at most 80)", param_hint="--run-id")
+    base = TaskSpec(
+        type="test", name=name, priority=priority, requirements=parse_requirements(requires),
+        timeout_seconds=timeout, retry_policy=RetryPolicy(max_retries=retries),
+        labels=parse_pairs(labels, "--label"), config=parse_pairs(configs, "--config"),
+    )
+    if pytest_args:
+        base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
+    run_id = run_id or sub.new_run_id()
+    asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait, as_json, no_ship,
+                        project, nats_url, creds))
+
+
+async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait, as_json, no_ship, project,
+                  nats_url, creds) -> None:
+    from dtf.workers import workspace
+
+    root = sub.workspace_root([Path(p) for p in paths]) if paths else None
+    async with connected(nats_url, creds, "dtf-submit") as nc:
+        js = nc.jetstream()
+        ref = None
+        if root is not None and not no_ship:
+            data, ref = await asyncio.to_thread(workspace.pack, root)
+            await workspace.upload(js, data, ref)
+        try:
+            if spec_file is not None:
+                specs = [_place(s, ref, root or spec_file.parent.resolve()) for s in load_spec_file(spec_file)]
+            elif command or benchmark:
+                kind = "command" if command else "benchmark"
+                specs = sub.task_specs(kind=kind, paths=[], command=command or benchmark, base=base,
+                                       root=root or Path.cwd(), workspace=None)
+            else:
+                specs = sub.task_specs(kind="test", paths=list(paths), command=None, base=base, root=root,
+                                       workspace=ref)
+        except SpecError as exc:
+            raise CliError(str(exc)) from None
+        if not specs:
+            raise CliError(f"no test files found under {', '.join(paths)}")
+        events = sub.submissions(run_id, specs, sub.submitter_name(), project)
+        await sub.submit_run(js, events)
+        click.echo(f"dtf: submitted run {run_id} ({len(events)} tasks)", err=True)
+        if not wait:
+            if as_json:
+                click.echo(json.dumps({"run_id": run_id, "tasks": [e.task_id for e in events]}))
+            else:
+                click.echo(run_id)
+            return
+        tasks = await follow_with_progress(js, run_id, show=True)
+    ctx.exit(report_run(run_id, tasks, as_json))
+
+
+def _place(spec: TaskSpec, ref, cwd: Path) -> TaskSpec:
+    """A spec file's tasks run in the shipped workspace, or where the spec file is."""
+    if ref is not None:
+        return msgspec.structs.replace(spec, workspace=ref)
+    return msgspec.structs.replace(spec, config={"cwd": str(cwd), **spec.config})
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@nats_options
+@click.pass_context
+def wait(ctx: click.Context, run_id: str, as_json: bool, nats_url: str | None, creds: str | None) -> None:
+    """Wait for a run to finish; same output and exit codes as `submit --wait`."""
+    if not subjects.is_token(run_id):
+        raise click.BadParameter("not a run id", param_hint="RUN_ID")
+
+    async def main() -> list[TaskState]:
+        async with connected(nats_url, creds, "dtf-wait") as nc:
+            js = nc.jetstream()
+            if not await sub.run_exists(js, run_id):
+                raise CliError(f"no run {run_id} in the event log")
+            return await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty())
+
+    tasks = asyncio.run(main())
+    ctx.exit(report_run(run_id, tasks, as_json))
+
+
+@click.command()
+@click.argument("task_id")
+@click.option("--follow", "-f", is_flag=True, help="Stream the output of a running task until it ends.")
+@nats_options
+def logs(task_id: str, follow: bool, nats_url: str | None, creds: str | None) -> None:
+    """Print a task's output (the full log of its last attempt)."""
+    if not subjects.is_token(task_id):
+        raise click.BadParameter("not a task id", param_hint="TASK_ID")
+    asyncio.run(_logs(task_id, follow, nats_url, creds))
+
+
+async def _task_history(js, task_id: str) -> list[ev.Event]:
+    events = []
+    async for msg in bus.read(js, topology.EVENTS, [subjects.task_any_run(task_id)]):
+        try:
+            events.append(ev.decode(msg.data))
+        except ev.DecodeError:
+            continue
+    return events
+
+
+def _finished(events: list[ev.Event]) -> ev.ResultReported | None:
+    results = [e for e in events if isinstance(e, ev.ResultReported)]
+    return results[-1] if results else None
+
+
+async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | None) -> None:
+    async with connected(nats_url, creds, "dtf-logs") as nc:
+        js = nc.jetstream()
+        history = await _task_history(js, task_id)
+        if not history:
+            raise CliError(f"no task {task_id} in the event log")
+        if follow and _finished(history) is None:
+            await _follow_live(nc, js, task_id)
+            return
+        result = _finished(history)
+        if result is None:
+            raise CliError(f"task {task_id} has no output yet (use --follow to stream it)")
+        if result.log_ref is None:
+            sys.stdout.write(result.output_tail)
+            return
+        store = await js.object_store(topology.ARTIFACTS_BUCKET)
+        try:
+            obj = await store.get(result.log_ref)
+        except NotFoundError:
+            raise CliError(f"log {result.log_ref} is gone from {topology.ARTIFACTS_BUCKET}") from None
+        sys.stdout.buffer.write(obj.data or b"")
+        sys.stdout.flush()
+
+
+async def _follow_live(nc, js, task_id: str) -> None:
+    """Print live output chunks until the task ends. Output from before we subscribed is not
+    repeated here: `dtf logs TASK_ID` prints the whole stored log once the task has finished."""
+    async def show(msg) -> None:
+        sys.stdout.buffer.write(msg.data)
+        sys.stdout.flush()
+
+    live = await nc.subscribe(subjects.live_log(task_id), cb=show)
+    try:
+        async for msg in bus.read(js, topology.EVENTS, [subjects.task_any_run(task_id)], follow=True):
+            try:
+                event = ev.decode(msg.data)
+            except ev.DecodeError:
+                continue
+            if isinstance(event, (ev.ResultReported, ev.TaskCancelled, ev.TaskRejected)):
+                return
+    finally:
+        await live.unsubscribe()
+
+
+COMMANDS = [submit, wait, logs]

@@ -1,0 +1,146 @@
+"""`dtf up`: a whole local system from one command — the embedded nats-server with JetStream under the
+data dir, the streams provisioned, then a coordinator, the projector and N workers as child processes
+of this one (each its own `dtf ...` command, exactly as on separate machines). It writes the context
+that lets every other command find the server, restarts a child that crashes, and on SIGINT/SIGTERM
+stops the workers first (so they hand back unfinished work while NATS is still up), then the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dtf.cli.common import current_context_file
+from dtf.streams import bus, topology
+from dtf.streams.server import EmbeddedServer
+
+log = logging.getLogger("dtf.up")
+
+STOP_GRACE_S = 20.0
+RESTART_LIMIT = 5
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+
+
+@dataclass
+class System:
+    data_dir: Path
+    workers: int = 2
+    nats_port: int = 4222
+    listen: str = "127.0.0.1"
+    dashboard_url: str | None = None
+    server: EmbeddedServer | None = None
+    children: list[Child] = field(default_factory=list)
+    _watchers: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.server = EmbeddedServer(self.data_dir / "nats", host=self.listen, port=self.nats_port)
+        await asyncio.to_thread(self.server.start)
+        nc = await bus.connect(self.url, name="dtf-up")
+        try:
+            await topology.provision(nc.jetstream())
+        finally:
+            await nc.close()
+        self._write_context()
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        host = socket.gethostname().split(".")[0]
+        self.children = [
+            self._child("coordinator", ["coordinator"]),
+            self._child("projector", ["projector", "--db", str(self.data_dir / "readmodel.duckdb")]),
+            *(
+                self._child(f"worker-{i}", [
+                    "worker", "--id", f"{host}-{i}", "--cache-dir", str(self.data_dir / "cache"),
+                ])
+                for i in range(1, self.workers + 1)
+            ),
+        ]
+        for child in self.children:
+            await self._spawn(child)
+            self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch-{child.name}"))
+
+    def _child(self, name: str, args: list[str]) -> Child:
+        return Child(name, [sys.executable, "-m", "dtf", *args, "--nats", "URL"],
+                     self.data_dir / "logs" / f"{name}.log")
+
+    async def _spawn(self, child: Child) -> None:
+        args = [self.url if a == "URL" else a for a in child.args]
+        with child.log_path.open("ab") as out:
+            child.process = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        log.info("started %s (pid %d), log %s", child.name, child.process.pid, child.log_path)
+
+    async def _watch(self, child: Child) -> None:
+        """Restart a child that dies on its own, a few times, with growing pauses."""
+        while True:
+            assert child.process is not None
+            code = await child.process.wait()
+            if child.restarts >= RESTART_LIMIT:
+                log.error("%s exited with %d %d times; giving up on it (see %s)",
+                          child.name, code, child.restarts, child.log_path)
+                return
+            child.restarts += 1
+            log.warning("%s exited with %d; restarting (see %s)", child.name, code, child.log_path)
+            await asyncio.sleep(min(2 ** child.restarts * 0.25, 5))
+            await self._spawn(child)
+
+    def _write_context(self) -> None:
+        context = {"nats_url": self.url, "pid": os.getpid(), "dashboard_url": self.dashboard_url,
+                   "data_dir": str(self.data_dir.resolve())}
+        path = self.data_dir / "context.json"
+        path.write_text(json.dumps(context, indent=2) + "\n")
+        pointer = current_context_file()
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(json.dumps({"context": str(path.resolve())}) + "\n")
+
+    async def stop(self) -> None:
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        workers = [c for c in self.children if c.name.startswith("worker")]
+        others = [c for c in self.children if c not in workers]
+        for group in (workers, others):
+            await asyncio.gather(*(self._terminate(c) for c in group))
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+        self._forget_context()
+
+    async def _terminate(self, child: Child) -> None:
+        process = child.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
+            process.kill()
+            await process.wait()
+
+    def _forget_context(self) -> None:
+        """Leave no current context pointing at a system that is gone."""
+        pointer = current_context_file()
+        try:
+            if json.loads(pointer.read_text()).get("context") == str((self.data_dir / "context.json").resolve()):
+                pointer.unlink()
+        except (OSError, ValueError):
+            pass

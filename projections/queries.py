@@ -1,0 +1,193 @@
+"""The read model's questions, as pure functions of a DuckDB cursor; `answer` is the wire form.
+
+    tasks    {"run_id"?, "offset"?, "limit"?} -> {"tasks": [...], "next_offset"}
+    workers  {"offset"?, "limit"?}            -> {"workers": [...], "next_offset"}
+    results  {"run_id"?, "task_id"?, "offset"?, "limit"?} -> {"results": [...], "next_offset"}
+    status   {}                               -> {"checkpoints": {stream: seq}, "events": n, ...}
+
+Replies stay under NATS's 1 MB payload limit: a list is cut before ~900 KB and `next_offset` says
+where the next page starts (null at the end); `limit` caps a page further. Pages follow a stable
+order, so paging through a table that is not changing sees every row once. A bad request gets
+{"error": "..."}. The same functions serve a CLI that opens a database file no process holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+import duckdb
+import msgspec
+
+from dtf.projections import schema
+
+MAX_REPLY_BYTES = 900_000
+PAGE_ROWS = 1000
+"""Rows read per round trip while filling a page."""
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Page(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    offset: NonNegative = 0
+    limit: Positive | None = None
+
+
+class TasksRequest(Page, kw_only=True, forbid_unknown_fields=True):
+    run_id: str | None = None
+
+
+class WorkersRequest(Page, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ResultsRequest(Page, kw_only=True, forbid_unknown_fields=True):
+    run_id: str | None = None
+    task_id: str | None = None
+
+
+class StatusRequest(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _page(
+    cur: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any], request: Page,
+    item: Callable[[tuple], dict],
+) -> tuple[list[dict], int | None]:
+    """Rows of `sql` (which must end in ORDER BY) from request.offset, as many as fit in a reply."""
+    items: list[dict] = []
+    size = 0
+    position = request.offset
+    wanted = request.limit
+    while wanted is None or len(items) < wanted:
+        chunk = PAGE_ROWS if wanted is None else min(PAGE_ROWS, wanted - len(items))
+        found = cur.execute(
+            f"{sql} LIMIT $_limit OFFSET $_offset", {**params, "_limit": chunk, "_offset": position}
+        ).fetchall()
+        for row in found:
+            entry = item(row)
+            size += len(_encoder.encode(entry)) + 1
+            if size > MAX_REPLY_BYTES and items:
+                return items, position
+            items.append(entry)
+            position += 1
+        if len(found) < chunk:
+            return items, None
+    more = cur.execute(
+        f"{sql} LIMIT 1 OFFSET $_offset", {**params, "_offset": position}
+    ).fetchall()
+    return items, position if more else None
+
+
+def _where(filters: dict[str, str | None]) -> tuple[str, dict[str, Any]]:
+    given = {name: value for name, value in filters.items() if value is not None}
+    clause = " AND ".join(f"{name} = ${name}" for name in given)
+    return (f"WHERE {clause}" if clause else ""), given
+
+
+def tasks(cur: duckdb.DuckDBPyConnection, request: TasksRequest) -> dict:
+    where, params = _where({"run_id": request.run_id})
+    sql = (
+        "SELECT task_id, run_id, type, name, status, worker_id, attempts, duration_s, passed, failed,"
+        " skipped, errors, reason, priority, submitted_at, finished_at"
+        f" FROM tasks {where} ORDER BY submitted_at NULLS LAST, task_id"
+    )
+
+    def item(r: tuple) -> dict:
+        return {
+            "task_id": r[0], "run_id": r[1], "type": r[2], "name": r[3], "state": r[4],
+            "worker_id": r[5], "attempts": r[6], "duration_s": r[7],
+            "tests": {"passed": r[8], "failed": r[9], "skipped": r[10], "errors": r[11]},
+            "reason": r[12], "priority": r[13], "submitted_at": _iso(r[14]), "finished_at": _iso(r[15]),
+        }
+
+    found, next_offset = _page(cur, sql, params, request, item)
+    return {"tasks": found, "next_offset": next_offset}
+
+
+def workers(cur: duckdb.DuckDBPyConnection, request: WorkersRequest) -> dict:
+    sql = (
+        "SELECT w.worker_id, w.host, w.pid, w.status, w.capabilities, w.last_heartbeat, w.concurrency,"
+        " (SELECT count(*) FROM tasks t WHERE t.worker_id = w.worker_id"
+        "  AND t.status IN ('assigned', 'running')) AS running"
+        " FROM workers w ORDER BY w.worker_id"
+    )
+
+    def item(r: tuple) -> dict:
+        return {
+            "worker_id": r[0], "host": r[1], "pid": r[2], "state": r[3],
+            "capabilities": msgspec.json.decode(r[4]) if r[4] else {}, "last_heartbeat": _iso(r[5]),
+            "concurrency": r[6], "running": r[7],
+        }
+
+    found, next_offset = _page(cur, sql, {}, request, item)
+    return {"workers": found, "next_offset": next_offset}
+
+
+def results(cur: duckdb.DuckDBPyConnection, request: ResultsRequest) -> dict:
+    where, params = _where({"run_id": request.run_id, "task_id": request.task_id})
+    sql = (
+        "SELECT run_id, task_id, attempt, worker_id, nodeid, outcome, duration_s, message"
+        f" FROM test_results {where} ORDER BY run_id, task_id, attempt, nodeid, outcome, message"
+    )
+    names = ("run_id", "task_id", "attempt", "worker_id", "nodeid", "outcome", "duration_s", "message")
+    found, next_offset = _page(cur, sql, params, request, lambda r: dict(zip(names, r)))
+    return {"results": found, "next_offset": next_offset}
+
+
+def status(cur: duckdb.DuckDBPyConnection, request: StatusRequest) -> dict:
+    checkpoints = dict(cur.execute("SELECT stream, seq FROM checkpoints ORDER BY stream").fetchall())
+    counts = {
+        table.name: cur.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]  # type: ignore[index]
+        for table in (schema.EVENTS, schema.INVALID_EVENTS, schema.TASKS, schema.WORKERS)
+    }
+    return {"checkpoints": checkpoints, **counts}
+
+
+QUERIES: dict[str, tuple[type[msgspec.Struct], Callable[[duckdb.DuckDBPyConnection, Any], dict]]] = {
+    "tasks": (TasksRequest, tasks),
+    "workers": (WorkersRequest, workers),
+    "results": (ResultsRequest, results),
+    "status": (StatusRequest, status),
+}
+"""Query name (the last token of its subject, see `dtf.subjects.query`) -> (request type, function)."""
+
+
+class QueryError(ValueError):
+    """A request that cannot be answered; the message is the reply's "error"."""
+
+
+def parse(name: str, data: bytes) -> msgspec.Struct:
+    if name not in QUERIES:
+        raise QueryError(f"unknown query {name!r} (known: {', '.join(QUERIES)})")
+    request_type = QUERIES[name][0]
+    try:
+        return msgspec.json.decode(data.strip() or b"{}", type=request_type)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise QueryError(f"bad {name} request: {exc}") from None
+
+
+def answer(con: duckdb.DuckDBPyConnection, name: str, data: bytes) -> bytes:
+    """The JSON reply to one request. Never raises: a failure is an {"error": ...} reply. Runs on its
+    own cursor, so it sees the last committed batch while the projector writes the next."""
+    try:
+        request = parse(name, data)
+        cur = con.cursor()
+        try:
+            reply = QUERIES[name][1](cur, request)
+        finally:
+            cur.close()
+    except QueryError as exc:
+        reply = {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a query must never take the service down
+        reply = {"error": f"{name} failed: {type(exc).__name__}: {exc}"}
+    return _encoder.encode(reply)

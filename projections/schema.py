@@ -1,0 +1,126 @@
+"""The read model's tables, declared once: DuckDB DDL and the Arrow schema rows are bulk-written with.
+
+Every row is a pure function of the event log (no wall clock, no row ids), so a database rebuilt from
+the stream equals the live one table for table. `tasks.state` and `workers.state` hold the full
+msgspec-encoded fold state: the projector resumes its fold from them instead of replaying from zero.
+
+    tasks           one row per task: its current TaskState, flattened for queries
+    attempts        one row per (task, attempt): who ran it, when, and how it ended
+    workers         one row per worker: its current WorkerState
+    test_results    one row per test of an accepted ResultReported, with the worker's hardware
+    metrics         one row per metric of an accepted ResultReported
+    events          the ledger: every admitted event (DTF_HEARTBEATS: the last one per worker)
+    invalid_events  messages that could not be accepted, with why and their raw bytes
+    checkpoints     the last stream sequence applied, per stream
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+_ARROW = {
+    "VARCHAR": pa.string(),
+    "JSON": pa.string(),
+    "BIGINT": pa.int64(),
+    "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
+    "BLOB": pa.binary(),
+    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC"),
+    "VARCHAR[]": pa.list_(pa.string()),
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    """(name, DuckDB type) in table order; rows are dicts keyed by these names."""
+    key: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> list[str]:
+        return [name for name, _ in self.columns]
+
+    @property
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema([(name, _ARROW[sql]) for name, sql in self.columns])
+
+    def ddl(self) -> str:
+        columns = [f"{name} {sql}" for name, sql in self.columns]
+        if self.key:
+            columns.append(f"PRIMARY KEY ({', '.join(self.key)})")
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    " + ",\n    ".join(columns) + "\n)"
+
+    def arrow(self, rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=self.arrow_schema)
+
+
+TASKS = Table("tasks", (
+    ("task_id", "VARCHAR"), ("run_id", "VARCHAR"), ("submitter", "VARCHAR"), ("project", "VARCHAR"),
+    ("type", "VARCHAR"), ("name", "VARCHAR"), ("priority", "BIGINT"), ("status", "VARCHAR"),
+    ("attempts", "BIGINT"), ("failures", "BIGINT"), ("worker_id", "VARCHAR"),
+    ("submitted_at", "TIMESTAMPTZ"), ("assigned_at", "TIMESTAMPTZ"), ("started_at", "TIMESTAMPTZ"),
+    ("finished_at", "TIMESTAMPTZ"), ("duration_s", "DOUBLE"),
+    ("passed", "BIGINT"), ("failed", "BIGINT"), ("skipped", "BIGINT"), ("errors", "BIGINT"),
+    ("reason", "VARCHAR"), ("labels", "JSON"), ("requirements", "JSON"), ("state", "JSON"),
+), key=("task_id",))
+
+ATTEMPTS = Table("attempts", (
+    ("task_id", "VARCHAR"), ("attempt", "BIGINT"), ("run_id", "VARCHAR"), ("worker_id", "VARCHAR"),
+    ("status", "VARCHAR"), ("assigned_at", "TIMESTAMPTZ"), ("started_at", "TIMESTAMPTZ"),
+    ("finished_at", "TIMESTAMPTZ"), ("outcome", "VARCHAR"), ("exit_code", "BIGINT"),
+    ("duration_s", "DOUBLE"), ("reason", "VARCHAR"), ("log_ref", "VARCHAR"),
+), key=("task_id", "attempt"))
+
+WORKERS = Table("workers", (
+    ("worker_id", "VARCHAR"), ("host", "VARCHAR"), ("pid", "BIGINT"), ("status", "VARCHAR"),
+    ("concurrency", "BIGINT"), ("capabilities", "JSON"), ("hardware", "VARCHAR[]"),
+    ("registered_at", "TIMESTAMPTZ"), ("last_heartbeat", "TIMESTAMPTZ"), ("reason", "VARCHAR"),
+    ("state", "JSON"),
+), key=("worker_id",))
+
+TEST_RESULTS = Table("test_results", (
+    ("run_id", "VARCHAR"), ("task_id", "VARCHAR"), ("attempt", "BIGINT"), ("worker_id", "VARCHAR"),
+    ("nodeid", "VARCHAR"), ("outcome", "VARCHAR"), ("duration_s", "DOUBLE"), ("message", "VARCHAR"),
+    ("time", "TIMESTAMPTZ"), ("hardware", "VARCHAR[]"),
+))
+
+METRICS = Table("metrics", (
+    ("run_id", "VARCHAR"), ("task_id", "VARCHAR"), ("attempt", "BIGINT"), ("worker_id", "VARCHAR"),
+    ("name", "VARCHAR"), ("value", "DOUBLE"), ("labels", "JSON"), ("time", "TIMESTAMPTZ"),
+))
+
+EVENTS = Table("events", (
+    ("stream", "VARCHAR"), ("seq", "BIGINT"), ("event_id", "VARCHAR"), ("subject", "VARCHAR"),
+    ("type", "VARCHAR"), ("time", "TIMESTAMPTZ"), ("applied", "BOOLEAN"),
+), key=("stream", "seq"))
+"""`applied` is false for an admitted event the fold ignored (a late or forged result, a stale
+assignment): the audit trail of what was said but changed nothing."""
+
+INVALID_EVENTS = Table("invalid_events", (
+    ("stream", "VARCHAR"), ("seq", "BIGINT"), ("subject", "VARCHAR"), ("reason", "VARCHAR"),
+    ("raw", "BLOB"),
+), key=("stream", "seq"))
+
+CHECKPOINTS = Table("checkpoints", (("stream", "VARCHAR"), ("seq", "BIGINT")), key=("stream",))
+
+TABLES: tuple[Table, ...] = (
+    TASKS, ATTEMPTS, WORKERS, TEST_RESULTS, METRICS, EVENTS, INVALID_EVENTS, CHECKPOINTS,
+)
+
+
+def create(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every table that does not exist yet (idempotent)."""
+    for table in TABLES:
+        con.execute(table.ddl())
+
+
+def contents(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
+    """Every table's rows in one canonical order: what "two read models are equal" means."""
+    return {
+        table.name: con.execute(f"SELECT * FROM {table.name} ORDER BY ALL").fetchall()
+        for table in TABLES
+    }

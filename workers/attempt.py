@@ -1,0 +1,224 @@
+"""One assignment on this worker, from its delivery to its ack.
+
+    still current?  the task's last stream message must be this assignment (or this worker's own
+                    TaskStarted for it: a restarted worker finishing what it began); anything else
+                    (a result, a cancel, a newer attempt) means the work is done or moved: ack, skip
+    TaskStarted     then the workspace (TaskFailed "data"/"network" when it cannot be had)
+    workspace       materialized once per hash in the cache, copied for each attempt
+    run             output streamed to the live-log subject; `msg.in_progress()` every 10 s keeps the
+                    claim (the consumer's ack_wait is 30 s)
+    report          log to the artifacts store, then ResultReported, and only then the ack; while
+                    the worker drains, TaskReleased("worker stopping") instead
+
+An event the worker cannot publish leaves the assignment unacknowledged, so JetStream redelivers it;
+event ids are deterministic per (task, attempt), so a retried publish is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+from dtf import events as ev
+from dtf import subjects
+from dtf.spec import TaskSpec
+from dtf.streams import bus, topology
+from dtf.workers import artifacts, workspace
+from dtf.workers.livelog import LiveLog
+from dtf.workers.runner import run_attempt
+
+log = logging.getLogger("dtf.worker.attempt")
+
+IN_PROGRESS_INTERVAL_S = topology.ASSIGNMENT_ACK_WAIT_S / 3
+PUBLISH_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+RECHECK_DELAY_S = 2.0
+"""How soon an assignment whose currency could not be checked (bus trouble) comes back."""
+RETRYABLE = (
+    TimeoutError, ConnectionError, nats.errors.ConnectionClosedError, nats.errors.NoServersError,
+    nats.errors.NoRespondersError, nats.errors.OutboundBufferLimitError, ServiceUnavailableError,
+)
+"""Bus trouble that passes; anything else (a refused or oversized event) is not retried."""
+
+
+@dataclass
+class Context:
+    """What every attempt on this worker shares."""
+
+    nc: Client
+    js: JetStreamContext
+    worker_id: str
+    cache_dir: Path
+    workdir: Path
+    python: str
+    workspace_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Attempt:
+    assignment: ev.TaskAssigned
+    msg: Msg
+    """The latest delivery of the assignment; a redelivery while running replaces it."""
+    seq: int
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    releasing: bool = False
+    """Set when the worker stops: hand the attempt back instead of reporting a result."""
+    reported: bool = False
+    """Its final event is being published: it no longer takes a slot."""
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.assignment.task_id, self.assignment.attempt
+
+
+async def publish(js: JetStreamContext, event: ev.Event) -> None:
+    """Publish, retrying through short bus trouble (safe: the event id deduplicates)."""
+    for delay in (*PUBLISH_RETRY_DELAYS_S, None):
+        try:
+            await bus.publish(js, event)
+            return
+        except RETRYABLE as exc:
+            if delay is None:
+                raise
+            log.warning("publishing %s %s failed (%s); retrying in %ss", type(event).__name__, event.id,
+                        exc, delay)
+            await asyncio.sleep(delay)
+
+
+async def still_current(ctx: Context, attempt: Attempt) -> str | None:
+    """None when the assignment should run; otherwise why it is stale."""
+    a = attempt.assignment
+    try:
+        last = await ctx.js.get_last_msg(topology.EVENTS, subjects.task_all(a.run_id, a.task_id))
+    except NotFoundError:
+        return "the task has no history on the bus"
+    if last.seq == attempt.seq:
+        return None
+    try:
+        event = ev.decode(last.data or b"")
+    except ev.DecodeError:
+        return f"the task's last message (seq {last.seq}) is not an event"
+    if isinstance(event, ev.TaskStarted) and event.attempt == a.attempt and event.worker_id == ctx.worker_id:
+        return None
+    detail = f" attempt {event.attempt}" if isinstance(event, ev.AttemptEvent) else ""
+    return f"the task moved on: its last event is {type(event).__name__}{detail} (seq {last.seq})"
+
+
+def released(a: ev.TaskAssigned, reason: str) -> ev.TaskReleased:
+    return ev.TaskReleased(
+        id=f"released-{a.task_id}-{a.attempt}", run_id=a.run_id, task_id=a.task_id, attempt=a.attempt,
+        worker_id=a.worker_id, reason=reason,
+    )
+
+
+def failed(a: ev.TaskAssigned, category: str, reason: str) -> ev.TaskFailed:
+    return ev.TaskFailed(
+        id=artifacts.failed_id(a.task_id, a.attempt), run_id=a.run_id, task_id=a.task_id,
+        attempt=a.attempt, worker_id=a.worker_id, category=category, reason=reason,  # type: ignore[arg-type]
+    )
+
+
+async def _finish(ctx: Context, attempt: Attempt, event: ev.Event) -> None:
+    """Publish the attempt's last event, then ack its assignment."""
+    attempt.reported = True
+    await publish(ctx.js, event)
+    await attempt.msg.ack()
+
+
+async def _keep_claim(attempt: Attempt) -> None:
+    while True:
+        await asyncio.sleep(IN_PROGRESS_INTERVAL_S)
+        try:
+            await attempt.msg.in_progress()
+        except Exception as exc:  # noqa: BLE001 - the bus may be briefly away; the next may get through
+            log.warning("in-progress ack for %s failed: %s", attempt.key, exc)
+
+
+async def _workdir(ctx: Context, spec: TaskSpec, attempt_dir: Path) -> Path:
+    """Where the attempt runs: the worker's workdir, or a private copy of the cached workspace (so a
+    task that writes into its tree, even just __pycache__, cannot change what a retry starts from)."""
+    ref = spec.workspace
+    if ref is None:
+        return ctx.workdir
+    lock = ctx.workspace_locks.setdefault(ref.sha256, asyncio.Lock())
+    async with lock:
+        cached = await workspace.materialize(ctx.js, ref, ctx.cache_dir / "workspaces")
+    private = attempt_dir / "workspace"
+    try:
+        await asyncio.to_thread(shutil.copytree, cached, private, symlinks=True)
+    except OSError as exc:  # shutil.Error included: a full disk, a vanished cache
+        raise workspace.WorkspaceError(f"cannot copy the workspace for this attempt: {exc}", "resource") from None
+    return private
+
+
+async def execute(ctx: Context, attempt: Attempt) -> None:
+    """Carry one assignment through to its ack (see the module docstring). Never raises except on
+    cancellation; trouble it cannot report leaves the assignment for redelivery."""
+    a = attempt.assignment
+    keepalive = asyncio.create_task(_keep_claim(attempt), name=f"in-progress {a.task_id}")
+    attempt_dir = ctx.cache_dir / "attempts" / f"{a.task_id}-{a.attempt}"
+    try:
+        try:
+            stale = await still_current(ctx, attempt)
+        except Exception as exc:  # noqa: BLE001 - cannot tell: let it come back
+            log.warning("cannot check whether %s is still current (%s); it will come back", attempt.key, exc)
+            with contextlib.suppress(Exception):
+                await attempt.msg.nak(delay=RECHECK_DELAY_S)
+            return
+        if stale is not None:
+            log.info("skipping %s/%s attempt %d: %s", a.run_id, a.task_id, a.attempt, stale)
+            await attempt.msg.ack()
+            return
+        if attempt.releasing:
+            await _finish(ctx, attempt, released(a, "worker stopping"))
+            return
+        await publish(ctx.js, ev.TaskStarted(
+            id=f"started-{a.task_id}-{a.attempt}", run_id=a.run_id, task_id=a.task_id,
+            attempt=a.attempt, worker_id=a.worker_id, pid=os.getpid(),
+        ))
+        await asyncio.to_thread(shutil.rmtree, attempt_dir, True)  # a crashed earlier run's leftovers
+        try:
+            workdir = await _workdir(ctx, a.spec, attempt_dir)
+        except workspace.WorkspaceError as exc:
+            await _finish(ctx, attempt, failed(a, exc.category, str(exc)))
+            return
+        live = LiveLog(ctx.nc, subjects.live_log(a.task_id)).start()
+        try:
+            result = await run_attempt(a.spec, workdir, attempt_dir, python=ctx.python,
+                                       on_output=live.append, cancel=attempt.cancel)
+        finally:
+            await live.aclose()
+        if attempt.releasing:
+            await _finish(ctx, attempt, released(a, "worker stopping"))
+            return
+        log_ref = None
+        try:
+            log_ref = await artifacts.upload_log(ctx.js, a.task_id, a.attempt, result.log_path)
+        except Exception as exc:  # noqa: BLE001 - the result matters more than its log
+            log.warning("uploading the log of %s failed: %s", attempt.key, exc)
+        await _finish(ctx, attempt, await artifacts.result_event(ctx.js, a, result, log_ref))
+        log.info("%s/%s attempt %d: %s", a.run_id, a.task_id, a.attempt, result.outcome)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("attempt %s broke", attempt.key)
+        if not attempt.reported:
+            try:
+                await _finish(ctx, attempt, failed(a, "worker", f"the worker failed: {exc!r}"[:1000]))
+            except Exception:
+                log.exception("cannot report the failure of %s; leaving it for redelivery", attempt.key)
+    finally:
+        keepalive.cancel()
+        await asyncio.gather(keepalive, return_exceptions=True)
+        await asyncio.to_thread(shutil.rmtree, attempt_dir, True)

@@ -1,0 +1,182 @@
+"""Running one child process for a task: its own process group, merged output streamed to a capped log,
+and a timeout or cancellation that takes down the whole group.
+
+The child starts in a new session (so its process group is its pid). It ends in one of three ways:
+it exits; the timeout passes; `cancel` is set. In the last two the group gets SIGTERM, and SIGKILL if
+the leader has not exited after `kill_grace` seconds. In every case the group is then SIGKILLed once
+more, so a test's stray background process (a `sleep &`, a server it forgot) does not outlive it.
+
+stdout and stderr go through one pipe into `log_path`; each chunk is also handed to `on_output`
+(for the live log). Past `max_log_bytes` the file stops growing and says so; the last `tail_bytes`
+are always kept in memory for the result's `output_tail`. `note` lines the worker adds (why a task
+was killed, why it errored) go to the log even past the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger("dtf.worker.process")
+
+MAX_LOG_BYTES = 64 * 1024 * 1024
+TAIL_BYTES = 4096
+KILL_GRACE_S = 3.0
+PIPE_DRAIN_S = 5.0
+READ_CHUNK = 64 * 1024
+
+OutputCallback = Callable[[bytes], None]
+
+
+class LogSink:
+    """The attempt's output file, capped, with the last bytes kept for the result."""
+
+    def __init__(self, path: Path, *, max_bytes: int = MAX_LOG_BYTES, tail_bytes: int = TAIL_BYTES,
+                 on_output: OutputCallback | None = None) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.tail_bytes = tail_bytes
+        self.on_output = on_output
+        self.written = 0
+        self.truncated = False
+        self.tail = bytearray()
+        self._file = path.open("wb")
+
+    def write(self, chunk: bytes) -> None:
+        self._keep_tail(chunk)
+        self._forward(chunk)
+        if self.truncated:
+            return
+        room = self.max_bytes - self.written
+        if len(chunk) > room:
+            self._file.write(chunk[:room])
+            self.written += room
+            self.truncated = True
+            self._file.write(
+                f"\n[dtf] output truncated: the log keeps the first {self.max_bytes} bytes\n".encode()
+            )
+            return
+        self._file.write(chunk)
+        self.written += len(chunk)
+
+    def note(self, text: str) -> None:
+        """A line from the worker itself, e.g. why the task was killed."""
+        line = f"\n[dtf] {text}\n".encode()
+        self._file.write(line)
+        self._keep_tail(line)
+        self._forward(line)
+
+    def _keep_tail(self, chunk: bytes) -> None:
+        self.tail += chunk[-self.tail_bytes:]
+        if len(self.tail) > self.tail_bytes:
+            del self.tail[: len(self.tail) - self.tail_bytes]
+
+    def _forward(self, chunk: bytes) -> None:
+        if self.on_output is None:
+            return
+        try:
+            self.on_output(chunk)
+        except Exception:  # a broken live-log consumer must not break the task
+            log.exception("on_output callback failed")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def tail_text(self) -> str:
+        return bytes(self.tail).decode("utf-8", errors="replace")
+
+
+@dataclass
+class ProcessResult:
+    exit_code: int | None
+    ended_by: Literal["exit", "timeout", "cancel"]
+    duration_s: float
+    pid: int
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _pump(stream: asyncio.StreamReader, sink: LogSink) -> None:
+    while chunk := await stream.read(READ_CHUNK):
+        sink.write(chunk)
+
+
+async def _stop_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        _signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def _open_output_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
+    """A pipe for the child's stdout+stderr that asyncio does not tie to the process: with a
+    subprocess PIPE, `Process.wait()` also waits for every holder of the pipe (a background grandchild)
+    to go, so the leader's exit could not be seen on its own."""
+    read_fd, write_fd = os.pipe()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(read_fd, "rb", 0)
+        )
+    except BaseException:
+        os.close(write_fd)
+        raise
+    return write_fd, reader, transport
+
+
+async def run_process(
+    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], sink: LogSink, timeout: float,
+    cancel: asyncio.Event, kill_grace: float = KILL_GRACE_S,
+) -> ProcessResult:
+    """Run argv to its end, its timeout or its cancellation; never blocks the event loop."""
+    started = time.monotonic()
+    write_fd, reader, transport = await _open_output_pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_fd, stderr=write_fd, start_new_session=True,
+        )
+    except BaseException:
+        transport.close()
+        raise
+    finally:
+        os.close(write_fd)  # the child holds its own copy; EOF comes when the whole group is gone
+    pump = asyncio.create_task(_pump(reader, sink), name=f"output-{proc.pid}")
+    exited = asyncio.create_task(proc.wait(), name=f"wait-{proc.pid}")
+    cancelled = asyncio.create_task(cancel.wait(), name=f"cancel-{proc.pid}")
+    ended_by: Literal["exit", "timeout", "cancel"] = "exit"
+    try:
+        done, _ = await asyncio.wait({exited, cancelled}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if exited not in done:
+            ended_by = "cancel" if cancelled in done else "timeout"
+            await _stop_group(proc, kill_grace)
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers left in the group
+        try:
+            await asyncio.wait_for(asyncio.shield(pump), PIPE_DRAIN_S)
+        except TimeoutError:
+            sink.note("output pipe still held open by a process that left the group; stopped reading")
+    finally:
+        for task in (pump, exited, cancelled):
+            task.cancel()
+        await asyncio.gather(pump, exited, cancelled, return_exceptions=True)
+        transport.close()
+        if proc.returncode is None:  # we were cancelled ourselves: leave nothing running
+            _signal_group(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.wait())
+    return ProcessResult(proc.returncode, ended_by, time.monotonic() - started, proc.pid)

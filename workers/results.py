@@ -1,0 +1,74 @@
+"""Reading what a finished task left behind: the plugin's per-test JSON lines and a benchmark's metrics.
+
+Both are blocking file reads; the runner calls them through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import msgspec
+
+from dtf.events import TestCounts, TestOutcome
+
+log = logging.getLogger("dtf.worker.results")
+
+_outcome_decoder = msgspec.json.Decoder(TestOutcome)
+
+
+class MetricsError(ValueError):
+    """The metrics file is missing or is not a JSON object of finite numbers; the message says which."""
+
+
+def read_test_report(path: Path) -> list[TestOutcome]:
+    """Every well-formed line of a DTF_TEST_REPORT file (a missing file is no tests; a bad line is
+    skipped with a warning: a test's own output cannot corrupt the others)."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    tests = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tests.append(_outcome_decoder.decode(line))
+        except msgspec.DecodeError as exc:
+            log.warning("%s:%d: not a test outcome: %s", path, number, exc)
+    return tests
+
+
+def count(tests: list[TestOutcome]) -> TestCounts:
+    counts = TestCounts()
+    for test in tests:
+        if test.outcome == "passed":
+            counts.passed += 1
+        elif test.outcome == "failed":
+            counts.failed += 1
+        elif test.outcome == "skipped":
+            counts.skipped += 1
+        else:
+            counts.errors += 1
+    return counts
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """A benchmark's metrics: a JSON object whose values are all finite numbers (booleans are not)."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise MetricsError(f"the benchmark wrote no metrics file ($DTF_METRICS = {path})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MetricsError(f"the metrics file is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MetricsError(f"the metrics file must hold a JSON object, not {type(raw).__name__}")
+    bad = [
+        key for key, value in raw.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    ]
+    if bad:
+        raise MetricsError(f"metrics must be finite numbers; not numeric: {', '.join(sorted(bad)[:10])}")
+    return {key: float(value) for key, value in raw.items()}

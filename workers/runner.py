@@ -1,0 +1,215 @@
+"""One attempt of one task: turn its spec into a command, run it, and say what happened.
+
+    test       python -m pytest <paths> <pytest_args> -p dtf.workers.pytest_plugin -p no:cacheprovider -q
+               exit 0 passed, 1 failed (error if no test was reported: pytest itself is missing),
+               5 (no tests collected) and anything else error; per-test outcomes come from the
+               plugin's DTF_TEST_REPORT file.
+    command    /bin/sh -c <command>: exit 0 passed, else failed; it counts as one test.
+    benchmark  like command, plus DTF_METRICS=<attempt_dir>/metrics.json for the benchmark to write
+               a JSON object of numbers into, DTF_CONFIG=<json> and DTF_CONFIG_<KEY>=<value> for each
+               config key; the config also becomes the result's labels. A zero exit without valid
+               metrics is an error.
+
+`config.cwd` (relative to workdir, or absolute) picks the working directory. Process handling
+(process group, timeout, cancel, capped log) lives in `process`; the child's environment in
+`environment`. Why the worker ended or judged an attempt as it did is appended to the log as a
+`[dtf] ...` line, so it shows in `output_tail` (and the coordinator's reason for a retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtf.events import Outcome, TestCounts, TestOutcome
+from dtf.spec import SpecError, TaskSpec, benchmark_labels, command_line, test_args, test_paths
+from dtf.workers import environment, results
+from dtf.workers.process import MAX_LOG_BYTES, LogSink, ProcessResult, run_process
+
+LOG_NAME = "output.log"
+TEST_REPORT_NAME = "tests.jsonl"
+METRICS_NAME = "metrics.json"
+PLUGIN = "dtf.workers.pytest_plugin"
+
+PYTEST_EXIT_REASONS = {
+    2: "pytest was interrupted (collection errors or ^C)",
+    3: "pytest hit an internal error",
+    4: "pytest was called with bad arguments",
+    5: "pytest collected no tests",
+}
+
+
+@dataclass
+class RunResult:
+    outcome: Outcome
+    exit_code: int | None
+    duration_s: float
+    counts: TestCounts
+    tests: list[TestOutcome]
+    metrics: dict[str, float]
+    labels: dict[str, str]
+    output_tail: str
+    log_path: Path
+    reason: str = ""
+    log_truncated: bool = False
+
+
+@dataclass
+class _Plan:
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+
+
+def working_directory(spec: TaskSpec, workdir: Path) -> Path:
+    cwd = spec.config.get("cwd")
+    if cwd is None:
+        return workdir
+    if not isinstance(cwd, str) or not cwd:
+        raise SpecError("config.cwd must be a path (relative to the workspace, or absolute)")
+    return workdir / cwd  # an absolute cwd replaces workdir
+
+
+def labels_for(spec: TaskSpec) -> dict[str, str]:
+    """A benchmark's config becomes labels (with the spec's own labels on top); others keep theirs."""
+    return benchmark_labels(spec) if spec.type == "benchmark" else dict(spec.labels)
+
+
+def plan(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str) -> _Plan:
+    """The command line, directory and environment for a spec; SpecError when it cannot run."""
+    env = environment.scrubbed()
+    cwd = working_directory(spec, workdir)
+    if spec.type == "test":
+        env["DTF_TEST_REPORT"] = str(attempt_dir / TEST_REPORT_NAME)
+        argv = [python, "-m", "pytest", *test_paths(spec), *test_args(spec),
+                "-p", PLUGIN, "-p", "no:cacheprovider", "-q"]
+        return _Plan(argv, cwd, env)
+    argv = ["/bin/sh", "-c", command_line(spec)]
+    if spec.type == "benchmark":
+        env["DTF_METRICS"] = str(attempt_dir / METRICS_NAME)
+        env.update(environment.config_vars(spec.config))
+    return _Plan(argv, cwd, env)
+
+
+async def run_attempt(
+    spec: TaskSpec, workdir: Path, attempt_dir: Path, *, python: str = sys.executable,
+    on_output: Callable[[bytes], None] | None = None, cancel: asyncio.Event | None = None,
+    max_log_bytes: int = MAX_LOG_BYTES,
+) -> RunResult:
+    """Run one attempt to its end; never raises for anything the task does (only for a broken
+    attempt_dir). `cancel` ends it early with outcome "cancelled"."""
+    cancel = cancel or asyncio.Event()
+    attempt_dir = Path(attempt_dir)
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in (TEST_REPORT_NAME, METRICS_NAME):  # from an earlier run in the same directory
+        (attempt_dir / leftover).unlink(missing_ok=True)
+    sink = LogSink(attempt_dir / LOG_NAME, max_bytes=max_log_bytes, on_output=on_output)
+    try:
+        result = await _run(spec, Path(workdir), attempt_dir, python, cancel, sink)
+        result.labels = labels_for(spec)
+        return result
+    finally:
+        sink.close()
+
+
+async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, cancel: asyncio.Event,
+               sink: LogSink) -> RunResult:
+    try:
+        planned = plan(spec, Path(workdir), attempt_dir, python)
+    except SpecError as exc:
+        return _without_process(spec, sink, "error", f"cannot run this task: {exc}")
+    if not planned.cwd.is_dir():
+        return _without_process(spec, sink, "error", f"working directory {planned.cwd} does not exist")
+    if cancel.is_set():
+        return _without_process(spec, sink, "cancelled", "cancelled before it started")
+    try:
+        proc = await run_process(planned.argv, cwd=planned.cwd, env=planned.env, sink=sink,
+                                 timeout=spec.timeout_seconds, cancel=cancel)
+    except OSError as exc:
+        return _without_process(spec, sink, "error", f"cannot start {planned.argv[0]}: {exc}")
+    if spec.type == "test":
+        return await _judge_tests(spec, proc, attempt_dir, sink)
+    return await _judge_command(spec, proc, attempt_dir, sink)
+
+
+def _ended_early(proc: ProcessResult, timeout: float, sink: LogSink) -> tuple[Outcome, str] | None:
+    if proc.ended_by == "timeout":
+        reason = f"timed out after {timeout:g}s: killed the process group"
+        sink.note(reason)
+        return "timed_out", reason
+    if proc.ended_by == "cancel":
+        sink.note("cancelled: killed the process group")
+        return "cancelled", "cancelled"
+    return None
+
+
+async def _judge_tests(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, sink: LogSink) -> RunResult:
+    tests = await asyncio.to_thread(results.read_test_report, attempt_dir / TEST_REPORT_NAME)
+    early = _ended_early(proc, spec.timeout_seconds, sink)
+    if early is not None:
+        outcome, reason = early
+    elif proc.exit_code == 0:
+        outcome, reason = "passed", ""
+    elif proc.exit_code == 1 and tests:
+        outcome, reason = "failed", ""
+    elif proc.exit_code == 1:  # e.g. "No module named pytest": nothing ran, so nothing failed
+        outcome = "error"
+        reason = "pytest exited with code 1 without reporting any test (is pytest installed for this python?)"
+        sink.note(reason)
+    else:
+        outcome = "error"
+        reason = PYTEST_EXIT_REASONS.get(proc.exit_code or 0, "pytest ended abnormally")
+        reason = f"{reason} (exit code {proc.exit_code})"
+        sink.note(reason)
+    return _result(outcome, proc, tests, {}, sink, reason)
+
+
+async def _judge_command(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, sink: LogSink) -> RunResult:
+    metrics: dict[str, float] = {}
+    early = _ended_early(proc, spec.timeout_seconds, sink)
+    if early is not None:
+        outcome, reason = early
+    elif proc.exit_code == 0:
+        outcome, reason = "passed", ""
+        if spec.type == "benchmark":
+            try:
+                metrics = await asyncio.to_thread(results.read_metrics, attempt_dir / METRICS_NAME)
+            except results.MetricsError as exc:
+                outcome, reason = "error", str(exc)
+                sink.note(reason)
+    else:
+        outcome, reason = "failed", f"exited with code {proc.exit_code}"
+        if spec.type == "benchmark":  # keep whatever a failing benchmark managed to measure
+            try:
+                metrics = await asyncio.to_thread(results.read_metrics, attempt_dir / METRICS_NAME)
+            except results.MetricsError:
+                pass
+    tests = [] if outcome == "cancelled" else [_single_test(spec, outcome, proc.duration_s, reason)]
+    return _result(outcome, proc, tests, metrics, sink, reason)
+
+
+def _single_test(spec: TaskSpec, outcome: Outcome, duration_s: float, reason: str) -> TestOutcome:
+    status = outcome if outcome in ("passed", "failed") else "error"
+    return TestOutcome(nodeid=spec.name or spec.type, outcome=status, duration_s=round(duration_s, 6),
+                       message=reason[:500])
+
+
+def _result(outcome: Outcome, proc: ProcessResult, tests: list[TestOutcome], metrics: dict[str, float],
+            sink: LogSink, reason: str) -> RunResult:
+    return RunResult(
+        outcome=outcome, exit_code=proc.exit_code, duration_s=round(proc.duration_s, 6),
+        counts=results.count(tests), tests=tests, metrics=metrics, labels={},
+        output_tail=sink.tail_text(), log_path=sink.path, reason=reason, log_truncated=sink.truncated,
+    )
+
+
+def _without_process(spec: TaskSpec, sink: LogSink, outcome: Outcome, reason: str) -> RunResult:
+    sink.note(reason)
+    tests = [] if outcome == "cancelled" or spec.type == "test" else [_single_test(spec, outcome, 0.0, reason)]
+    return RunResult(
+        outcome=outcome, exit_code=None, duration_s=0.0, counts=results.count(tests), tests=tests,
+        metrics={}, labels={}, output_tail=sink.tail_text(), log_path=sink.path, reason=reason,
+    )

@@ -1,0 +1,224 @@
+"""Workspaces: a submitter's directory packed into a content-addressed archive, and unpacked on workers.
+
+`pack` builds a deterministic tar.gz (sorted names, zeroed mtime/uid/gid/owner names, gzip mtime 0):
+the same files give the same bytes, so the sha256 names the content. Inside a git work tree it takes
+what `git ls-files -co --exclude-standard` lists (tracked plus untracked-but-not-ignored); elsewhere, or
+when git lists nothing (the directory is ignored by an enclosing repository), every file. `.git`,
+`__pycache__` and `.dtf` are always left out. Symlinks to files are stored as the files they point to;
+symlinks to directories and special files are skipped, so an archive holds only regular files.
+
+`upload` stores the archive once in the workspaces object store (name = sha256). `materialize` fetches
+it, checks the hash, extracts it safely (no absolute paths, no `..`, regular files and directories
+only) into a temporary directory and renames that to `<cache_dir>/<sha256>`: a directory with that
+name is always complete, so it doubles as the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from dtf.spec import WorkspaceRef
+from dtf.streams import topology
+
+log = logging.getLogger("dtf.worker.workspace")
+
+SKIP_DIRS = frozenset({".git", "__pycache__", ".dtf"})
+
+
+class WorkspaceError(Exception):
+    """A workspace could not be made available; `category` is the TaskFailed error category."""
+
+    def __init__(self, message: str, category: str = "data") -> None:
+        super().__init__(message)
+        self.category = category
+
+
+# --- packing ------------------------------------------------------------------------------------------
+
+
+def pack(path: str | os.PathLike[str]) -> tuple[bytes, WorkspaceRef]:
+    """The directory as a deterministic tar.gz and the ref naming it. Blocking: CPU and disk work,
+    call it through `asyncio.to_thread` from async code."""
+    root = Path(path).resolve()
+    if not root.is_dir():
+        raise WorkspaceError(f"{root} is not a directory")
+    names = list_files(root)
+    raw = io.BytesIO()
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for name in names:
+            _add_file(tar, root, name)
+    data = raw.getvalue()
+    return data, WorkspaceRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data), files=len(names))
+
+
+def list_files(root: Path) -> list[str]:
+    """Sorted POSIX paths, relative to root, of the regular files a workspace of `root` holds."""
+    names = _git_files(root)
+    if not names:
+        names = _walk_files(root)
+    return sorted(name for name in set(names) if _wanted(root, name))
+
+
+def _git_files(root: Path) -> list[str]:
+    try:
+        inside = subprocess.run(
+            ["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True,
+            check=False,
+        )
+        if inside.returncode != 0 or inside.stdout.strip() != "true":
+            return []
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=root, capture_output=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.info("not using git to list %s: %s", root, exc)
+        return []
+    return [name for name in listed.stdout.decode(errors="surrogateescape").split("\0") if name]
+
+
+def _walk_files(root: Path) -> list[str]:
+    names = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        base = Path(dirpath).relative_to(root)
+        names.extend((base / f).as_posix() for f in filenames)
+    return names
+
+
+def _wanted(root: Path, name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    if any(part in SKIP_DIRS for part in parts[:-1]) or ".." in parts:
+        return False
+    return (root / name).is_file()  # follows symlinks; drops deleted tracked files and special files
+
+
+def _add_file(tar: tarfile.TarFile, root: Path, name: str) -> None:
+    full = root / name
+    st = full.stat()
+    info = tarfile.TarInfo(name)
+    info.size = st.st_size
+    info.mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    with full.open("rb") as handle:
+        tar.addfile(info, handle)
+
+
+# --- storing ------------------------------------------------------------------------------------------
+
+
+async def upload(js: JetStreamContext, data: bytes, ref: WorkspaceRef) -> bool:
+    """Store the archive under its hash unless it is there already; True when it was uploaded."""
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise WorkspaceError("archive bytes do not match the workspace ref's sha256")
+    store = await js.object_store(topology.WORKSPACES_BUCKET)
+    try:
+        await store.get_info(ref.sha256)
+        return False
+    except NotFoundError:
+        pass
+    await store.put(ref.sha256, data)
+    return True
+
+
+# --- materializing ------------------------------------------------------------------------------------
+
+NETWORK_ERRORS = (
+    nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoServersError,
+    nats.errors.NoRespondersError, asyncio.TimeoutError, ConnectionError,
+)
+
+
+async def materialize(js: JetStreamContext, ref: WorkspaceRef, cache_dir: str | os.PathLike[str]) -> Path:
+    """The workspace's directory under cache_dir, fetched and extracted unless already cached.
+    WorkspaceError with category "data" (missing, corrupt, unsafe) or "network" (cannot fetch)."""
+    cache = Path(cache_dir)
+    target = cache / ref.sha256
+    if target.is_dir():
+        return target
+    await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
+    fd, archive_name = tempfile.mkstemp(prefix=f".{ref.sha256[:12]}-", suffix=".tar.gz", dir=cache)
+    archive = Path(archive_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            await _fetch(js, ref, handle)
+        await asyncio.to_thread(_verify_and_extract, archive, ref, target)
+    finally:
+        archive.unlink(missing_ok=True)
+    return target
+
+
+async def _fetch(js: JetStreamContext, ref: WorkspaceRef, handle: io.BufferedWriter) -> None:
+    try:
+        store = await js.object_store(topology.WORKSPACES_BUCKET)
+        await store.get(ref.sha256, writeinto=handle)
+    except NotFoundError:
+        raise WorkspaceError(f"workspace {ref.sha256[:12]} is not in the object store", "data") from None
+    except NETWORK_ERRORS as exc:
+        raise WorkspaceError(f"cannot fetch workspace {ref.sha256[:12]}: {exc!r}", "network") from None
+    except nats.js.errors.Error as exc:  # digest mismatch, bad object metadata
+        raise WorkspaceError(f"workspace {ref.sha256[:12]} is damaged in the store: {exc!r}", "data") from None
+
+
+def _verify_and_extract(archive: Path, ref: WorkspaceRef, target: Path) -> None:
+    digest = hashlib.sha256()
+    with archive.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != ref.sha256:
+        raise WorkspaceError(
+            f"workspace {ref.sha256[:12]} failed its hash check (got {digest.hexdigest()[:12]})", "data"
+        )
+    staging = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:12]}-", dir=target.parent))
+    try:
+        extract(archive, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # not a lost race with another materialize of the same hash
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """Extract a workspace archive, refusing anything but relative regular files and directories."""
+    try:
+        with tarfile.open(archive, mode="r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(member)
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise WorkspaceError(f"workspace archive is unreadable: {exc}", "data") from None
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or member.name.startswith(("/", "\\")) or ".." in path.parts:
+        raise WorkspaceError(f"workspace archive member {member.name!r} escapes the workspace", "data")
+    if not (member.isfile() or member.isdir()):
+        raise WorkspaceError(f"workspace archive member {member.name!r} is not a regular file", "data")
+
