@@ -158,15 +158,17 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
            spec_file: Path | None, wait: bool, as_json: bool, priority: int, requires: tuple[str, ...],
            labels: tuple[str, ...], configs: tuple[str, ...], retries: int, timeout: float, no_ship: bool,
            run_id: str | None, project: str, name: str, nats_url: str | None, creds: str | None) -> None:
-    """Submit tests (PATHS), a --command, a --benchmark or a --spec file. Arguments after `--` go to pytest."""
+    """Submit tests (PATHS), a --command, a --benchmark or a --spec file.
+
+    PATHS are shipped to the workers (packed once, cached by content hash) unless --no-ship; with
+    --command/--benchmark/--spec they are the directory the task runs in. Arguments after `--` go to
+    pytest."""
     pytest_args = ctx.meta.get("passthrough", [])
     kinds = [k for k, given in (("command", command), ("benchmark", benchmark), ("spec", spec_file)) if given]
     if len(kinds) > 1:
         raise click.UsageError(f"give one of --command, --benchmark, --spec (got {', '.join(kinds)})")
     if not paths and not kinds:
         raise click.UsageError("nothing to submit: give test PATHS, --command, --benchmark or --spec")
-    if paths and kinds and kinds[0] != "spec":
-        raise click.UsageError(f"--{kinds[0]} takes no PATHS (they would be ignored)")
     if run_id is not None and not subjects.is_token(run_id):
         raise click.BadParameter("letters, digits, _ and - only (at most 80)", param_hint="--run-id")
     base = TaskSpec(
@@ -194,11 +196,11 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait,
             await workspace.upload(js, data, ref)
         try:
             if spec_file is not None:
-                specs = [_place(s, ref, root or spec_file.parent.resolve()) for s in load_spec_file(spec_file)]
+                specs = [_place(s, ref, root) for s in load_spec_file(spec_file)]
             elif command or benchmark:
                 kind = "command" if command else "benchmark"
                 specs = sub.task_specs(kind=kind, paths=[], command=command or benchmark, base=base,
-                                       root=root or Path.cwd(), workspace=None)
+                                       root=root, workspace=ref)
             else:
                 specs = sub.task_specs(kind="test", paths=list(paths), command=None, base=base, root=root,
                                        workspace=ref)
@@ -219,11 +221,12 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait,
     ctx.exit(report_run(run_id, tasks, as_json))
 
 
-def _place(spec: TaskSpec, ref, cwd: Path) -> TaskSpec:
-    """A spec file's tasks run in the shipped workspace, or where the spec file is."""
+def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:
+    """A spec file's tasks run in the shipped PATHS workspace, in PATHS itself with --no-ship, or
+    (no PATHS) in the submitter's directory, for workers that share this filesystem."""
     if ref is not None:
         return msgspec.structs.replace(spec, workspace=ref)
-    return msgspec.structs.replace(spec, config={"cwd": str(cwd), **spec.config})
+    return msgspec.structs.replace(spec, config={"cwd": str(root or Path.cwd()), **spec.config})
 
 
 @click.command()

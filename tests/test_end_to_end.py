@@ -1,0 +1,176 @@
+"""The whole system as a user runs it: `dtf up` in the background (real nats-server, coordinator,
+projector, workers as separate processes), then `dtf` commands against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtf.projections.rebuild import tables_equal
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Up:
+    """A `dtf up` process on its own data dir and port; commands run against its context."""
+
+    def __init__(self, data_dir: Path, state_dir: Path, workers: int = 2) -> None:
+        self.data_dir = data_dir
+        self.env = {**os.environ, "XDG_STATE_HOME": str(state_dir)}
+        self.env.pop("DTF_NATS_URL", None)
+        self.port = free_port()
+        self.workers = workers
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> Up:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dtf", "up", "--workers", str(self.workers), "--data-dir", str(self.data_dir),
+             "--nats-port", str(self.port), "--no-dashboard"],
+            stdout=subprocess.PIPE, stderr=open(self.data_dir.parent / f"up-{self.port}.log", "ab"),
+            env=self.env, text=True,
+        )
+        line = self.process.stdout.readline()
+        assert line.startswith("export DTF_NATS_URL="), f"dtf up printed {line!r}"
+        self.url = line.strip().split("=", 1)[1]
+        return self
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def dtf(self, *args: str, check_json: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run a dtf command that finds the server through the current context, as a user's would."""
+        done = subprocess.run([sys.executable, "-m", "dtf", *args], capture_output=True, text=True,
+                              env=self.env, timeout=timeout, cwd=ROOT)
+        if check_json:
+            assert done.stdout.strip(), done.stderr
+        return done
+
+
+@pytest.fixture
+def up(tmp_path):
+    system = Up(tmp_path / "d", tmp_path / "state").start()
+    yield system
+    if system.process.poll() is None:
+        assert system.stop() == 0
+
+
+def test_a_suite_with_a_failure_reports_exactly_its_counts_and_exits_1(up):
+    done = up.dtf("submit", str(EXAMPLES / "mixed"), "--wait", "--json", check_json=True)
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["summary"] == {"passed": 3, "failed": 1, "skipped": 1, "errors": 0}
+    [task] = report["tasks"]
+    assert task["state"] == "failed" and task["attempts"] == 1 and task["worker_id"]
+
+
+def test_command_tasks_exit_with_their_outcome(up):
+    assert up.dtf("submit", "--command", "true", "--wait").returncode == 0
+    done = up.dtf("submit", "--command", "false", "--wait", "--json", check_json=True)
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["tasks"][0]["state"] == "failed"
+
+
+def test_replay_shows_a_task_timeline_in_stream_order(up):
+    done = up.dtf("submit", "--command", "echo hello", "--wait", "--json", check_json=True)
+    task_id = json.loads(done.stdout)["tasks"][0]["task_id"]
+    lines = [json.loads(x) for x in up.dtf("replay", "--task", task_id, "--json").stdout.splitlines()]
+    assert [x["event"]["type"] for x in lines] == ["TaskSubmitted", "TaskAssigned", "TaskStarted", "ResultReported"]
+    assert [x["seq"] for x in lines] == sorted(x["seq"] for x in lines)
+    assert "hello" in up.dtf("logs", task_id).stdout
+
+
+def test_the_read_model_answers_while_the_projector_owns_it(up):
+    done = up.dtf("submit", str(EXAMPLES / "mixed"), "--wait", "--json", check_json=True)
+    run_id = json.loads(done.stdout)["run_id"]
+    tasks = json.loads(up.dtf("tasks", "--run", run_id, "--json").stdout)["tasks"]
+    assert [t["state"] for t in tasks] == ["failed"]
+    results = json.loads(up.dtf("results", "--run", run_id, "--json").stdout)["results"]
+    assert sorted(r["outcome"] for r in results) == ["failed", "passed", "passed", "passed", "skipped"]
+    workers = json.loads(up.dtf("workers", "--json").stdout)["workers"]
+    assert len(workers) == 2 and all(w["state"] == "online" for w in workers)
+
+
+def test_a_rebuilt_read_model_equals_the_live_one(up, tmp_path):
+    up.dtf("submit", str(EXAMPLES / "mixed"), "--wait")
+    up.dtf("submit", "--command", "exit 3", "--wait")
+    rebuilt = tmp_path / "rebuilt.duckdb"
+    assert up.dtf("replay", "--db", str(rebuilt)).returncode == 0
+    assert up.stop() == 0
+    assert tables_equal(up.data_dir / "readmodel.duckdb", rebuilt) == []
+
+
+def raw_publish(url: str, subject: str, payload: bytes, msg_id: str | None = None) -> None:
+    """A client that is not nats-py: the NATS text protocol over a plain socket."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.recv(4096)  # INFO
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"lang":"raw"}\r\n')
+        if msg_id is None:
+            sock.sendall(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+        else:
+            headers = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
+            sock.sendall(b"HPUB %s %d %d\r\n%s%s\r\n" % (
+                subject.encode(), len(headers), len(headers) + len(payload), headers, payload))
+        sock.sendall(b"PING\r\n")
+        assert b"PONG" in sock.recv(4096)
+
+
+def test_a_task_published_by_a_foreign_client_runs_and_garbage_is_rejected(up):
+    raw_publish(up.url, "dtf.task.foreign-run.junk.submitted.someone", b"{not json")
+    submitted = {
+        "type": "TaskSubmitted", "id": "foreign-1", "time": "2026-01-01T00:00:00Z", "v": 2,
+        "run_id": "foreign-run", "task_id": "foreign-1", "submitter": "someone",
+        "spec": {"type": "command", "config": {"command": "echo from afar"}},
+    }
+    raw_publish(up.url, "dtf.task.foreign-run.foreign-1.submitted.someone",
+                json.dumps(submitted).encode(), msg_id="foreign-1")
+    done = up.dtf("wait", "foreign-run", "--json", check_json=True)
+    report = json.loads(done.stdout)
+    states = {t["task_id"]: t["state"] for t in report["tasks"]}
+    assert states == {"foreign-1": "passed", "junk": "rejected"}
+    assert done.returncode == 1  # the run holds a rejected submission
+    rejected = [json.loads(x) for x in up.dtf("replay", "--task", "junk", "--json").stdout.splitlines()]
+    assert rejected[-1]["event"]["type"] == "TaskRejected"
+    assert rejected[-1]["event"]["raw"] == "{not json"
+    assert up.dtf("submit", "--command", "true", "--wait").returncode == 0
+
+
+def test_sigterm_stops_everything_and_a_restart_finishes_queued_work(tmp_path):
+    first = Up(tmp_path / "d", tmp_path / "state", workers=0).start()
+    done = first.dtf("submit", "--command", "true", "--json", check_json=True)
+    run_id = json.loads(done.stdout)["run_id"]
+    assert first.stop() == 0
+    second = Up(tmp_path / "d", tmp_path / "state", workers=1).start()
+    try:
+        assert second.dtf("wait", run_id).returncode == 0
+    finally:
+        assert second.stop() == 0
+
+
+def test_bad_flags_and_specs_get_one_line_errors_and_exit_2(up, tmp_path):
+    assert up.dtf("submit", "--command", "true", "--requires", "hardware=quantum").returncode == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "test", "config": {}}')
+    done = up.dtf("submit", "--spec", str(bad))
+    assert done.returncode == 2 and "config.paths" in done.stderr
+    unreachable = up.dtf("tasks", "--nats", f"nats://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 2 and "cannot reach NATS" in unreachable.stderr
