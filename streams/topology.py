@@ -34,6 +34,10 @@ ASSIGNMENT_ACK_WAIT_S = 30.0
 """A worker renews its claim on a running assignment with in-progress acks well inside this."""
 
 
+WORKER_CONSUMER_IDLE_S = 7 * 24 * 3600.0
+"""A worker id not seen for a week loses its durable consumer (and any assignments still in it)."""
+
+
 def events_stream(replicas: int = 1, max_age_s: float = 0) -> StreamConfig:
     return StreamConfig(
         name=EVENTS,
@@ -74,6 +78,7 @@ def worker_consumer(worker_id: str) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ASSIGNMENT_ACK_WAIT_S,
         max_ack_pending=1000,
+        inactive_threshold=WORKER_CONSUMER_IDLE_S,
     )
 
 

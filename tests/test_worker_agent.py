@@ -43,20 +43,27 @@ async def submit_and_assign(js, task_id: str, spec: TaskSpec, **kwargs) -> int:
     return await assign(js, task_id, spec, **kwargs)
 
 
+def decoded(data: bytes) -> ev.Event | None:
+    try:
+        return ev.decode(data)
+    except ev.DecodeError:
+        return None
+
+
 async def wait_for(js, predicate, filters=("dtf.>",), stream=topology.EVENTS):
     """The first stored (subject, event) matching predicate, waiting for it to be published."""
     async def scan():
         reader = bus.read(js, stream, list(filters), follow=True)
         async with contextlib.aclosing(reader):
             async for msg in reader:
-                event = ev.decode(msg.data)
-                if predicate(event):
+                event = decoded(msg.data)
+                if event is not None and predicate(event):
                     return msg.subject, event
     return await asyncio.wait_for(scan(), SAFETY_S)
 
 
 async def stored(js, filters=("dtf.>",)) -> list[tuple[str, ev.Event]]:
-    return [(m.subject, ev.decode(m.data)) async for m in bus.read(js, topology.EVENTS, list(filters))]
+    return [(m.subject, decoded(m.data)) async for m in bus.read(js, topology.EVENTS, list(filters))]
 
 
 def of(kind, task_id: str | None = None):
@@ -208,6 +215,18 @@ async def test_a_stale_assignment_is_acknowledged_and_skipped(nats_server, js, t
     events = [e for _, e in await stored(js, ["dtf.task.r1.t1.>"])]
     assert not [e for e in events if isinstance(e, ev.TaskStarted)]
     assert not (tmp_path / "ran").exists()
+
+
+async def test_an_assignment_followed_only_by_messages_that_do_not_concern_it_still_runs(nats_server, js, tmp_path):
+    """A forged submission on the task's subjects and the coordinator's rejection of it are the task's
+    last messages, yet nothing superseded the assignment."""
+    await js.add_consumer(topology.EVENTS, topology.worker_consumer("w1"))
+    await submit_and_assign(js, "t1", command("echo still-mine"))
+    await js.publish("dtf.task.r1.t1.submitted.mallory", b"not an event")
+    await bus.publish(js, ev.TaskRejected(run_id="r1", task_id="t1", reason="not an event", source_seq=3))
+    async with running_agent(nats_server, js, tmp_path):
+        _, result = await wait_for(js, of(ev.ResultReported, "t1"))
+    assert result.outcome == "passed" and "still-mine" in result.output_tail
 
 
 async def test_a_restarted_worker_reruns_an_attempt_it_had_started(nats_server, js, tmp_path):

@@ -1,8 +1,9 @@
 """One assignment on this worker, from its delivery to its ack.
 
-    still current?  the task's last stream message must be this assignment (or this worker's own
-                    TaskStarted for it: a restarted worker finishing what it began); anything else
-                    (a result, a cancel, a newer attempt) means the work is done or moved: ack, skip
+    still current?  nothing stored after the assignment may supersede it (a result, failure or
+                    release of this attempt, a cancel, a newer attempt): a restarted worker gets its
+                    unacked assignments again and must not rerun finished work; stale ones are
+                    acked and skipped (`still_current`)
     TaskStarted     then the workspace (TaskFailed "data"/"network" when it cannot be had)
     workspace       materialized once per hash in the cache, copied for each attempt
     run             output streamed to the live-log subject; `msg.in_progress()` every 10 s keeps the
@@ -96,23 +97,57 @@ async def publish(js: JetStreamContext, event: ev.Event) -> None:
             await asyncio.sleep(delay)
 
 
-async def still_current(ctx: Context, attempt: Attempt) -> str | None:
-    """None when the assignment should run; otherwise why it is stale."""
-    a = attempt.assignment
+def supersedes(event: ev.Event, a: ev.TaskAssigned) -> bool:
+    """Whether an event on the task, stored after assignment `a`, means `a` must not run (now)."""
+    if isinstance(event, ev.TaskCancelled):
+        return True
+    if isinstance(event, ev.AttemptEvent):
+        ended = isinstance(event, (ev.ResultReported, ev.TaskFailed, ev.TaskReleased))
+        return event.attempt > a.attempt or (event.attempt == a.attempt and ended)
+    return False
+
+
+def _admitted(subject: str, data: bytes | None) -> ev.Event | None:
+    """The event in a stored message, if the coordinator's fold would accept it there."""
     try:
-        last = await ctx.js.get_last_msg(topology.EVENTS, subjects.task_all(a.run_id, a.task_id))
+        event = ev.decode(data or b"")
+    except ev.DecodeError:
+        return None
+    return event if subjects.mismatch(event, subject) is None else None
+
+
+def _moved_on(event: ev.Event, seq: int) -> str:
+    detail = f" attempt {event.attempt}" if isinstance(event, ev.AttemptEvent) else ""
+    return f"the task moved on: {type(event).__name__}{detail} at seq {seq}"
+
+
+async def still_current(ctx: Context, attempt: Attempt) -> str | None:
+    """None when the assignment should run; otherwise why it is stale.
+
+    Fast path: the task's last message (last-by-subject on the wildcard `dtf.task.<run>.<task>.>`) is
+    this assignment, or this worker's own TaskStarted for it (a restarted worker finishing what it
+    began): run; a result, failure or release of this attempt, a cancel or a newer attempt: skip.
+    Anything else there (a rejected forgery, junk) says nothing, so the history since the assignment
+    is read for a superseding event."""
+    a = attempt.assignment
+    task_subjects = subjects.task_all(a.run_id, a.task_id)
+    try:
+        last = await ctx.js.get_last_msg(topology.EVENTS, task_subjects)
     except NotFoundError:
         return "the task has no history on the bus"
     if last.seq == attempt.seq:
         return None
-    try:
-        event = ev.decode(last.data or b"")
-    except ev.DecodeError:
-        return f"the task's last message (seq {last.seq}) is not an event"
-    if isinstance(event, ev.TaskStarted) and event.attempt == a.attempt and event.worker_id == ctx.worker_id:
-        return None
-    detail = f" attempt {event.attempt}" if isinstance(event, ev.AttemptEvent) else ""
-    return f"the task moved on: its last event is {type(event).__name__}{detail} (seq {last.seq})"
+    event = _admitted(last.subject, last.data)
+    if event is not None:
+        if isinstance(event, ev.TaskStarted) and event.attempt == a.attempt and event.worker_id == ctx.worker_id:
+            return None
+        if supersedes(event, a):
+            return _moved_on(event, last.seq)
+    async for stored in bus.read(ctx.js, topology.EVENTS, [task_subjects], start_seq=attempt.seq + 1):
+        event = _admitted(stored.subject, stored.data)
+        if event is not None and supersedes(event, a):
+            return _moved_on(event, stored.seq)
+    return None
 
 
 def released(a: ev.TaskAssigned, reason: str) -> ev.TaskReleased:

@@ -110,7 +110,7 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None) -> No
               help="Attempts run at once; more are handed back.")
 @click.option("--capability", "capabilities", multiple=True, metavar="K=V", help="Extra capability tag.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Workspace cache (default ~/.cache/dtf/workspaces).")
+              help="Worker cache: workspaces and attempt scratch (default ~/.cache/dtf/worker).")
 def worker(nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
            capabilities: tuple[str, ...], cache_dir: Path | None) -> None:
     """Run a worker agent on this machine."""
@@ -121,7 +121,7 @@ def worker(nats_url: str | None, creds: str | None, worker_id: str | None, concu
     worker_id = worker_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
     if not TOKEN_RE.match(worker_id):
         raise click.BadParameter("letters, digits, _ and - only (at most 80)", param_hint="--id")
-    cache = cache_dir or Path.home() / ".cache" / "dtf" / "workspaces"
+    cache = cache_dir or Path.home() / ".cache" / "dtf" / "worker"
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         agent = WorkerAgent(nc, worker_id=worker_id, concurrency=concurrency, tags=tags, cache_dir=cache)

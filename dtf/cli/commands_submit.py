@@ -116,7 +116,7 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
 
     async with connected(url, None, "dtf-demo") as nc:
         js = nc.jetstream()
-        data, ref = workspace.pack(examples)
+        data, ref = await asyncio.to_thread(workspace.pack, examples)
         await workspace.upload(js, data, ref)
         base = TaskSpec(type="test", labels={"source": "demo"})
         specs = sub.task_specs(kind="test", paths=[str(examples / "suite")], command=None, base=base,
