@@ -3,8 +3,10 @@ projector, workers as separate processes), then `dtf` commands against it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 import signal
 import socket
 import subprocess
@@ -12,8 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from nats.errors import NoRespondersError
 
+from dtf import subjects
 from dtf.projections.rebuild import tables_equal
+from dtf.streams import bus, topology
 
 pytestmark = pytest.mark.slow
 
@@ -109,13 +114,34 @@ def test_the_read_model_answers_while_the_projector_owns_it(up):
     assert len(workers) == 2 and all(w["state"] == "online" for w in workers)
 
 
-def test_a_rebuilt_read_model_equals_the_live_one(up, tmp_path):
-    up.dtf("submit", str(EXAMPLES / "mixed"), "--wait")
-    up.dtf("submit", "--command", "exit 3", "--wait")
-    rebuilt = tmp_path / "rebuilt.duckdb"
-    assert up.dtf("replay", "--db", str(rebuilt)).returncode == 0
-    assert up.stop() == 0
-    assert tables_equal(up.data_dir / "readmodel.duckdb", rebuilt) == []
+async def projector_caught_up(url: str) -> bool:
+    nc = await bus.connect(url, name="test")
+    try:
+        js = nc.jetstream()
+        tails = {s: (await js.stream_info(s)).state.last_seq for s in (topology.EVENTS, topology.HEARTBEATS)}
+        try:
+            reply = json.loads((await nc.request(subjects.query("status"), b"{}", timeout=10)).data)
+        except NoRespondersError:
+            return False  # the projector is still starting
+        return all(reply["checkpoints"].get(s, 0) >= seq for s, seq in tails.items())
+    finally:
+        await nc.close()
+
+
+def test_a_rebuilt_read_model_equals_the_live_one(tmp_path):
+    first = Up(tmp_path / "d", tmp_path / "state").start()
+    first.dtf("submit", str(EXAMPLES / "mixed"), "--wait")
+    first.dtf("submit", "--command", "exit 3", "--wait")
+    assert first.stop() == 0  # the workers leave: their WorkerLeft events are the last ones
+    quiet = Up(tmp_path / "d", tmp_path / "state", workers=0).start()
+    try:
+        while not asyncio.run(projector_caught_up(quiet.url)):
+            time.sleep(0.2)
+        rebuilt = tmp_path / "rebuilt.duckdb"
+        assert quiet.dtf("replay", "--db", str(rebuilt)).returncode == 0
+    finally:
+        assert quiet.stop() == 0
+    assert tables_equal(quiet.data_dir / "readmodel.duckdb", rebuilt) == []
 
 
 def raw_publish(url: str, subject: str, payload: bytes, msg_id: str | None = None) -> None:

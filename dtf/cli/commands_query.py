@@ -21,6 +21,8 @@ from dtf.cli.common import CliError, connected, nats_options
 from dtf.streams import bus, topology
 
 QUERY_TIMEOUT_S = 10.0
+PROJECTOR_START_S = 5.0
+"""How long a query waits for a projector that is still starting (just after `dtf up`)."""
 COLUMNS = {
     "tasks": ["task_id", "run_id", "type", "name", "state", "worker_id", "attempts", "duration_s", "tests"],
     "workers": ["worker_id", "host", "pid", "state", "concurrency", "capabilities", "last_heartbeat"],
@@ -32,12 +34,18 @@ async def ask(nc, name: str, request: dict) -> list[dict]:
     """All rows of one read-model query, following the projector's pages."""
     rows: list[dict] = []
     offset: int | None = 0
+    deadline = asyncio.get_running_loop().time() + PROJECTOR_START_S
     while offset is not None:
         try:
             reply = await nc.request(subjects.query(name), json.dumps({**request, "offset": offset}).encode(),
                                      timeout=QUERY_TIMEOUT_S)
-        except (NoRespondersError, NatsTimeout):
+        except NoRespondersError:
+            if asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.2)
+                continue
             raise CliError("no projector answered (is `dtf up` or `dtf projector` running?)") from None
+        except NatsTimeout:
+            raise CliError("the projector did not answer in time") from None
         body = json.loads(reply.data)
         if "error" in body:
             raise CliError(f"projector: {body['error']}")
