@@ -8,6 +8,7 @@ way everywhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import APIError
@@ -39,7 +41,7 @@ async def connect(url: str, name: str, creds: str | None = None, **options) -> C
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
-        log.info("nats: disconnected from %s", url)
+        log.debug("nats: disconnected from %s", url)
 
     return await nats.connect(
         url, name=name, user_credentials=creds, error_cb=on_error, disconnected_cb=on_disconnect,
@@ -120,4 +122,6 @@ async def read(
             remaining = meta.num_pending
             yield StoredMsg(stream, meta.sequence.stream, msg.subject, msg.data, remaining)
     finally:
-        await sub.unsubscribe()
+        # The caller may stop early and close the connection before this generator is finalised.
+        with contextlib.suppress(NatsError):
+            await sub.unsubscribe()

@@ -74,7 +74,7 @@ def load_spec_file(path: Path) -> list[TaskSpec]:
 
 
 def render_report(report: dict) -> None:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"run {report['run_id']}")
     for column in ("task", "type", "state", "worker", "attempts", "duration", "passed", "failed", "skipped", "errors"):
         table.add_column(column)

@@ -6,7 +6,7 @@ Building specs and summarising a run are pure functions (tested without a server
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import Callable
@@ -131,16 +131,16 @@ async def follow_run(
 ) -> list[TaskState]:
     """Fold the run's events until every task in it is terminal; returns the final task states."""
     fold = Fold()
-    known = False
-    async for msg in bus.read(js, topology.EVENTS, [subjects.run_all(run_id)], follow=True):
-        fold.apply(msg.subject, msg.seq, msg.data)
-        known = known or bool(fold.tasks)
-        if msg.pending == 0:
-            tasks = list(fold.tasks.values())
-            if on_change is not None:
-                on_change(tasks)
-            if known and all(t.terminal for t in tasks):
-                return tasks
+    messages = bus.read(js, topology.EVENTS, [subjects.run_all(run_id)], follow=True)
+    async with contextlib.aclosing(messages):
+        async for msg in messages:
+            fold.apply(msg.subject, msg.seq, msg.data)
+            if msg.pending == 0:
+                tasks = list(fold.tasks.values())
+                if on_change is not None:
+                    on_change(tasks)
+                if tasks and all(t.terminal for t in tasks):
+                    return tasks
     return list(fold.tasks.values())
 
 
@@ -151,6 +151,3 @@ async def run_exists(js: JetStreamContext, run_id: str) -> bool:
         return False
     return True
 
-
-async def wait_with_timeout(coro, timeout: float | None):
-    return await asyncio.wait_for(coro, timeout) if timeout else await coro
