@@ -28,6 +28,8 @@ from dtf.streams import bus, topology
 log = logging.getLogger("dtf.coordinator")
 
 TICK_S = 1.0
+PUBLISH_WINDOW = 256
+"""Decisions in flight at once."""
 
 
 def default_name() -> str:
@@ -104,20 +106,27 @@ class Coordinator:
                     break
 
     async def _publish_decisions(self) -> int:
+        """Publish this round's decisions, pipelined (each concerns its own task subject, so their
+        order does not matter); returns the highest sequence stored."""
+        decisions = list(schedule.decide(self.fold, datetime.now(UTC), self.name))
         highest = 0
-        for decision in schedule.decide(self.fold, datetime.now(UTC), self.name):
-            expected = self.fold.task_seq.get((decision.run_id, decision.task_id), 0)
-            try:
-                ack = await bus.publish(self.js, decision, expected_seq=expected)
-            except bus.Conflict:
-                self.conflicts += 1
-                log.debug("lost the race for %s %s", type(decision).__name__, decision.task_id)
-                continue
-            except (NatsError, JetStreamError, TimeoutError) as exc:
-                log.warning("publishing %s failed (%s); retrying next round", decision.id, exc)
-                break
-            self.published += 1
-            highest = max(highest, ack.seq)
-            if isinstance(decision, ev.TaskAssigned):
-                log.info("task %s attempt %d -> %s", decision.task_id, decision.attempt, decision.worker_id)
+        for start in range(0, len(decisions), PUBLISH_WINDOW):
+            window = decisions[start:start + PUBLISH_WINDOW]
+            highest = max([highest, *await asyncio.gather(*map(self._publish_one, window))])
         return highest
+
+    async def _publish_one(self, decision: ev.TaskEvent) -> int:
+        expected = self.fold.task_seq.get((decision.run_id, decision.task_id), 0)
+        try:
+            ack = await bus.publish(self.js, decision, expected_seq=expected)
+        except bus.Conflict:
+            self.conflicts += 1
+            log.debug("lost the race for %s %s", type(decision).__name__, decision.task_id)
+            return 0
+        except (NatsError, JetStreamError, TimeoutError) as exc:
+            log.warning("publishing %s failed (%s); retrying next round", decision.id, exc)
+            return 0
+        self.published += 1
+        if isinstance(decision, ev.TaskAssigned):
+            log.info("task %s attempt %d -> %s", decision.task_id, decision.attempt, decision.worker_id)
+        return ack.seq
