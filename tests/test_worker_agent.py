@@ -113,7 +113,7 @@ async def test_an_assigned_command_is_started_and_reported_on_the_workers_subjec
 
     live_sub = await nc.subscribe("dtf.log.t1", cb=on_live)
     async with running_agent(nats_server, js, tmp_path):
-        await submit_and_assign(js, "t1", command("echo hello-from-t1"))
+        await submit_and_assign(js, "t1", command("yes filler | head -n 1000; echo hello-from-t1"))
         subject, result = await wait_for(js, of(ev.ResultReported, "t1"))
         await consumer_settled(js, "w1", 2)
     await live_sub.unsubscribe()
@@ -140,6 +140,13 @@ async def test_an_assigned_command_is_started_and_reported_on_the_workers_subjec
     assert registered.capabilities.tags == {"pool": "test"} and registered.concurrency == 1
     heartbeats = [m async for m in bus.read(js, topology.HEARTBEATS, ["dtf.hb.w1"])]
     assert len(heartbeats) == 1  # the stream keeps the last one per worker
+
+
+async def test_a_short_output_travels_in_the_event_without_a_stored_log(nats_server, js, tmp_path):
+    async with running_agent(nats_server, js, tmp_path):
+        await submit_and_assign(js, "t1", command("echo short"))
+        _, result = await wait_for(js, of(ev.ResultReported, "t1"))
+    assert result.log_ref is None and result.output_tail == "short\n"
 
 
 async def test_an_assignment_beyond_capacity_is_released_while_heartbeats_list_the_running_one(nats_server, js, tmp_path):

@@ -8,7 +8,8 @@
     workspace       materialized once per hash in the cache, copied for each attempt
     run             output streamed to the live-log subject; `msg.in_progress()` every 10 s keeps the
                     claim (the consumer's ack_wait is 30 s)
-    report          log to the artifacts store, then ResultReported, and only then the ack; while
+    report          log to the artifacts store (unless output_tail already holds all of it), then
+                    ResultReported, and only then the ack; while
                     the worker drains, TaskReleased("worker stopping") instead
 
 An event the worker cannot publish leaves the assignment unacknowledged, so JetStream redelivers it;
@@ -37,6 +38,7 @@ from dtf.spec import TaskSpec
 from dtf.streams import bus, topology
 from dtf.workers import artifacts, workspace
 from dtf.workers.livelog import LiveLog
+from dtf.workers.process import TAIL_BYTES
 from dtf.workers.runner import run_attempt
 
 log = logging.getLogger("dtf.worker.attempt")
@@ -239,7 +241,8 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
             return
         log_ref = None
         try:
-            log_ref = await artifacts.upload_log(ctx.js, a.task_id, a.attempt, result.log_path)
+            if await asyncio.to_thread(lambda: result.log_path.stat().st_size) > TAIL_BYTES:
+                log_ref = await artifacts.upload_log(ctx.js, a.task_id, a.attempt, result.log_path)
         except Exception as exc:  # noqa: BLE001 - the result matters more than its log
             log.warning("uploading the log of %s failed: %s", attempt.key, exc)
         await _finish(ctx, attempt, await artifacts.result_event(ctx.js, a, result, log_ref))
