@@ -1,6 +1,6 @@
 """End-to-end task throughput and replay speed, each beside raw nats-py measured in the same run.
 
-    python bench/core.py [--tasks 300] [--workers 2] [--concurrency 4]
+    python bench/core.py [--tasks 300] [--workers 2] [--concurrency 1]
 
 Starts `dtf up --workers 0` on a temp dir plus N `dtf worker` processes, submits no-op command tasks
 (`true`) and times submit -> every task terminal. Then, on the same server: raw nats-py JetStream
@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=1)
     opts = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="dtf-bench-"))
     env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
