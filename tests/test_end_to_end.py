@@ -200,3 +200,17 @@ def test_bad_flags_and_specs_get_one_line_errors_and_exit_2(up, tmp_path):
     assert done.returncode == 2 and "config.paths" in done.stderr
     unreachable = up.dtf("tasks", "--nats", f"nats://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 2 and "cannot reach NATS" in unreachable.stderr
+
+
+def test_cancelling_a_run_kills_its_running_task_and_settles_the_run(up):
+    done = up.dtf("submit", "--command", "sleep 60", "--json", check_json=True)
+    report = json.loads(done.stdout)
+    task_id = report["tasks"][0]
+    while "TaskStarted" not in up.dtf("replay", "--task", task_id).stdout:
+        time.sleep(0.2)
+    assert up.dtf("cancel", "--run", report["run_id"]).returncode == 0
+    waited = up.dtf("wait", report["run_id"], "--json", check_json=True)
+    assert waited.returncode == 1
+    assert json.loads(waited.stdout)["tasks"][0]["state"] == "cancelled"
+    history = [json.loads(x)["event"] for x in up.dtf("replay", "--task", task_id, "--json").stdout.splitlines()]
+    assert history[-1]["type"] == "ResultReported" and history[-1]["outcome"] == "cancelled"

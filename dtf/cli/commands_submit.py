@@ -19,7 +19,7 @@ from dtf.cli import submit as sub
 from dtf.cli.common import CliError, connected, nats_options, parse_pairs
 from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json
-from dtf.state import TaskState
+from dtf.state import Fold, TaskState
 from dtf.streams import bus, topology
 
 
@@ -320,4 +320,41 @@ async def _follow_live(nc, js, task_id: str) -> None:
         await live.unsubscribe()
 
 
-COMMANDS = [submit, wait, logs]
+@click.command()
+@click.argument("task_id", required=False)
+@click.option("--run", "run_id", metavar="RUN_ID", help="Cancel every unfinished task of this run.")
+@click.option("--reason", default="cancelled by the user", show_default=True)
+@nats_options
+def cancel(task_id: str | None, run_id: str | None, reason: str, nats_url: str | None, creds: str | None) -> None:
+    """Cancel a task (TASK_ID) or a whole run (--run); running attempts are killed by their workers."""
+    if bool(task_id) == bool(run_id):
+        raise click.UsageError("give TASK_ID or --run RUN_ID")
+    target = task_id or run_id
+    if not subjects.is_token(target):
+        raise click.BadParameter("not an id", param_hint="TASK_ID" if task_id else "--run")
+    scope = subjects.task_any_run(target) if task_id else subjects.run_all(target)
+    asyncio.run(_cancel(scope, target, reason, nats_url, creds))
+
+
+async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, creds: str | None) -> None:
+    async with connected(nats_url, creds, "dtf-cancel") as nc:
+        js = nc.jetstream()
+        fold = Fold()
+        async for msg in bus.read(js, topology.EVENTS, [scope]):
+            fold.apply(msg.subject, msg.seq, msg.data)
+        if not fold.tasks:
+            raise CliError(f"nothing known as {target} in the event log")
+        by = sub.submitter_name()
+        open_tasks = [t for t in fold.tasks.values() if not t.terminal]
+        for task in open_tasks:
+            event = ev.TaskCancelled(id=f"cancel-{task.task_id}-{by}", run_id=task.run_id, task_id=task.task_id,
+                                     reason=reason, by=by)
+            try:
+                await bus.publish(js, event, expected_seq=fold.task_seq[(task.run_id, task.task_id)])
+            except bus.Conflict:  # it moved on meanwhile: say so rather than guess
+                click.echo(f"dtf: {task.task_id} changed while cancelling; run `dtf cancel` again", err=True)
+                continue
+        click.echo(f"dtf: cancelled {len(open_tasks)} of {len(fold.tasks)} tasks", err=True)
+
+
+COMMANDS = [submit, wait, logs, cancel]
