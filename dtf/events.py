@@ -89,8 +89,9 @@ class TestCounts(msgspec.Struct, kw_only=True):
 
 
 class ResultReported(AttemptEvent, tag=True, kw_only=True):
-    """The outcome of one attempt. `tests` may be moved to the object store (`tests_ref`) when large;
-    `counts` always stays. The full output lives in the logs object store under `log_ref`."""
+    """The outcome of one attempt. `tests` may be moved to the artifacts object store when large
+    (`tests_ref`: a JSON array of TestOutcome objects); `counts` always stays. The full output is in
+    the artifacts store under `log_ref`, or entirely in `output_tail` when `log_ref` is null."""
 
     outcome: Outcome
     exit_code: int | None = None

@@ -6,7 +6,9 @@ columns (the snapshot), so a restart resumes at the checkpoint instead of replay
 
 Per message, in order: skip it if the stream's checkpoint already covers it, skip it if the ledger
 already holds its (subject, event id) — JetStream only deduplicates within 2 minutes — then fold it
-with `Fold.apply` and stage the rows it changed. The batch's rows and checkpoints are written in the
+with `Fold.apply` and stage the rows it changed. The ledger key includes the subject because the
+subject carries the publisher's identity: a party reusing another's event id (ids are often
+predictable) cannot make the real event look like a duplicate. The batch's rows and checkpoints are written in the
 same transaction, so a crash anywhere leaves the database at a batch boundary and redelivery of a
 committed batch changes nothing.
 
@@ -28,9 +30,9 @@ import msgspec
 
 from dtf import events as ev
 from dtf import subjects
+from dtf.projections import rows, schema
 from dtf.state import ACTIVE, Fold, TaskState, WorkerState
 from dtf.streams.topology import EVENTS, HEARTBEATS
-from dtf.projections import rows, schema
 
 
 class Message(Protocol):
@@ -110,7 +112,9 @@ class Projection:
 
     @classmethod
     def open(cls, path: str | Path) -> Projection:
-        """Open (or create) the database file; ':memory:' for a throwaway one."""
+        """Open (or create, with its directory) the database file; ':memory:' for a throwaway one."""
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         return cls(duckdb.connect(str(path)))
 
     def _load(self) -> None:
@@ -151,7 +155,7 @@ class Projection:
         with self._lock:
             result = BatchResult()
             staged = _Staged()
-            self.con.begin()
+            self.con.begin()  # outside the try: nothing to roll back if it fails
             try:
                 seen = self._ledger_hits(messages)
                 for message in messages:
@@ -177,10 +181,10 @@ class Projection:
         ids = sorted({event_id for _, event_id in candidates if event_id})
         if not ids:
             return set()
+        # A literal IN list, so DuckDB looks each id up in the event_id index: the cost stays per
+        # batch, not per event ever projected.
         found = self.con.execute(
-            "SELECT subject, event_id FROM events WHERE stream <> $hb AND event_id IN "
-            "(SELECT unnest($ids::VARCHAR[]))",
-            {"hb": HEARTBEATS, "ids": ids},
+            f"SELECT subject, event_id FROM events WHERE event_id IN ({', '.join('?' * len(ids))})", ids,
         ).fetchall()
         return {hit for hit in map(tuple, found) if hit in candidates}
 
@@ -318,7 +322,7 @@ class Projection:
         with self._lock:
             self.con.close()
 
-    def __enter__(self) -> Projection:
+    def __enter__(self) -> Projection:  # noqa: PYI034 - not meant to be subclassed
         return self
 
     def __exit__(self, *exc: object) -> None:

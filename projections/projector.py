@@ -28,7 +28,7 @@ from dtf.projections import artifacts, consumers
 from dtf.projections.projection import BatchResult, Message, Projection
 from dtf.projections.service import QueryService, serve
 from dtf.streams.bus import StoredMsg
-from dtf.streams.topology import EVENTS, HEARTBEATS
+from dtf.streams.topology import EVENTS, HEARTBEATS, PROJECTOR
 
 __all__ = ["BatchResult", "Message", "Projection", "run_projector"]
 
@@ -43,11 +43,12 @@ STOP_GRACE_S = 60.0
 
 
 async def run_projector(
-    nc: Client, db_path: str | Path, stop: asyncio.Event, *, batch: int = BATCH,
+    nc: Client, db_path: str | Path, stop: asyncio.Event, *, name: str = PROJECTOR, batch: int = BATCH,
     fetch_timeout: float = FETCH_TIMEOUT_S,
 ) -> None:
     """Project both streams into the database at `db_path` and answer queries until `stop` is set.
-    The streams must exist (`dtf.streams.topology.provision`); the consumers are created here."""
+    The streams must exist (`dtf.streams.topology.provision`). The durable consumers `name` and
+    `<name>-hb` are created here; each projector (each database) needs its own name."""
     js = nc.jetstream()
     projection = await asyncio.to_thread(Projection.open, db_path)
     service: QueryService | None = None
@@ -56,7 +57,8 @@ async def run_projector(
         service = await serve(nc, projection.con)
         loops = [
             asyncio.create_task(
-                _consume(js, projection, stream, stop, batch, fetch_timeout), name=f"projector-{stream}"
+                _consume(js, projection, stream, stop, name, batch, fetch_timeout),
+                name=f"{name}-{stream}",
             )
             for stream in (EVENTS, HEARTBEATS)
         ]
@@ -73,20 +75,21 @@ async def run_projector(
 
 
 async def _consume(
-    js: JetStreamContext, projection: Projection, stream: str, stop: asyncio.Event, batch: int,
-    fetch_timeout: float,
+    js: JetStreamContext, projection: Projection, stream: str, stop: asyncio.Event, name: str,
+    batch: int, fetch_timeout: float,
 ) -> None:
     """Fetch, apply, ack until `stop`; every error is logged and retried after a pause."""
     psub = None
     try:
         while not stop.is_set():
+            _raise_if_cancelled()
             try:
                 if psub is None:
-                    durable = await consumers.ensure_consumer(js, stream, projection.checkpoint(stream))
+                    durable = await consumers.ensure_consumer(js, stream, projection.checkpoint(stream), name)
                     psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
                 try:
                     msgs = await psub.fetch(batch, timeout=fetch_timeout)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 await _handle(js, projection, stream, msgs)
             except asyncio.CancelledError:
@@ -98,7 +101,7 @@ async def _consume(
                     psub = None
                 try:
                     await asyncio.wait_for(stop.wait(), RETRY_DELAY_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
     finally:
         if psub is not None:
@@ -123,6 +126,14 @@ async def _handle(js: JetStreamContext, projection: Projection, stream: str, msg
     await _settle([m for m in msgs if _seq(m) in waiting], nak=True)
     if result.invalid or result.duplicates:
         log.info("%s: %s", stream, result.as_dict())
+
+
+def _raise_if_cancelled() -> None:
+    """Python 3.11's asyncio.wait_for (inside nats-py's fetch) can turn a cancellation that races its
+    timeout into a TimeoutError; the task still counts the cancel request, so honour it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _seq(msg: Msg) -> int:

@@ -149,8 +149,8 @@ def tables_equal(db_a: str | Path, db_b: str | Path) -> list[str]:
                     f" UNION ALL (SELECT {columns} FROM b.{table.name}"
                     f" EXCEPT ALL SELECT {columns} FROM a.{table.name}))"
                 ).fetchone()  # type: ignore[misc]
-            except duckdb.CatalogException:
-                count = 1  # missing in one of them
+            except (duckdb.CatalogException, duckdb.BinderException):
+                count = 1  # missing, or with other columns, in one of them
             if count:
                 differ.append(table.name)
         return differ

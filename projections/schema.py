@@ -39,6 +39,8 @@ class Table:
     columns: tuple[tuple[str, str], ...]
     """(name, DuckDB type) in table order; rows are dicts keyed by these names."""
     key: tuple[str, ...] = ()
+    indexes: tuple[str, ...] = ()
+    """Columns with an index of their own (point lookups on a table that only grows)."""
 
     @property
     def column_names(self) -> list[str]:
@@ -53,6 +55,12 @@ class Table:
         if self.key:
             columns.append(f"PRIMARY KEY ({', '.join(self.key)})")
         return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    " + ",\n    ".join(columns) + "\n)"
+
+    def index_ddl(self) -> list[str]:
+        return [
+            f"CREATE INDEX IF NOT EXISTS {self.name}_{column} ON {self.name} ({column})"
+            for column in self.indexes
+        ]
 
     def arrow(self, rows: list[dict]) -> pa.Table:
         return pa.Table.from_pylist(rows, schema=self.arrow_schema)
@@ -96,7 +104,7 @@ METRICS = Table("metrics", (
 EVENTS = Table("events", (
     ("stream", "VARCHAR"), ("seq", "BIGINT"), ("event_id", "VARCHAR"), ("subject", "VARCHAR"),
     ("type", "VARCHAR"), ("time", "TIMESTAMPTZ"), ("applied", "BOOLEAN"),
-), key=("stream", "seq"))
+), key=("stream", "seq"), indexes=("event_id",))
 """`applied` is false for an admitted event the fold ignored (a late or forged result, a stale
 assignment): the audit trail of what was said but changed nothing."""
 
@@ -116,6 +124,8 @@ def create(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table that does not exist yet (idempotent)."""
     for table in TABLES:
         con.execute(table.ddl())
+        for statement in table.index_ddl():
+            con.execute(statement)
 
 
 def contents(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:

@@ -80,7 +80,7 @@ async def publish_many(js: JetStreamContext, events: Iterable[ev.Event], window:
         pending.append(await js.publish_async(
             subjects.subject_for(event), ev.encode(event), headers=headers_for(event), wait_stall=30,
         ))
-        if len(pending) >= window:
+        if len(pending) % window == 0:
             await asyncio.gather(*pending[-window:])
     return list(await asyncio.gather(*pending))
 

@@ -38,7 +38,7 @@ WORKER_CONSUMER_IDLE_S = 7 * 24 * 3600.0
 """A worker id not seen for a week loses its durable consumer (and any assignments still in it)."""
 
 
-def events_stream(replicas: int = 1, max_age_s: float = 0) -> StreamConfig:
+def events_stream(replicas: int = 1, max_age_s: float | None = None) -> StreamConfig:
     return StreamConfig(
         name=EVENTS,
         description="dtf task history and worker lifecycle: the source of truth",
@@ -82,10 +82,23 @@ def worker_consumer(worker_id: str) -> ConsumerConfig:
     )
 
 
-def projector_consumer() -> ConsumerConfig:
+def projector_consumer(name: str = PROJECTOR) -> ConsumerConfig:
+    """One durable per read-model database: two projectors on one name would split the stream."""
     return ConsumerConfig(
-        durable_name=PROJECTOR,
+        durable_name=name,
         deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=60.0,
+        max_ack_pending=20_000,
+    )
+
+
+def projector_heartbeats_consumer(name: str = PROJECTOR) -> ConsumerConfig:
+    """Each worker's last heartbeat, then every new one (last-per-subject needs a filter subject)."""
+    return ConsumerConfig(
+        durable_name=f"{name}-hb",
+        filter_subject=subjects.HEARTBEATS,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=60.0,
         max_ack_pending=20_000,
@@ -98,12 +111,15 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     except NotFoundError:
         await js.add_stream(config)
         return
-    if info.config.subjects != config.subjects or info.config.max_age != config.max_age:
+    if info.config.subjects != config.subjects or (
+        config.max_age is not None and info.config.max_age != config.max_age
+    ):
         await js.update_stream(config)
 
 
-async def provision(js: JetStreamContext, replicas: int = 1, max_age_s: float = 0) -> None:
-    """Create or update every stream and bucket; safe to run from every process at every start."""
+async def provision(js: JetStreamContext, replicas: int = 1, max_age_s: float | None = None) -> None:
+    """Create or update every stream and bucket; safe to run from every process at every start.
+    `max_age_s` None keeps whatever retention the stream has (0 on creation: keep forever)."""
     await _ensure_stream(js, events_stream(replicas, max_age_s))
     await _ensure_stream(js, heartbeats_stream(replicas))
     for bucket in (WORKSPACES_BUCKET, ARTIFACTS_BUCKET):

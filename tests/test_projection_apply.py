@@ -1,11 +1,16 @@
 """The projection without a server: the sample history's raw messages applied to an in-memory DuckDB."""
 
 import duckdb
+import msgspec
 import pytest
 
+from dtf import events as ev
+from dtf import subjects
 from dtf.projections import sample, schema
 from dtf.projections.projection import Projection
+from dtf.spec import TaskSpec
 from dtf.state import Fold
+from dtf.streams.bus import StoredMsg
 from dtf.streams.topology import EVENTS, HEARTBEATS
 
 
@@ -146,3 +151,22 @@ def test_a_batch_that_fails_leaves_neither_rows_nor_fold_state_behind(history, m
     clean = Projection.open(":memory:")
     clean.apply_batch(messages, history.tests())
     assert schema.contents(projection.con) == schema.contents(clean.con)
+
+
+def test_an_event_id_reused_by_another_party_does_not_shadow_the_real_event():
+    spec = TaskSpec(type="command", config={"command": "true"})
+    real = ev.ResultReported(id="result-t1-1", run_id="r", task_id="t1", attempt=1, worker_id="w1",
+                             outcome="passed")
+    events = [
+        ev.TaskSubmitted(run_id="r", task_id="t1", submitter="alice", spec=spec),
+        ev.TaskAssigned(run_id="r", task_id="t1", attempt=1, worker_id="w1", coordinator="c", spec=spec),
+        msgspec.structs.replace(real, worker_id="w2", outcome="failed"),  # w2 guessed the id
+        real,
+    ]
+    messages = [
+        StoredMsg(EVENTS, seq, subjects.subject_for(e), ev.encode(e)) for seq, e in enumerate(events, 1)
+    ]
+    projection = Projection.open(":memory:")
+    result = projection.apply_batch(messages)
+    assert (result.applied, result.ignored, result.duplicates) == (3, 1, 0)
+    assert rows(projection, "SELECT status FROM tasks") == [("passed",)]

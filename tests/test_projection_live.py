@@ -8,6 +8,8 @@ import json
 import sys
 
 import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig
 
 from dtf import events as ev
@@ -25,9 +27,10 @@ async def ask(nc, name, request=b""):
     while True:
         try:
             reply = await nc.request(subjects.query(name), request, timeout=5)
-            return json.loads(reply.data)
-        except Exception:
+        except (NoRespondersError, NatsTimeout):
             await asyncio.sleep(0.05)
+            continue
+        return json.loads(reply.data)
 
 
 async def caught_up(nc, js):
@@ -41,6 +44,18 @@ async def caught_up(nc, js):
         if all(checkpoints.get(stream, 0) >= last for stream, last in ends.items()):
             return
         await asyncio.sleep(0.05)
+
+
+async def jetstream_back(nc, js):
+    """Wait until the client has reconnected and JetStream answers again."""
+    while not nc.is_connected:
+        await asyncio.sleep(0.05)
+    while True:
+        try:
+            await js.account_info()
+            return
+        except Exception:  # noqa: BLE001 - any error here means "not yet"
+            await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager
@@ -189,3 +204,38 @@ async def test_a_consumer_ahead_of_the_database_is_recreated_to_start_after_the_
     info = await js.consumer_info(topology.EVENTS, topology.PROJECTOR)
     assert info.num_pending == 35 - 4 and info.ack_floor.stream_seq == 4
     assert isinstance(info.config, ConsumerConfig) and info.config.opt_start_seq == 5
+
+
+async def test_the_projector_carries_on_after_the_server_restarts(nats_server, nc, js, tmp_path):
+    live = tmp_path / "live.duckdb"
+    async with projector(nc, live):
+        await sample.publish_history(js, sample.history("r1"))
+        await caught_up(nc, js)
+        nats_server.stop()
+        nats_server.start()
+        await jetstream_back(nc, js)
+        await sample.publish_history(js, sample.history("r2"))
+        await caught_up(nc, js)
+    await rebuild(js, tmp_path / "rebuilt.duckdb")
+    assert tables_equal(live, tmp_path / "rebuilt.duckdb") == []
+
+
+async def test_a_projector_cancelled_mid_stream_leaves_a_database_that_resumes_cleanly(nc, js, tmp_path):
+    live = tmp_path / "live.duckdb"
+    spec = TaskSpec(type="command", config={"command": "true"})
+    await bus.publish_many(js, [
+        ev.TaskSubmitted(run_id="load", task_id=f"t{i}", submitter="ci", spec=spec) for i in range(3000)
+    ])
+    task = asyncio.create_task(run_projector(nc, live, asyncio.Event(), fetch_timeout=0.5))
+    while (await ask(nc, "status"))["tasks"] == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with Projection.open(live) as projection:  # closed: this process can open it again
+        checkpoint = projection.checkpoint(topology.EVENTS)
+        assert projection.con.execute("SELECT count(*) FROM tasks").fetchone() == (checkpoint,)
+    async with projector(nc, live):
+        await caught_up(nc, js)
+    await rebuild(js, tmp_path / "rebuilt.duckdb")
+    assert tables_equal(live, tmp_path / "rebuilt.duckdb") == []

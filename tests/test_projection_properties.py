@@ -2,6 +2,7 @@
 are batched, redelivered, duplicated or interleaved where order does not matter, the tables come out
 the same as applying the history once, in order, in one batch."""
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def restamp(messages):
 
 def split(messages, cuts):
     bounds = sorted({0, len(messages), *(c % (len(messages) + 1) for c in cuts)})
-    return [messages[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [messages[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 ONCE = project([R1.stored()])

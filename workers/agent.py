@@ -140,6 +140,9 @@ class WorkerAgent:
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
+            # Python 3.11: asyncio.wait_for inside nats-py's fetch can turn our cancel into a TimeoutError.
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise asyncio.CancelledError
             batch = max(1, self.concurrency - len(self.running()))
             try:
                 msgs = await self._sub.fetch(batch, timeout=self.fetch_timeout)

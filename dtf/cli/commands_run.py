@@ -134,12 +134,14 @@ def worker(nats_url: str | None, creds: str | None, worker_id: str | None, concu
 @nats_options
 @click.option("--db", "db_path", default=".dtf/readmodel.duckdb", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="DuckDB file this projector owns.")
-def projector(nats_url: str | None, creds: str | None, db_path: Path) -> None:
+@click.option("--name", default="projector", show_default=True,
+              help="Durable consumer name; each database (each projector) needs its own.")
+def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str) -> None:
     """Run the projector: fold events into the DuckDB read model and answer queries on it."""
     from dtf.projections.projector import run_projector
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await run_projector(nc, db_path, stop)
+        await run_projector(nc, db_path, stop, name=name)
 
     serve_with_nats(nats_url, creds, "dtf-projector", body)
 
