@@ -171,9 +171,19 @@ class WorkerLeft(Event, tag=True, kw_only=True):
     reason: str = ""
 
 
+class WorkerLost(Event, tag=True, kw_only=True):
+    """The coordinator declares a worker lost: no heartbeat for longer than the timeout. Its running
+    attempts are then failed with category "worker" and requeued; a heartbeat after this brings it
+    back online for new work, and its late results are recorded but settle nothing."""
+
+    worker_id: str
+    last_seen: datetime | None = None
+    reason: str = ""
+
+
 AnyEvent = (
     TaskSubmitted | TaskAssigned | TaskStarted | ResultReported | TaskFailed | TaskReleased
-    | TaskCancelled | TaskRejected | WorkerRegistered | WorkerHeartbeat | WorkerLeft
+    | TaskCancelled | TaskRejected | WorkerRegistered | WorkerHeartbeat | WorkerLeft | WorkerLost
 )
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]

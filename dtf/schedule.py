@@ -1,8 +1,10 @@
 """Scheduling policy: pure functions from folded state to decisions (events to publish).
 
-`decide(fold, now, coordinator)` returns every event the coordinator should publish given what it has
-folded so far: rejections of set-aside submissions, cancellations of tasks whose dependencies failed,
-and assignments of ready tasks to capable workers with free slots. It reads no clock and does no I/O,
+`decide(fold, now, coordinator, policy)` returns every event the coordinator should publish given what
+it has folded so far: workers declared lost after `policy.heartbeat_timeout` without a heartbeat, the
+attempts they held failed (category "worker", so they are requeued), rejections of set-aside
+submissions, cancellations of tasks whose dependencies failed, and assignments of ready tasks to
+capable workers with free slots. It reads no clock and does no I/O,
 so replicas that folded the same log decide the same thing, and the stream arbitrates their writes.
 """
 
@@ -11,13 +13,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
+import msgspec
+
 from dtf import events as ev
 from dtf import subjects
 from dtf.spec import Requirements
-from dtf.state import TERMINAL, Fold, TaskState, WorkerState
+from dtf.state import ACTIVE, TERMINAL, Fold, TaskState, WorkerState
 
-HEARTBEAT_TIMEOUT = timedelta(seconds=60)
-"""A worker silent for this long gets no new work (the seeds' 60 s; #4 makes it configurable)."""
+HEARTBEAT_TIMEOUT_S = 15.0
+"""Default: three missed heartbeats at the worker's default 5 s interval."""
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True):
+    """The coordinator's tunables (`dtf coordinator --heartbeat-timeout`)."""
+
+    heartbeat_timeout: timedelta = timedelta(seconds=HEARTBEAT_TIMEOUT_S)
+
+
 RAW_KEEP = 64 * 1024
 """How much of a rejected payload the TaskRejected keeps for audit."""
 
@@ -42,10 +54,17 @@ def capable(worker: WorkerState, req: Requirements) -> bool:
     return all(caps.tags.get(key) == value for key, value in wanted.items())
 
 
-def available(worker: WorkerState, now: datetime) -> bool:
-    if worker.status != "online":
-        return False
-    return worker.last_heartbeat is None or now - worker.last_heartbeat <= HEARTBEAT_TIMEOUT
+def last_seen(worker: WorkerState) -> datetime | None:
+    return worker.last_heartbeat or worker.registered_at
+
+
+def silent(worker: WorkerState, now: datetime, policy: Policy) -> bool:
+    seen = last_seen(worker)
+    return seen is not None and now - seen > policy.heartbeat_timeout
+
+
+def available(worker: WorkerState, now: datetime, policy: Policy) -> bool:
+    return worker.status == "online" and not silent(worker, now, policy)
 
 
 def ready(task: TaskState, tasks: dict[str, TaskState], now: datetime) -> bool:
@@ -62,12 +81,16 @@ def queue_order(task: TaskState) -> tuple:
     return (task.spec.priority, task.submitted_at, task.task_id)
 
 
-def assignments(fold: Fold, now: datetime, coordinator: str) -> list[ev.TaskAssigned]:
+def assignments(
+    fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(),
+) -> list[ev.TaskAssigned]:
     free = {
         w.worker_id: w.concurrency - len(fold.active.get(w.worker_id, ()))
         for w in fold.workers.values()
-        if available(w, now)
+        if available(w, now, policy)
     }
+    if not any(slots > 0 for slots in free.values()):
+        return []
     decisions: list[ev.TaskAssigned] = []
     for task in sorted((t for t in fold.tasks.values() if ready(t, fold.tasks, now)), key=queue_order):
         assert task.spec is not None
@@ -120,8 +143,41 @@ def rejections(fold: Fold, now: datetime) -> list[ev.TaskRejected]:
     return decisions
 
 
-def decide(fold: Fold, now: datetime, coordinator: str) -> Iterable[ev.TaskEvent]:
+def lost_workers(fold: Fold, now: datetime, policy: Policy) -> list[ev.WorkerLost]:
+    decisions = []
+    for worker in fold.workers.values():
+        if worker.status == "online" and silent(worker, now, policy):
+            seen = last_seen(worker)
+            assert seen is not None
+            decisions.append(ev.WorkerLost(
+                id=f"lost-{worker.worker_id}-{seen.timestamp():.6f}", time=now, worker_id=worker.worker_id,
+                last_seen=seen, reason=f"no heartbeat for {(now - seen).total_seconds():.1f}s",
+            ))
+    return decisions
+
+
+def lost_attempts(fold: Fold, now: datetime) -> list[ev.TaskFailed]:
+    """Attempts held by a worker that is lost or gone: fail them so they are requeued."""
+    decisions = []
+    for worker_id, task_ids in fold.active.items():
+        worker = fold.workers.get(worker_id)
+        if worker is None or worker.status not in ("lost", "left"):
+            continue
+        for task_id in sorted(task_ids):
+            task = fold.tasks[task_id]
+            assert task.status in ACTIVE
+            decisions.append(ev.TaskFailed(
+                id=f"lost-{task_id}-{task.attempt}", time=now, run_id=task.run_id, task_id=task_id,
+                attempt=task.attempt, worker_id=worker_id, category="worker",
+                reason=f"worker {worker_id} {worker.status}" + (f" ({worker.reason})" if worker.reason else ""),
+            ))
+    return decisions
+
+
+def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy()) -> Iterable[ev.Event]:
     """Everything to publish now, in a safe order: verdicts before new work."""
+    yield from lost_workers(fold, now, policy)
+    yield from lost_attempts(fold, now)
     yield from rejections(fold, now)
     yield from dependency_cancellations(fold, now)
-    yield from assignments(fold, now, coordinator)
+    yield from assignments(fold, now, coordinator, policy)

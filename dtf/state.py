@@ -36,6 +36,9 @@ TERMINAL: frozenset[str] = frozenset({"passed", "failed", "error", "timed_out", 
 ACTIVE: frozenset[str] = frozenset({"assigned", "running"})
 RETRYABLE_OUTCOMES: frozenset[str] = frozenset({"error", "timed_out"})
 """Tests that ran and failed are not retried by default; infrastructure trouble is."""
+MAX_LOST_ATTEMPTS = 3
+"""Attempts lost with their worker are requeued at once and do not use up retries, but a task that
+takes down its worker this many times is settled as an error rather than requeued forever."""
 
 
 class TaskState(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +50,7 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     status: TaskStatus = "pending"
     attempt: int = 0
     failures: int = 0
+    lost: int = 0
     worker_id: str = ""
     submitted_at: datetime | None = None
     assigned_at: datetime | None = None
@@ -68,9 +72,10 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
     concurrency: int = 0
     capabilities: ev.Capabilities = msgspec.field(default_factory=ev.Capabilities)
-    status: Literal["online", "left", "unknown"] = "unknown"
+    status: Literal["online", "left", "lost", "unknown"] = "unknown"
     registered_at: datetime | None = None
     last_heartbeat: datetime | None = None
+    lost_at: datetime | None = None
     reason: str = ""
 
 
@@ -82,6 +87,14 @@ def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
         return ceiling
     digest = hashlib.blake2b(f"{task_id}:{failures}".encode(), digest_size=8).digest()
     return ceiling * int.from_bytes(digest) / 2**64
+
+
+def _retry_at(time: datetime, delay: float) -> datetime:
+    """When a requeued task may run again; a delay or clock past year 9999 means never, not a crash."""
+    try:
+        return time + timedelta(seconds=delay)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=time.tzinfo)
 
 
 def _current_attempt(task: TaskState, event: ev.AttemptEvent) -> bool:
@@ -98,7 +111,7 @@ def _after_failure(task: TaskState, event: ev.AttemptEvent, status: TaskStatus, 
         delay = backoff_delay(task.spec.retry_policy, task.task_id, failures)
         return msgspec.structs.replace(
             task, status="pending", failures=failures, reason=reason,
-            not_before=event.time + timedelta(seconds=delay),
+            not_before=_retry_at(event.time, delay),
         )
     return msgspec.structs.replace(
         task, status=status, failures=failures, reason=reason, finished_at=event.time,
@@ -135,6 +148,15 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
             if event.outcome in RETRYABLE_OUTCOMES:
                 return _after_failure(settled, event, event.outcome, event.output_tail[-200:])
             return msgspec.structs.replace(settled, status=event.outcome, finished_at=event.time)
+        case ev.TaskFailed() if _current_attempt(task, event) and event.category == "worker":
+            if task.lost + 1 < MAX_LOST_ATTEMPTS:
+                return msgspec.structs.replace(
+                    task, status="pending", lost=task.lost + 1, reason=f"worker: {event.reason}",
+                )
+            return msgspec.structs.replace(
+                task, status="error", lost=task.lost + 1, finished_at=event.time,
+                reason=f"lost {task.lost + 1} times with its worker; last: {event.reason}",
+            )
         case ev.TaskFailed() if _current_attempt(task, event):
             return _after_failure(task, event, "error", f"{event.category}: {event.reason}")
         case ev.TaskReleased() if _current_attempt(task, event):
@@ -148,6 +170,9 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
 
 def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | None:
     match event:
+        case ev.WorkerRegistered() if worker is not None and worker.registered_at is not None \
+                and event.time <= worker.registered_at:
+            return worker  # the same registration stored again, or an older one
         case ev.WorkerRegistered():
             return WorkerState(
                 worker_id=event.worker_id, host=event.host, pid=event.pid,
@@ -159,9 +184,15 @@ def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | 
             base = worker or WorkerState(worker_id=event.worker_id)
             if base.last_heartbeat and base.last_heartbeat >= event.time:
                 return base
-            return msgspec.structs.replace(base, last_heartbeat=event.time)
+            back = base.status == "lost" and base.lost_at is not None and event.time > base.lost_at
+            return msgspec.structs.replace(
+                base, last_heartbeat=event.time, status="online" if back else base.status,
+                reason="" if back else base.reason,
+            )
         case ev.WorkerLeft() if worker is not None:
             return msgspec.structs.replace(worker, status="left", reason=event.reason)
+        case ev.WorkerLost() if worker is not None and worker.status == "online":
+            return msgspec.structs.replace(worker, status="lost", lost_at=event.time, reason=event.reason)
     return worker
 
 

@@ -42,6 +42,7 @@ TASK_KINDS: dict[type[ev.Event], str] = {
 WORKER_KINDS: dict[type[ev.Event], str] = {
     ev.WorkerRegistered: "registered",
     ev.WorkerLeft: "left",
+    ev.WorkerLost: "lost",
 }
 KIND_TYPES: dict[str, type[ev.Event]] = {kind: cls for cls, kind in (TASK_KINDS | WORKER_KINDS).items()}
 
@@ -109,7 +110,7 @@ def subject_for(event: ev.Event) -> str:
         return task(event.run_id, event.task_id, TASK_KINDS[type(event)], party_of(event))
     if isinstance(event, ev.WorkerHeartbeat):
         return heartbeat(event.worker_id)
-    if isinstance(event, (ev.WorkerRegistered, ev.WorkerLeft)):
+    if isinstance(event, (ev.WorkerRegistered, ev.WorkerLeft, ev.WorkerLost)):
         return worker(event.worker_id, WORKER_KINDS[type(event)])
     raise TypeError(f"no subject for {type(event).__name__}")
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import schedule, subjects
 from dtf.cli.coordinator import Coordinator
 from dtf.spec import TaskSpec
 from dtf.streams import bus, topology
@@ -24,6 +25,12 @@ def submission(i: int, run_id: str = "r1") -> ev.TaskSubmitted:
 
 def worker(worker_id: str, concurrency: int) -> ev.WorkerRegistered:
     return ev.WorkerRegistered(worker_id=worker_id, host="h", pid=1, concurrency=concurrency)
+
+
+async def heartbeats(worker_id: str, js) -> None:
+    while True:
+        await bus.publish(js, ev.WorkerHeartbeat(worker_id=worker_id))
+        await asyncio.sleep(0.1)
 
 
 async def stored_events(js) -> list[tuple[str, ev.Event | None]]:
@@ -120,3 +127,58 @@ async def test_a_worker_gets_no_more_work_than_its_concurrency(nc, js):
     assignments = [e for _, e in await stored_events(js) if isinstance(e, ev.TaskAssigned)]
     assert len(assignments) == 2
     assert replica.fold.active["w1"] == {a.task_id for a in assignments}
+
+
+async def test_a_silent_worker_is_declared_lost_and_its_attempt_moves_to_a_live_worker(nc, js):
+    await bus.publish(js, worker("w1", 1))
+    await bus.publish(js, submission(1))
+    stop = asyncio.Event()
+    replica = Coordinator(nc, "c1", schedule.Policy(heartbeat_timeout=timedelta(seconds=0.5)))
+    running = asyncio.create_task(replica.run(stop))
+
+    beats = asyncio.create_task(heartbeats("w1", js))
+    try:
+        while replica.fold.tasks.get("t1") is None or replica.fold.tasks["t1"].worker_id != "w1":
+            await asyncio.sleep(0.05)
+        await bus.publish(js, worker("w2", 1))
+        beats.cancel()  # w1 falls silent, as if SIGKILLed
+        beats = asyncio.create_task(heartbeats("w2", js))
+        while replica.fold.tasks["t1"].worker_id != "w2":
+            await asyncio.sleep(0.05)
+    finally:
+        beats.cancel()
+        stop.set()
+        await running
+    events = [e for _, e in await stored_events(js)]
+    kinds = [type(e).__name__ for e in events if not isinstance(e, ev.WorkerRegistered)]
+    assert kinds == ["TaskSubmitted", "TaskAssigned", "WorkerLost", "TaskFailed", "TaskAssigned"]
+    failed = next(e for e in events if isinstance(e, ev.TaskFailed))
+    assert (failed.attempt, failed.worker_id, failed.category) == (1, "w1", "worker")
+    second = [e for e in events if isinstance(e, ev.TaskAssigned)][-1]
+    assert (second.attempt, second.worker_id) == (2, "w2")
+    assert replica.fold.workers["w1"].status == "lost" and replica.fold.tasks["t1"].lost == 1
+
+
+async def test_a_lost_worker_that_heartbeats_again_is_back_but_its_late_result_settles_nothing(nc, js):
+    await bus.publish(js, worker("w1", 1))
+    await bus.publish(js, submission(1))
+    stop = asyncio.Event()
+    replica = Coordinator(nc, "c1", schedule.Policy(heartbeat_timeout=timedelta(seconds=0.3)))
+    running = asyncio.create_task(replica.run(stop))
+    beats = None
+    try:
+        while not any(isinstance(e, ev.TaskFailed) for _, e in await stored_events(js)):
+            await asyncio.sleep(0.05)
+        late = ev.ResultReported(run_id="r1", task_id="t1", attempt=1, worker_id="w1", outcome="passed")
+        await bus.publish(js, late)
+        beats = asyncio.create_task(heartbeats("w1", js))  # it was only paused: it beats again
+        while replica.fold.tasks["t1"].attempt < 2:
+            await asyncio.sleep(0.05)
+    finally:
+        if beats is not None:
+            beats.cancel()
+        stop.set()
+        await running
+    task = replica.fold.tasks["t1"]
+    assert task.status == "assigned" and task.attempt == 2 and task.worker_id == "w1"
+    assert task.counts.passed == 0  # the late result of attempt 1 was not taken

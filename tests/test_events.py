@@ -18,7 +18,7 @@ from dtf import spec as sp
 from dtf import subjects
 
 SOME = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- strategies ---------------------------------------------------------------------------------------
 # JSON carries no NaN or Infinity (msgspec writes them as null, which no float field accepts), and
@@ -84,7 +84,7 @@ capabilities = st.builds(
     tags=st.dictionaries(texts, texts, max_size=2),
 )
 
-envelope = dict(id=texts, time=times)
+envelope = {"id": texts, "time": times}
 task = dict(envelope, run_id=tokens, task_id=tokens)
 attempt = dict(task, attempt=st.integers(1, 100), worker_id=tokens)
 
@@ -112,6 +112,8 @@ STRATEGIES: dict[type[ev.Event], st.SearchStrategy[ev.Event]] = {
                                   running=st.lists(tokens, max_size=3), cpu_percent=st.floats(0, 100),
                                   memory_percent=st.floats(0, 100)),
     ev.WorkerLeft: st.builds(ev.WorkerLeft, **envelope, worker_id=tokens, reason=texts),
+    ev.WorkerLost: st.builds(ev.WorkerLost, **envelope, worker_id=tokens, last_seen=st.none() | times,
+                             reason=texts),
 }
 any_event = st.one_of(*STRATEGIES.values())
 
@@ -262,8 +264,8 @@ def test_decoding_a_submission_with_a_spec_field_replaced_gives_an_event_or_a_de
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("depth", [5_000, 100_000])
 def test_decoding_a_deeply_nested_event_is_a_decode_error_not_a_recursion_error(version, depth):
-    head = ('{"type":"TaskSubmitted","v":%d,"id":"x","time":"2025-01-01T00:00:00Z","run_id":"r",'
-            '"task_id":"t","submitter":"a","spec":{"type":"command","config":{"deep":' % version)
+    head = (f'{{"type":"TaskSubmitted","v":{version},"id":"x","time":"2025-01-01T00:00:00Z","run_id":"r",'
+            '"task_id":"t","submitter":"a","spec":{"type":"command","config":{"deep":')
     with pytest.raises(ev.DecodeError):
         ev.decode(head.encode() + b"[" * depth + b"]" * depth + b"}}}")
 

@@ -61,7 +61,7 @@ def lifecycle(draw, task_id: str) -> list[Message]:
     spec = TaskSpec(type="command", config={"command": f"run {task_id}"}, retry_policy=draw(retry_policies))
     out = [msg(ev.TaskSubmitted(id=f"submit-{task_id}", time=at(), run_id=RUN, task_id=task_id,
                                 submitter="alice", spec=spec))]
-    ids = dict(run_id=RUN, task_id=task_id)
+    ids = {"run_id": RUN, "task_id": task_id}
     for attempt in range(1, draw(st.integers(0, 4)) + 1):
         worker = draw(st.sampled_from(WORKERS))
         a = dict(ids, attempt=attempt, worker_id=worker)
@@ -78,7 +78,8 @@ def lifecycle(draw, task_id: str) -> list[Message]:
             )))
         elif end == "failed":
             out.append(msg(ev.TaskFailed(id=f"fail-{task_id}-{attempt}", time=at(), **a,
-                                         category="worker", reason="lost")))
+                                         category=draw(st.sampled_from(["worker", "resource", "network"])),
+                                         reason="lost")))
         elif end == "released":
             out.append(msg(ev.TaskReleased(id=f"release-{task_id}-{attempt}", time=at(), **a,
                                            reason="draining")))
@@ -396,12 +397,19 @@ def test_a_retryable_failure_requeues_with_a_backoff_and_the_last_one_settles():
 ])
 def test_a_backoff_past_the_end_of_time_does_not_crash_the_fold(delay, failed_at):
     spec_event = submitted(retries=3, retry_delay_seconds=delay, max_delay_seconds=delay, jitter=False)
-    fold = folded(spec_event, attempt(ev.TaskAssigned, 1, "w1", coordinator="c", spec=spec_event.spec))
+    fold = folded(
+        ev.WorkerRegistered(id="reg-w1", time=T0, worker_id="w1", host="h", pid=1),
+        spec_event, attempt(ev.TaskAssigned, 1, "w1", coordinator="c", spec=spec_event.spec),
+    )
     failure = attempt(ev.TaskFailed, 1, "w1", at=failed_at, reason="lost")
-    assert fold.apply(subjects.subject_for(failure), 3, ev.encode(failure)).event == failure
+    assert fold.apply(subjects.subject_for(failure), 4, ev.encode(failure)).event == failure
     task = fold.tasks["t1"]
     assert task.status == "pending" and task.not_before is not None and task.not_before >= failed_at
-    assert schedule.assignments(fold, T0 + timedelta(days=365), "c") == []
+    later = T0 + timedelta(days=365)
+    fold.apply_event(ev.WorkerHeartbeat(id="hb", time=later, worker_id="w1"))
+    fold.apply_event(submitted("control"))
+    assert [a.task_id for a in schedule.assignments(fold, later, "c")] == ["control"], \
+        "the worker is free, but the task waits out its (endless) backoff"
 
 
 def test_a_garbage_submission_is_set_aside_and_its_rejection_takes_it_off_the_list():

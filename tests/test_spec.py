@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from dtf import spec as sp
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,80}")
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -18,6 +19,9 @@ from nats.aio.client import Client
 
 from dtf.cli.common import CliError, nats_options, parse_pairs, serve, serve_with_nats
 from dtf.cli.up import System
+from dtf.schedule import HEARTBEAT_TIMEOUT_S, Policy
+
+HEARTBEAT_INTERVAL_S = 5.0
 
 log = logging.getLogger("dtf.cli")
 
@@ -32,9 +36,12 @@ log = logging.getLogger("dtf.cli")
               help="Address to bind; another address lets workers on other machines connect.")
 @click.option("--no-dashboard", is_flag=True, help="Do not start the dashboard.")
 @click.option("--dashboard-port", default=0, type=click.IntRange(0, 65535), help="Dashboard port (0 picks one).")
-def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: bool, dashboard_port: int) -> None:
+@click.option("--cluster", "cluster", default="1", show_default=True, type=click.Choice(["1", "3"]),
+              help="nats-server nodes: 3 runs a loopback cluster (ports --nats-port+0..2) with R3 streams.")
+def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: bool, dashboard_port: int,
+       cluster: str) -> None:
     """Start a local dtf: nats-server, coordinator, projector and N workers, until SIGINT/SIGTERM."""
-    system = System(data_dir=data_dir, workers=workers, nats_port=nats_port, listen=listen)
+    system = System(data_dir=data_dir, workers=workers, nats_port=nats_port, listen=listen, cluster=int(cluster))
     if not no_dashboard:
         log.warning("the dashboard is not built yet (issue #6); starting without it")
 
@@ -91,14 +98,17 @@ def demo(keep: bool, workers: int) -> None:
 @click.command()
 @nats_options
 @click.option("--id", "name", help="Replica name (default coord-HOST-PID).")
-def coordinator(nats_url: str | None, creds: str | None, name: str | None) -> None:
+@click.option("--heartbeat-timeout", default=HEARTBEAT_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(min=0.1), help="Seconds without a heartbeat before a worker is lost.")
+def coordinator(nats_url: str | None, creds: str | None, name: str | None, heartbeat_timeout: float) -> None:
     """Run a coordinator replica (any number may run at once)."""
     from dtf.cli.coordinator import Coordinator
     from dtf.streams import topology
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         await topology.provision(nc.jetstream())
-        await Coordinator(nc, name).run(stop)
+        policy = Policy(heartbeat_timeout=timedelta(seconds=heartbeat_timeout))
+        await Coordinator(nc, name, policy).run(stop)
 
     serve_with_nats(nats_url, creds, "dtf-coordinator", body)
 
@@ -111,8 +121,10 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None) -> No
 @click.option("--capability", "capabilities", multiple=True, metavar="K=V", help="Extra capability tag.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Worker cache: workspaces and attempt scratch (default ~/.cache/dtf/worker).")
+@click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True,
+              type=click.FloatRange(min=0.05), help="Seconds between heartbeats.")
 def worker(nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
-           capabilities: tuple[str, ...], cache_dir: Path | None) -> None:
+           capabilities: tuple[str, ...], cache_dir: Path | None, heartbeat_interval: float) -> None:
     """Run a worker agent on this machine."""
     from dtf.spec import TOKEN_RE
     from dtf.workers.agent import WorkerAgent
@@ -124,7 +136,8 @@ def worker(nats_url: str | None, creds: str | None, worker_id: str | None, concu
     cache = cache_dir or Path.home() / ".cache" / "dtf" / "worker"
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        agent = WorkerAgent(nc, worker_id=worker_id, concurrency=concurrency, tags=tags, cache_dir=cache)
+        agent = WorkerAgent(nc, worker_id=worker_id, concurrency=concurrency, tags=tags, cache_dir=cache,
+                            heartbeat_interval=heartbeat_interval)
         await agent.run(stop)
 
     serve_with_nats(nats_url, creds, f"dtf-worker-{worker_id}", body)

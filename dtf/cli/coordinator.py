@@ -37,15 +37,18 @@ def default_name() -> str:
 
 
 class Coordinator:
-    def __init__(self, nc: Client, name: str | None = None) -> None:
+    def __init__(self, nc: Client, name: str | None = None, policy: schedule.Policy = schedule.Policy()) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.name = name or default_name()
+        self.policy = policy
         self.fold = Fold()
         self.caught_up = asyncio.Event()
         self.changed = asyncio.Event()
         self.published = 0
         self.conflicts = 0
+        self.tick = min(TICK_S, policy.heartbeat_timeout.total_seconds() / 5)
+        """How often to decide with no news: retry back-offs and silent workers are found by time."""
 
     async def run(self, stop: asyncio.Event) -> None:
         info = await self.js.stream_info(topology.EVENTS)
@@ -86,13 +89,17 @@ class Coordinator:
                 log.warning("ignoring bad heartbeat on %s: %s", msg.subject, exc)
                 continue
             if isinstance(event, ev.WorkerHeartbeat) and subjects.mismatch(event, msg.subject) is None:
+                before = self.fold.workers.get(event.worker_id)
                 self.fold.apply_event(event)
+                after = self.fold.workers.get(event.worker_id)
+                if before is None or after is None or before.status != after.status:
+                    self.changed.set()  # a worker came back: it may take work now
 
     async def _decide_loop(self) -> None:
         await self.caught_up.wait()
         while True:
             try:
-                await asyncio.wait_for(self.changed.wait(), TICK_S)
+                await asyncio.wait_for(self.changed.wait(), self.tick)
             except TimeoutError:
                 pass
             self.changed.clear()
@@ -101,32 +108,39 @@ class Coordinator:
             while highest and self.fold.last_seq < highest:
                 self.changed.clear()
                 try:
-                    await asyncio.wait_for(self.changed.wait(), TICK_S)
+                    await asyncio.wait_for(self.changed.wait(), self.tick)
                 except TimeoutError:
                     break
 
     async def _publish_decisions(self) -> int:
         """Publish this round's decisions, pipelined (each concerns its own task subject, so their
         order does not matter); returns the highest sequence stored."""
-        decisions = list(schedule.decide(self.fold, datetime.now(UTC), self.name))
+        decisions = list(schedule.decide(self.fold, datetime.now(UTC), self.name, self.policy))
         highest = 0
         for start in range(0, len(decisions), PUBLISH_WINDOW):
             window = decisions[start:start + PUBLISH_WINDOW]
             highest = max([highest, *await asyncio.gather(*map(self._publish_one, window))])
         return highest
 
-    async def _publish_one(self, decision: ev.TaskEvent) -> int:
-        expected = self.fold.task_seq.get((decision.run_id, decision.task_id), 0)
+    async def _publish_one(self, decision: ev.Event) -> int:
+        expected = (
+            self.fold.task_seq.get((decision.run_id, decision.task_id), 0)
+            if isinstance(decision, ev.TaskEvent) else None
+        )
         try:
             ack = await bus.publish(self.js, decision, expected_seq=expected)
         except bus.Conflict:
             self.conflicts += 1
-            log.debug("lost the race for %s %s", type(decision).__name__, decision.task_id)
+            log.debug("lost the race for %s %s", type(decision).__name__, decision.id)
             return 0
         except (NatsError, JetStreamError, TimeoutError) as exc:
             log.warning("publishing %s failed (%s); retrying next round", decision.id, exc)
             return 0
+        if ack.duplicate:
+            return 0  # another replica stored this very decision first
         self.published += 1
         if isinstance(decision, ev.TaskAssigned):
             log.info("task %s attempt %d -> %s", decision.task_id, decision.attempt, decision.worker_id)
+        elif isinstance(decision, (ev.WorkerLost, ev.TaskFailed)):
+            log.warning("%s: %s", type(decision).__name__, decision.reason)
         return ack.seq

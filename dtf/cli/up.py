@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dtf.cli.common import current_context_file
 from dtf.streams import bus, topology
+from dtf.streams.cluster import Cluster
 from dtf.streams.server import EmbeddedServer
 
 log = logging.getLogger("dtf.up")
@@ -41,22 +42,35 @@ class System:
     nats_port: int = 4222
     listen: str = "127.0.0.1"
     dashboard_url: str | None = None
+    cluster: int = 1
+    """nats-server nodes: 1 (EmbeddedServer, R1 streams) or 3 (a loopback Cluster, R3 streams)."""
     server: EmbeddedServer | None = None
+    nats_cluster: Cluster | None = None
     children: list[Child] = field(default_factory=list)
     _watchers: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def url(self) -> str:
+        if self.nats_cluster is not None:
+            # One seed URL: clients learn the other nodes from the cluster's INFO (connect_urls) and
+            # fail over to them. Cluster.url (every node) needs bus.connect to split comma lists.
+            return self.nats_cluster.urls[0]
         assert self.server is not None
         return self.server.url
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.server = EmbeddedServer(self.data_dir / "nats", host=self.listen, port=self.nats_port)
-        await asyncio.to_thread(self.server.start)
+        if self.cluster > 1:
+            # fsync before every ack, as nats-server.conf in production: the nodes share one host.
+            self.nats_cluster = Cluster(self.data_dir / "nats-cluster", self.cluster, host=self.listen,
+                                        base_port=self.nats_port, sync_interval="always")
+            await asyncio.to_thread(self.nats_cluster.start)
+        else:
+            self.server = EmbeddedServer(self.data_dir / "nats", host=self.listen, port=self.nats_port)
+            await asyncio.to_thread(self.server.start)
         nc = await bus.connect(self.url, name="dtf-up")
         try:
-            await topology.provision(nc.jetstream())
+            await topology.provision(nc.jetstream(), replicas=self.cluster)
         finally:
             await nc.close()
         self._write_context()
@@ -122,6 +136,8 @@ class System:
             await asyncio.gather(*(self._terminate(c) for c in group))
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
+        if self.nats_cluster is not None:
+            await asyncio.to_thread(self.nats_cluster.stop)
         self._forget_context()
 
     async def _terminate(self, child: Child) -> None:

@@ -1,0 +1,233 @@
+"""compose.yaml and nats-server.conf, checked without Docker: the compose file parses, has the
+services the deployment needs, and every dtf service runs a real `dtf` command with real options
+(parsed by the CLI's own click commands, so a typo fails here, not at 3 a.m.); the production
+nats-server.conf passes `nats-server -t`, refuses to start without its secrets, and really forms a
+3-node JetStream cluster with mutual-TLS routes when pointed at loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+import nats
+import pytest
+import yaml
+from nats.js.api import StreamConfig
+
+from dtf.cli import main
+from dtf.streams.server import binary
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "compose.yaml"
+NATS_CONF = ROOT / "nats-server.conf"
+NODES = ("nats1", "nats2", "nats3")
+DTF_SERVICES = ("coordinator-a", "coordinator-b", "projector", "worker")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def resolve_dtf_command(argv: list[str]) -> click.Context:
+    """Parse `dtf <command> [options]` with the real CLI, without running it. Raises click's
+    UsageError family (NoSuchOption, BadParameter, ...) exactly as `dtf` itself would."""
+    if not argv or argv[0] != "dtf":
+        raise click.UsageError(f"not a dtf command: {argv!r}")
+    if len(argv) < 2 or argv[1].startswith("-"):
+        raise click.UsageError(f"expected `dtf <command> ...`, got {argv!r}")
+    root = click.Context(main, info_name="dtf")
+    command = main.get_command(root, argv[1])
+    if command is None:
+        raise click.UsageError(f"no such dtf command: {argv[1]!r}")
+    # resilient_parsing=False: unknown options, missing values and bad types all raise.
+    return command.make_context(argv[1], list(argv[2:]), parent=root)
+
+
+def test_compose_parses_and_has_every_service(compose):
+    services = compose["services"]
+    assert set(services) == {*NODES, *DTF_SERVICES}
+    assert "dashboard" not in services
+    assert "`dtf dashboard` does not exist yet" in COMPOSE.read_text()
+
+
+def test_the_nats_nodes_are_one_cluster_with_their_own_stores(compose):
+    services = compose["services"]
+    names, stores = set(), set()
+    for node in NODES:
+        service = services[node]
+        assert service["image"] == "nats:2.12"
+        assert service["command"] == ["--config", "/etc/nats/nats-server.conf"]
+        assert "./nats-server.conf:/etc/nats/nats-server.conf:ro" in service["volumes"]
+        store = [v for v in service["volumes"] if v.endswith(":/data")]
+        assert len(store) == 1 and store[0].split(":")[0] in compose["volumes"]
+        stores.add(store[0])
+        names.add(service["environment"]["NATS_SERVER_NAME"])
+        for secret in ("DTF_NATS_PASSWORD", "NATS_SYS_PASSWORD"):
+            assert service["environment"][secret].startswith(f"${{{secret}:?"), "secrets come from .env"
+    assert names == set(NODES) and len(stores) == 3
+    conf = NATS_CONF.read_text()
+    assert set(re.findall(r"nats-route://(nats\d):6222", conf)) == set(NODES)
+    assert "server_name: $NATS_SERVER_NAME" in conf
+
+
+def test_every_dtf_service_runs_a_real_dtf_command(compose):
+    services = compose["services"]
+    for name in DTF_SERVICES:
+        service = services[name]
+        assert service["build"] == "." and (ROOT / "Dockerfile").is_file()
+        ctx = resolve_dtf_command(service["command"])
+        assert ctx.command.name == service["command"][1]
+    commands = {name: services[name]["command"][1] for name in DTF_SERVICES}
+    assert commands == {"coordinator-a": "coordinator", "coordinator-b": "coordinator",
+                        "projector": "projector", "worker": "worker"}
+    projector = resolve_dtf_command(services["projector"]["command"])
+    assert str(projector.params["db_path"]) == "/data/readmodel.duckdb"
+    worker = resolve_dtf_command(services["worker"]["command"])
+    assert worker.params["concurrency"] == 2 and services["worker"]["deploy"]["replicas"] == 2
+    ids = {resolve_dtf_command(services[c]["command"]).params["name"] for c in ("coordinator-a", "coordinator-b")}
+    assert ids == {"coordinator-a", "coordinator-b"}
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """What compose does to `${VAR}`, `${VAR:?message}` and `${VAR:-default}` before running."""
+    return re.sub(r"\$\{(\w+)(?::?[?-][^}]*)?\}", lambda m: env[m.group(1)], value)
+
+
+def test_every_dtf_service_is_given_all_three_nodes(compose):
+    for name in DTF_SERVICES:
+        argv = [interpolate(a, {"DTF_NATS_PASSWORD": "0123abcd"}) for a in compose["services"][name]["command"]]
+        url = resolve_dtf_command(argv).params["nats_url"]
+        parts = [urlsplit(u) for u in url.split(",")]
+        assert [(p.scheme, p.hostname, p.port, p.username, p.password) for p in parts] == [
+            ("nats", node, 4222, "dtf", "0123abcd") for node in NODES
+        ]
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda argv: argv.__setitem__(argv.index("--concurrency"), "--concurency"), click.NoSuchOption),
+    (lambda argv: argv.__setitem__(argv.index("--concurrency") + 1, "two"), click.BadParameter),
+    (lambda argv: argv.__setitem__(1, "wroker"), click.UsageError),
+    (lambda argv: argv.pop(), click.BadOptionUsage),  # --concurrency left without its value
+])
+def test_a_misspelled_command_or_option_fails_the_check(compose, mutate, error):
+    argv = copy.deepcopy(compose["services"]["worker"]["command"])
+    resolve_dtf_command(argv)
+    mutate(argv)
+    with pytest.raises(error):
+        resolve_dtf_command(argv)
+
+
+# -- nats-server.conf ---------------------------------------------------------------------------
+
+SECRETS_ENV = {"DTF_NATS_PASSWORD": "test-dtf-pw", "NATS_SYS_PASSWORD": "test-sys-pw"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_route_certs(directory: Path) -> Path:
+    """The CA and route certificate docs/OPERATIONS.md tells operators to make (plus 127.0.0.1)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for args in (
+        ["req", "-x509", *ec, "-days", "3650", "-subj", "/CN=dtf-nats-ca", "-keyout", "ca-key.pem", "-out", "ca.pem"],
+        ["req", "-x509", *ec, "-days", "825", "-subj", "/CN=dtf-nats-route", "-CA", "ca.pem",
+         "-CAkey", "ca-key.pem", "-keyout", "route-key.pem", "-out", "route.pem",
+         "-addext", "subjectAltName=DNS:nats1,DNS:nats2,DNS:nats3,IP:127.0.0.1",
+         "-addext", "extendedKeyUsage=serverAuth,clientAuth"],
+    ):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+    return directory
+
+
+def loopback_conf(tmp: Path, secrets: Path, ports: list[dict], i: int) -> Path:
+    """nats-server.conf for node i with container addresses swapped for loopback ones."""
+    text = NATS_CONF.read_text()
+    own = ports[i]
+    for old, new in (("0.0.0.0:4222", f"127.0.0.1:{own['client']}"), ("0.0.0.0:6222", f"127.0.0.1:{own['route']}"),
+                     ("0.0.0.0:8222", f"127.0.0.1:{own['http']}"), ("/data/jetstream", str(tmp / f"store{i}")),
+                     ("/etc/nats/secrets", str(secrets))):
+        assert old in text, old
+        text = text.replace(old, new)
+    for k, node in enumerate(NODES):
+        text = text.replace(f"nats-route://{node}:6222", f"nats-route://127.0.0.1:{ports[k]['route']}")
+    path = tmp / f"{NODES[i]}.conf"
+    path.write_text(text)
+    return path
+
+
+def test_nats_server_conf_is_valid_and_needs_its_secrets(tmp_path):
+    ports = [{"client": free_port(), "route": free_port(), "http": free_port()} for _ in NODES]
+    conf = loopback_conf(tmp_path, make_route_certs(tmp_path / "secrets"), ports, 0)
+    env = {**os.environ, **SECRETS_ENV, "NATS_SERVER_NAME": "nats1"}
+    checked = subprocess.run([binary(), "-t", "-c", str(conf)], env=env, capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    without = {k: v for k, v in env.items() if k != "DTF_NATS_PASSWORD"}
+    refused = subprocess.run([binary(), "-t", "-c", str(conf)], env=without, capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert refused.returncode != 0 and "DTF_NATS_PASSWORD" in refused.stdout + refused.stderr
+
+
+async def test_nats_server_conf_forms_an_r3_cluster_with_tls_routes(tmp_path):
+    secrets = make_route_certs(tmp_path / "secrets")
+    ports = [{"client": free_port(), "route": free_port(), "http": free_port()} for _ in NODES]
+    processes = []
+    try:
+        for i, node in enumerate(NODES):
+            conf = loopback_conf(tmp_path, secrets, ports, i)
+            processes.append(subprocess.Popen(
+                [binary(), "-c", str(conf), "-l", str(tmp_path / f"{node}.log")],
+                env={**os.environ, **SECRETS_ENV, "NATS_SERVER_NAME": node}, stdin=subprocess.DEVNULL,
+            ))
+        url = f"nats://dtf:{SECRETS_ENV['DTF_NATS_PASSWORD']}@127.0.0.1:{ports[0]['client']}"
+        js = None
+        for _ in range(150):  # bounded: the meta leader election takes a few seconds
+            try:
+                nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=1,
+                                        error_cb=_quiet)
+            except Exception:  # noqa: BLE001 - not listening yet
+                await asyncio.sleep(0.2)
+                continue
+            js = nc.jetstream(timeout=2)
+            try:
+                await js.add_stream(StreamConfig(name="PROD_CONF", subjects=["prod.>"], num_replicas=3))
+                break
+            except Exception:  # noqa: BLE001 - no meta leader yet
+                await nc.close()
+                js = None
+                await asyncio.sleep(0.2)
+        assert js is not None, "the cluster never accepted an R3 stream; see the node logs in " + str(tmp_path)
+        try:
+            info = await js.stream_info("PROD_CONF")
+            assert info.config.num_replicas == 3
+            assert {info.cluster.leader, *(p.name for p in info.cluster.replicas)} == set(NODES)
+            assert (await js.publish("prod.x", b"durable")).seq == 1
+            with pytest.raises(Exception):  # no password, no entry
+                await nats.connect(f"nats://127.0.0.1:{ports[1]['client']}", allow_reconnect=False,
+                                   max_reconnect_attempts=0, connect_timeout=1, error_cb=_quiet)
+        finally:
+            await nc.close()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=15)
+
+
+async def _quiet(exc: Exception) -> None:
+    pass
