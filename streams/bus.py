@@ -35,7 +35,8 @@ class Conflict(Exception):
 
 
 async def connect(url: str, name: str, creds: str | None = None, **options) -> Client:
-    """A client that keeps reconnecting and logs connection trouble instead of printing tracebacks."""
+    """A client that keeps reconnecting and logs connection trouble instead of printing tracebacks.
+    `url` may list several servers separated by commas (the nodes of a cluster)."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
@@ -43,11 +44,12 @@ async def connect(url: str, name: str, creds: str | None = None, **options) -> C
     async def on_disconnect() -> None:
         log.debug("nats: disconnected from %s", url)
 
-    return await nats.connect(
-        url, name=name, user_credentials=creds, error_cb=on_error, disconnected_cb=on_disconnect,
-        max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=3,
-        allow_reconnect=True, **options,
+    servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: any node will do
+    settings = dict(
+        name=name, user_credentials=creds, error_cb=on_error, disconnected_cb=on_disconnect,
+        max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=3, allow_reconnect=True,
     )
+    return await nats.connect(servers, **{**settings, **options})
 
 
 def headers_for(event: ev.Event, expected_seq: int | None = None) -> dict[str, str]:

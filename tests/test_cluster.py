@@ -129,8 +129,6 @@ async def test_a_whole_cluster_restarted_on_its_data_dir_resumes(tmp_path):
         await nc.close()
 
 
-@pytest.mark.xfail(reason="bus.connect hands the string to nats-py, which does not split a comma-separated "
-                          "server list; see docs/OPERATIONS.md, 'Server lists'", strict=False)
 async def test_bus_connect_takes_a_comma_separated_server_list(cluster):
     nc = await bus.connect(cluster.url, name="dtf-cluster-tests", allow_reconnect=False)
     await nc.close()

@@ -89,11 +89,19 @@ async def connected(nats_url: str | None, creds: str | None, name: str) -> Async
 
 async def _probe(url: str) -> None:
     """nats-py retries an unreachable first server for as long as it would reconnect (forever for
-    our services), so a CLI command checks that something listens before connecting."""
-    parsed = urlsplit(url if "://" in url else f"nats://{url}")
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
-    writer.close()
+    our services), so a CLI command checks that one of the servers listens before connecting."""
+    error: Exception = OSError("no server in the URL")
+    for server in (u.strip() for u in url.split(",") if u.strip()):
+        parsed = urlsplit(server if "://" in server else f"nats://{server}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), 3)
+        except (OSError, TimeoutError) as exc:
+            error = exc
+            continue
+        writer.close()
+        return
+    raise error
 
 
 def setup_logging(verbose: bool) -> None:
