@@ -214,3 +214,42 @@ def test_cancelling_a_run_kills_its_running_task_and_settles_the_run(up):
     assert json.loads(waited.stdout)["tasks"][0]["state"] == "cancelled"
     history = [json.loads(x)["event"] for x in up.dtf("replay", "--task", task_id, "--json").stdout.splitlines()]
     assert history[-1]["type"] == "ResultReported" and history[-1]["outcome"] == "cancelled"
+
+
+def test_a_task_on_a_sigkilled_worker_is_reassigned_and_finishes_once(tmp_path):
+    system = Up(tmp_path / "d", tmp_path / "state", workers=0).start()
+    logs = (tmp_path / "procs.log").open("ab")
+
+    def spawn(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "dtf", *args, "--nats", system.url],
+                                stdout=logs, stderr=logs, env=system.env)
+
+    # A second coordinator replica with a short heartbeat timeout, beside `dtf up`'s own.
+    fast = spawn("coordinator", "--heartbeat-timeout", "1")
+    doomed = spawn("worker", "--id", "doomed", "--heartbeat-interval", "0.2", "--cache-dir", str(tmp_path / "c1"))
+    survivor = None
+    try:
+        done = system.dtf("submit", "--command", "sleep 2; echo finished", "--json", check_json=True)
+        report = json.loads(done.stdout)
+        task_id = report["tasks"][0]
+        while "TaskStarted" not in system.dtf("replay", "--task", task_id).stdout:
+            time.sleep(0.2)
+        survivor = spawn("worker", "--id", "survivor", "--heartbeat-interval", "0.2",
+                         "--cache-dir", str(tmp_path / "c2"))
+        doomed.kill()
+        waited = system.dtf("wait", report["run_id"], "--json", check_json=True)
+        assert waited.returncode == 0, waited.stderr
+        [task] = json.loads(waited.stdout)["tasks"]
+        assert (task["state"], task["attempts"], task["worker_id"]) == ("passed", 2, "survivor")
+        history = [json.loads(x)["event"] for x in
+                   system.dtf("replay", "--json").stdout.splitlines()]
+        lost = [e for e in history if e["type"] == "WorkerLost"]
+        assert [e["worker_id"] for e in lost] == ["doomed"]
+        outcomes = [e for e in history if e["type"] in ("ResultReported", "TaskFailed") and e.get("task_id") == task_id]
+        assert [(e["type"], e["attempt"]) for e in outcomes] == [("TaskFailed", 1), ("ResultReported", 2)]
+    finally:
+        for process in (fast, doomed, survivor):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(30)
+        assert system.stop() == 0
