@@ -181,9 +181,28 @@ class WorkerLost(Event, tag=True, kw_only=True):
     reason: str = ""
 
 
+class WorkerQuarantined(Event, tag=True, kw_only=True):
+    """The coordinator stops giving a worker work until `until`: it failed several attempts in a row
+    for infrastructure reasons. After that it gets one probe attempt; success ends the quarantine."""
+
+    worker_id: str
+    until: datetime
+    reason: str = ""
+
+
+class WorkerDrainRequested(Event, tag=True, kw_only=True):
+    """`dtf worker drain ID`: no new work for this worker; what it runs finishes. A new registration
+    (the worker restarted) ends the drain."""
+
+    worker_id: str
+    by: str = ""
+    reason: str = ""
+
+
 AnyEvent = (
     TaskSubmitted | TaskAssigned | TaskStarted | ResultReported | TaskFailed | TaskReleased
     | TaskCancelled | TaskRejected | WorkerRegistered | WorkerHeartbeat | WorkerLeft | WorkerLost
+    | WorkerQuarantined | WorkerDrainRequested
 )
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]

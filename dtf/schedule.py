@@ -2,7 +2,8 @@
 
 `decide(fold, now, coordinator, policy)` returns every event the coordinator should publish given what
 it has folded so far: workers declared lost after `policy.heartbeat_timeout` without a heartbeat, the
-attempts they held failed (category "worker", so they are requeued), rejections of set-aside
+attempts they held failed (category "worker", so they are requeued), workers quarantined after
+repeated infrastructure failures (then probed with one attempt), rejections of set-aside
 submissions, cancellations of tasks whose dependencies failed, and assignments of ready tasks to
 capable workers with free slots. It reads no clock and does no I/O,
 so replicas that folded the same log decide the same thing, and the stream arbitrates their writes.
@@ -28,6 +29,11 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     """The coordinator's tunables (`dtf coordinator --heartbeat-timeout`)."""
 
     heartbeat_timeout: timedelta = timedelta(seconds=HEARTBEAT_TIMEOUT_S)
+    quarantine_after: int = 3
+    """Infrastructure failures in a row that quarantine a worker."""
+    quarantine_base: timedelta = timedelta(seconds=30)
+    """First quarantine; each one after a failed probe doubles it, up to `quarantine_max`."""
+    quarantine_max: timedelta = timedelta(hours=1)
 
 
 RAW_KEEP = 64 * 1024
@@ -63,8 +69,17 @@ def silent(worker: WorkerState, now: datetime, policy: Policy) -> bool:
     return seen is not None and now - seen > policy.heartbeat_timeout
 
 
-def available(worker: WorkerState, now: datetime, policy: Policy) -> bool:
-    return worker.status == "online" and not silent(worker, now, policy)
+def slots(worker: WorkerState, active: int, now: datetime, policy: Policy) -> int:
+    """Free slots: none while draining, silent or quarantined; one probe once a quarantine is over."""
+    if worker.draining or silent(worker, now, policy):
+        return 0
+    if worker.status == "online":
+        due = worker.infra_failures >= policy.quarantine_after  # its quarantine is being decided
+        return 0 if due else worker.concurrency - active
+    if worker.status == "quarantined" and worker.quarantined_until is not None:
+        probing = now >= worker.quarantined_until and worker.infra_failures == 0
+        return 1 if probing and active == 0 else 0
+    return 0
 
 
 def ready(task: TaskState, tasks: dict[str, TaskState], now: datetime) -> bool:
@@ -84,11 +99,7 @@ def queue_order(task: TaskState) -> tuple:
 def assignments(
     fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(),
 ) -> list[ev.TaskAssigned]:
-    free = {
-        w.worker_id: w.concurrency - len(fold.active.get(w.worker_id, ()))
-        for w in fold.workers.values()
-        if available(w, now, policy)
-    }
+    free = {w.worker_id: slots(w, len(fold.active.get(w.worker_id, ())), now, policy) for w in fold.workers.values()}
     if not any(slots > 0 for slots in free.values()):
         return []
     decisions: list[ev.TaskAssigned] = []
@@ -146,7 +157,7 @@ def rejections(fold: Fold, now: datetime) -> list[ev.TaskRejected]:
 def lost_workers(fold: Fold, now: datetime, policy: Policy) -> list[ev.WorkerLost]:
     decisions = []
     for worker in fold.workers.values():
-        if worker.status == "online" and silent(worker, now, policy):
+        if worker.status in ("online", "quarantined") and silent(worker, now, policy):
             seen = last_seen(worker)
             assert seen is not None
             decisions.append(ev.WorkerLost(
@@ -174,10 +185,31 @@ def lost_attempts(fold: Fold, now: datetime) -> list[ev.TaskFailed]:
     return decisions
 
 
+def quarantines(fold: Fold, now: datetime, policy: Policy) -> list[ev.WorkerQuarantined]:
+    """Quarantine a worker after `quarantine_after` infrastructure failures in a row, and again (for
+    twice as long) when its probe after a quarantine fails too."""
+    decisions = []
+    for worker in fold.workers.values():
+        due = worker.status == "online" and worker.infra_failures >= policy.quarantine_after
+        probe_failed = (worker.status == "quarantined" and worker.quarantined_until is not None
+                        and now >= worker.quarantined_until and worker.infra_failures > 0)
+        if not (due or probe_failed):
+            continue
+        length = min(policy.quarantine_max, policy.quarantine_base * 2 ** worker.quarantines)
+        why = "its probe failed" if probe_failed else f"{worker.infra_failures} infrastructure failures in a row"
+        decisions.append(ev.WorkerQuarantined(
+            id=f"quarantine-{worker.worker_id}-{worker.quarantines + 1}-{worker.registered_at}", time=now,
+            worker_id=worker.worker_id, until=now + length,
+            reason=f"{why}; quarantined for {length.total_seconds():.0f}s",
+        ))
+    return decisions
+
+
 def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy()) -> Iterable[ev.Event]:
     """Everything to publish now, in a safe order: verdicts before new work."""
     yield from lost_workers(fold, now, policy)
     yield from lost_attempts(fold, now)
+    yield from quarantines(fold, now, policy)
     yield from rejections(fold, now)
     yield from dependency_cancellations(fold, now)
     yield from assignments(fold, now, coordinator, policy)

@@ -36,6 +36,8 @@ TERMINAL: frozenset[str] = frozenset({"passed", "failed", "error", "timed_out", 
 ACTIVE: frozenset[str] = frozenset({"assigned", "running"})
 RETRYABLE_OUTCOMES: frozenset[str] = frozenset({"error", "timed_out"})
 """Tests that ran and failed are not retried by default; infrastructure trouble is."""
+INFRA_CATEGORIES: frozenset[str] = frozenset({"network", "resource", "worker", "hardware"})
+"""TaskFailed categories that speak of the worker, not of the task: they count towards quarantine."""
 MAX_LOST_ATTEMPTS = 3
 """Attempts lost with their worker are requeued at once and do not use up retries, but a task that
 takes down its worker this many times is settled as an error rather than requeued forever."""
@@ -72,11 +74,16 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
     concurrency: int = 0
     capabilities: ev.Capabilities = msgspec.field(default_factory=ev.Capabilities)
-    status: Literal["online", "left", "lost", "unknown"] = "unknown"
+    status: Literal["online", "quarantined", "left", "lost", "unknown"] = "unknown"
     registered_at: datetime | None = None
     last_heartbeat: datetime | None = None
     lost_at: datetime | None = None
     reason: str = ""
+    infra_failures: int = 0
+    """Attempts in a row that ended for infrastructure reasons (reset by any real result)."""
+    quarantines: int = 0
+    quarantined_until: datetime | None = None
+    draining: bool = False
 
 
 def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
@@ -168,6 +175,21 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
     return task
 
 
+def note_outcome(worker: WorkerState, event: ev.AttemptEvent) -> WorkerState:
+    """A settled attempt's verdict on its worker's health: infrastructure failures in a row count
+    towards quarantine; a real result (even failing tests) shows the worker works."""
+    infra = (isinstance(event, ev.TaskFailed) and event.category in INFRA_CATEGORIES) or (
+        isinstance(event, ev.ResultReported) and event.outcome == "error")
+    if infra:
+        return msgspec.structs.replace(worker, infra_failures=worker.infra_failures + 1)
+    if isinstance(event, ev.ResultReported) and event.outcome in ("passed", "failed"):
+        if worker.status == "quarantined":  # the probe came through
+            return msgspec.structs.replace(worker, status="online", infra_failures=0, quarantines=0,
+                                           quarantined_until=None, reason="")
+        return msgspec.structs.replace(worker, infra_failures=0)
+    return worker
+
+
 def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | None:
     match event:
         case ev.WorkerRegistered() if worker is not None and worker.registered_at is not None \
@@ -191,8 +213,15 @@ def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | 
             )
         case ev.WorkerLeft() if worker is not None:
             return msgspec.structs.replace(worker, status="left", reason=event.reason)
-        case ev.WorkerLost() if worker is not None and worker.status == "online":
+        case ev.WorkerLost() if worker is not None and worker.status in ("online", "quarantined"):
             return msgspec.structs.replace(worker, status="lost", lost_at=event.time, reason=event.reason)
+        case ev.WorkerQuarantined() if worker is not None and worker.status in ("online", "quarantined"):
+            return msgspec.structs.replace(
+                worker, status="quarantined", quarantined_until=event.until, quarantines=worker.quarantines + 1,
+                infra_failures=0, reason=event.reason,
+            )
+        case ev.WorkerDrainRequested() if worker is not None:
+            return msgspec.structs.replace(worker, draining=True)
     return worker
 
 
@@ -287,6 +316,8 @@ class Fold:
                 return
             self.tasks[event.task_id] = after
             self._index(before, after)
+            if isinstance(event, (ev.ResultReported, ev.TaskFailed)) and event.worker_id in self.workers:
+                self.workers[event.worker_id] = note_outcome(self.workers[event.worker_id], event)
         else:
             worker_id = event.worker_id  # type: ignore[attr-defined]
             after_worker = evolve_worker(self.workers.get(worker_id), event)

@@ -43,6 +43,8 @@ WORKER_KINDS: dict[type[ev.Event], str] = {
     ev.WorkerRegistered: "registered",
     ev.WorkerLeft: "left",
     ev.WorkerLost: "lost",
+    ev.WorkerQuarantined: "quarantined",
+    ev.WorkerDrainRequested: "drain",
 }
 KIND_TYPES: dict[str, type[ev.Event]] = {kind: cls for cls, kind in (TASK_KINDS | WORKER_KINDS).items()}
 
@@ -110,7 +112,7 @@ def subject_for(event: ev.Event) -> str:
         return task(event.run_id, event.task_id, TASK_KINDS[type(event)], party_of(event))
     if isinstance(event, ev.WorkerHeartbeat):
         return heartbeat(event.worker_id)
-    if isinstance(event, (ev.WorkerRegistered, ev.WorkerLeft, ev.WorkerLost)):
+    if type(event) in WORKER_KINDS:
         return worker(event.worker_id, WORKER_KINDS[type(event)])
     raise TypeError(f"no subject for {type(event).__name__}")
 

@@ -224,6 +224,9 @@ class Projection:
         event = applied.event
         if isinstance(event, ev.TaskEvent):
             changed = self._stage_task(event, task_before, staged, tests)
+            worker_after = self.fold.workers.get(parsed.party)
+            if worker_after is not None and worker_after is not worker_before:
+                staged.workers[parsed.party] = worker_after  # an attempt's verdict on its worker's health
         else:
             changed = self._stage_worker(event, worker_before, staged)
         if heartbeat:

@@ -118,15 +118,17 @@ def workers(cur: duckdb.DuckDBPyConnection, request: WorkersRequest) -> dict:
     sql = (
         "SELECT w.worker_id, w.host, w.pid, w.status, w.capabilities, w.last_heartbeat, w.concurrency,"
         " (SELECT count(*) FROM tasks t WHERE t.worker_id = w.worker_id"
-        "  AND t.status IN ('assigned', 'running')) AS running"
+        "  AND t.status IN ('assigned', 'running')) AS running, w.reason, w.state"
         " FROM workers w ORDER BY w.worker_id"
     )
 
     def item(r: tuple) -> dict:
+        state = msgspec.json.decode(r[9]) if r[9] else {}
         return {
             "worker_id": r[0], "host": r[1], "pid": r[2], "state": r[3],
             "capabilities": msgspec.json.decode(r[4]) if r[4] else {}, "last_heartbeat": _iso(r[5]),
-            "concurrency": r[6], "running": r[7],
+            "concurrency": r[6], "running": r[7], "reason": r[8] or None,
+            "draining": bool(state.get("draining")), "quarantined_until": state.get("quarantined_until"),
         }
 
     found, next_offset = _page(cur, sql, {}, request, item)

@@ -253,3 +253,18 @@ def test_a_task_on_a_sigkilled_worker_is_reassigned_and_finishes_once(tmp_path):
                 process.terminate()
                 process.wait(30)
         assert system.stop() == 0
+
+
+def test_a_drained_worker_shows_as_draining_and_gets_no_new_work(up, tmp_path):
+    workers = json.loads(up.dtf("workers", "--json").stdout)["workers"]
+    drained, other = workers[0]["worker_id"], workers[1]["worker_id"]
+    assert up.dtf("worker", "drain", drained, "--reason", "maintenance").returncode == 0
+    while not next(w for w in json.loads(up.dtf("workers", "--json").stdout)["workers"]
+                   if w["worker_id"] == drained)["draining"]:
+        time.sleep(0.2)
+    spec = tmp_path / "four.json"
+    spec.write_text(json.dumps([{"type": "command", "config": {"command": "true"}}] * 4))
+    done = up.dtf("submit", "--spec", str(spec), "--wait", "--json", check_json=True)
+    tasks = json.loads(done.stdout)["tasks"]
+    assert len(tasks) == 4 and {t["worker_id"] for t in tasks} == {other}
+    assert up.dtf("worker", "drain", "nobody-here").returncode == 2

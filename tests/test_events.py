@@ -114,6 +114,10 @@ STRATEGIES: dict[type[ev.Event], st.SearchStrategy[ev.Event]] = {
     ev.WorkerLeft: st.builds(ev.WorkerLeft, **envelope, worker_id=tokens, reason=texts),
     ev.WorkerLost: st.builds(ev.WorkerLost, **envelope, worker_id=tokens, last_seen=st.none() | times,
                              reason=texts),
+    ev.WorkerQuarantined: st.builds(ev.WorkerQuarantined, **envelope, worker_id=tokens, until=times,
+                                    reason=texts),
+    ev.WorkerDrainRequested: st.builds(ev.WorkerDrainRequested, **envelope, worker_id=tokens, by=texts,
+                                       reason=texts),
 }
 any_event = st.one_of(*STRATEGIES.values())
 

@@ -43,6 +43,8 @@ SAMPLES: list[ev.Event] = [
     ev.WorkerHeartbeat(id="hb1", time=T0, worker_id="w1", running=["t1"], cpu_percent=12.0),
     ev.WorkerLeft(id="left1", time=T0, worker_id="w1", reason="shutdown"),
     ev.WorkerLost(id="lost1", time=T0, worker_id="w1", last_seen=T0, reason="no heartbeat for 20.0s"),
+    ev.WorkerQuarantined(id="q1", time=T0, worker_id="w1", until=T0, reason="3 infrastructure failures in a row"),
+    ev.WorkerDrainRequested(id="d1", time=T0, worker_id="w1", by="alice", reason="maintenance"),
 ]
 
 FOREIGN_SUBMISSION = """{

@@ -16,9 +16,12 @@ from pathlib import Path
 import click
 
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 
 from dtf.cli.common import CliError, nats_options, parse_pairs, serve, serve_with_nats
+from dtf import subjects
 from dtf.cli.up import System
+from dtf.streams import topology
 from dtf.schedule import HEARTBEAT_TIMEOUT_S, Policy
 
 HEARTBEAT_INTERVAL_S = 5.0
@@ -103,7 +106,6 @@ def demo(keep: bool, workers: int) -> None:
 def coordinator(nats_url: str | None, creds: str | None, name: str | None, heartbeat_timeout: float) -> None:
     """Run a coordinator replica (any number may run at once)."""
     from dtf.cli.coordinator import Coordinator
-    from dtf.streams import topology
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         await topology.provision(nc.jetstream())
@@ -113,7 +115,8 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None, heart
     serve_with_nats(nats_url, creds, "dtf-coordinator", body)
 
 
-@click.command()
+@click.group(invoke_without_command=True)
+@click.pass_context
 @nats_options
 @click.option("--id", "worker_id", help="Worker id (default HOST-PID); reuse it to resume after a restart.")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 1024),
@@ -123,9 +126,11 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None, heart
               help="Worker cache: workspaces and attempt scratch (default ~/.cache/dtf/worker).")
 @click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True,
               type=click.FloatRange(min=0.05), help="Seconds between heartbeats.")
-def worker(nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
+def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
            capabilities: tuple[str, ...], cache_dir: Path | None, heartbeat_interval: float) -> None:
-    """Run a worker agent on this machine."""
+    """Run a worker agent on this machine (or manage workers: `dtf worker drain ID`)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from dtf.spec import TOKEN_RE
     from dtf.workers.agent import WorkerAgent
 
@@ -157,6 +162,34 @@ def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str)
         await run_projector(nc, db_path, stop, name=name)
 
     serve_with_nats(nats_url, creds, "dtf-projector", body)
+
+
+@worker.command()
+@click.argument("worker_id")
+@click.option("--reason", default="", help="Why, for the record.")
+@nats_options
+def drain(worker_id: str, reason: str, nats_url: str | None, creds: str | None) -> None:
+    """Give WORKER_ID no new work; what it runs finishes. Restarting the worker ends the drain."""
+    from dtf import events as ev
+    from dtf.cli.common import connected
+    from dtf.cli.submit import submitter_name
+    from dtf.spec import TOKEN_RE
+    from dtf.streams import bus
+
+    if not TOKEN_RE.match(worker_id):
+        raise click.BadParameter("not a worker id", param_hint="WORKER_ID")
+
+    async def main() -> None:
+        async with connected(nats_url, creds, "dtf-drain") as nc:
+            js = nc.jetstream()
+            try:
+                await js.get_last_msg(topology.EVENTS, subjects.worker(worker_id, "registered"))
+            except NotFoundError:
+                raise CliError(f"no worker {worker_id} has registered") from None
+            await bus.publish(js, ev.WorkerDrainRequested(worker_id=worker_id, by=submitter_name(), reason=reason))
+
+    asyncio.run(main())
+    click.echo(f"dtf: worker {worker_id} is draining: no new work; running tasks finish", err=True)
 
 
 COMMANDS = [up, demo, coordinator, worker, projector]

@@ -52,9 +52,7 @@ class System:
     @property
     def url(self) -> str:
         if self.nats_cluster is not None:
-            # One seed URL: clients learn the other nodes from the cluster's INFO (connect_urls) and
-            # fail over to them. Cluster.url (every node) needs bus.connect to split comma lists.
-            return self.nats_cluster.urls[0]
+            return self.nats_cluster.url  # every node, comma-separated: clients fail over between them
         assert self.server is not None
         return self.server.url
 
