@@ -1,6 +1,6 @@
 """End-to-end task throughput and replay speed, each beside raw nats-py measured in the same run.
 
-    python bench/core.py [--tasks 300] [--workers 2] [--concurrency 1]
+    python bench/core.py [--tasks 300] [--workers 2] [--concurrency 1] [--history 20000]
 
 Starts `dtf up --workers 0` on a temp dir plus N `dtf worker` processes, submits no-op command tasks
 (`true`) and times submit -> every task terminal. Then, on the same server: raw nats-py JetStream
@@ -27,7 +27,7 @@ from nats.js.api import StreamConfig
 
 from dtf.cli import submit as sub
 from dtf.projections.rebuild import rebuild
-from dtf.spec import TaskSpec
+from dtf.spec import Requirements, TaskSpec
 from dtf.state import Fold
 from dtf.streams import bus, topology
 
@@ -75,9 +75,12 @@ async def raw_rates(url: str, count: int) -> dict[str, float]:
     return {"raw sync publish": sync_rate, "raw pipelined publish": pipelined_rate}
 
 
-async def replay_rates(url: str, scratch: Path) -> dict[str, float]:
+async def replay_rates(url: str, scratch: Path, history: int) -> dict[str, float]:
     nc = await bus.connect(url, name="bench-replay")
     js = nc.jetstream()
+    # A longer history to replay: submissions no worker here can take (they stay pending).
+    parked = TaskSpec(type="command", config={"command": "true"}, requirements=Requirements(hardware=["rocm"]))
+    await bus.publish_many(js, sub.submissions(sub.new_run_id(), [parked] * history, "bench", "bench"))
     events = (await js.stream_info(topology.EVENTS)).state.messages
     started = time.perf_counter()
     n = 0
@@ -102,6 +105,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--history", type=int, default=20_000, help="extra events to replay")
     opts = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="dtf-bench-"))
     env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
@@ -114,7 +118,7 @@ def main() -> None:
     try:
         e2e = asyncio.run(end_to_end(url, opts.tasks))
         raw = asyncio.run(raw_rates(url, opts.tasks * 4))
-        replay = asyncio.run(replay_rates(url, scratch))
+        replay = asyncio.run(replay_rates(url, scratch, opts.history))
     finally:
         for process in [*workers, up]:
             process.send_signal(signal.SIGTERM)
