@@ -80,7 +80,7 @@ async def publish_many(js: JetStreamContext, events: Iterable[ev.Event], window:
     pending: list[asyncio.Future[PubAck]] = []
     for event in events:
         pending.append(await js.publish_async(
-            subjects.subject_for(event), ev.encode(event), headers=headers_for(event), wait_stall=30,
+            subjects.subject_for(event), ev.encode(event), headers=headers_for(event),
         ))
         if len(pending) % window == 0:
             await asyncio.gather(*pending[-window:])

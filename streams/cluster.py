@@ -63,10 +63,22 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return result[0]
 
 
+async def _connect_once(url: str):
+    """One bounded connection attempt. (nats-py retries a refused first server forever, even with
+    allow_reconnect=False and max_reconnect_attempts=0, so the bound is a wait_for.)"""
+    return await asyncio.wait_for(
+        nats.connect(url, allow_reconnect=False, connect_timeout=1, max_reconnect_attempts=1,
+                     error_cb=_quiet), 3.0)
+
+
+async def _quiet(exc: Exception) -> None:
+    """Connection errors while polling are expected; the poll reports the last one if it times out."""
+
+
 async def _jetstream_answers(url: str) -> str | None:
     """None when JetStream answers through the node at `url`, else why not."""
     try:
-        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1, max_reconnect_attempts=0)
+        nc = await _connect_once(url)
     except Exception as exc:  # noqa: BLE001 - nats-py raises many types for "could not connect"
         return f"connect: {exc or type(exc).__name__}"
     try:
@@ -83,7 +95,7 @@ async def _streams_without_leader(url: str) -> list[str]:
     """Streams that have not elected a leader yet (after a whole-cluster restart each stream's Raft
     group elects its own, after the meta leader), as seen through the node at `url`."""
     try:
-        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1, max_reconnect_attempts=0)
+        nc = await _connect_once(url)
     except Exception as exc:  # noqa: BLE001
         return [f"(connect: {exc or type(exc).__name__})"]
     try:

@@ -45,7 +45,7 @@ def events_stream(replicas: int = 1, max_age_s: float | None = None) -> StreamCo
         subjects=[subjects.TASKS, subjects.WORKERS],
         storage=StorageType.FILE,
         num_replicas=replicas,
-        max_age=max_age_s or None,
+        max_age=max_age_s,
         discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_S,
         max_msg_size=MAX_MSG_SIZE,
@@ -106,13 +106,20 @@ def projector_heartbeats_consumer(name: str = PROJECTOR) -> ConsumerConfig:
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or bring an existing one up to `config`: replicas are only ever raised (a
+    process started without --replicas must not shrink an R3 stream) and a None max_age keeps the
+    configured retention."""
     try:
         info = await js.stream_info(config.name)
     except NotFoundError:
         await js.add_stream(config)
         return
-    if info.config.subjects != config.subjects or (
-        config.max_age is not None and info.config.max_age != config.max_age
+    current = info.config
+    config.num_replicas = max(current.num_replicas or 1, config.num_replicas or 1)
+    if config.max_age is None:
+        config.max_age = current.max_age
+    if (current.subjects, current.num_replicas, current.max_age or 0) != (
+        config.subjects, config.num_replicas, config.max_age or 0
     ):
         await js.update_stream(config)
 

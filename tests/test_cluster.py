@@ -129,9 +129,13 @@ async def test_a_whole_cluster_restarted_on_its_data_dir_resumes(tmp_path):
         await nc.close()
 
 
-async def test_bus_connect_takes_a_comma_separated_server_list(cluster):
-    nc = await bus.connect(cluster.url, name="dtf-cluster-tests", allow_reconnect=False)
-    await nc.close()
+async def test_a_client_given_every_node_connects_while_one_is_down(cluster):
+    cluster.kill(0)
+    nc = await asyncio.wait_for(bus.connect(cluster.url, name="dtf-cluster-tests"), 30)
+    try:
+        assert f"nats://127.0.0.1:{nc.connected_url.port}" in cluster.urls[1:]
+    finally:
+        await nc.close()
 
 
 @pytest.mark.slow
@@ -150,8 +154,8 @@ def test_dtf_up_cluster_3_runs_a_task_and_stops_cleanly(tmp_path):
         assert line.startswith("export DTF_NATS_URL="), f"dtf up printed {line!r}; see {tmp_path / 'up.log'}"
         url = line.strip().split("=", 1)[1]
         nodes = json.loads((data / "nats-cluster" / STATE_FILE).read_text())["nodes"]
-        # One seed URL for now (clients discover the other nodes); every node's once bus.connect splits lists.
-        assert len(nodes) == 3 and url.split(",")[0] == f"nats://127.0.0.1:{nodes[0]['client_port']}"
+        assert url.split(",") == [f"nats://127.0.0.1:{node['client_port']}" for node in nodes]
+        assert json.loads((data / "context.json").read_text())["nats_url"] == url
 
         async def replicas() -> int:
             nc = await bus.connect(url, name="dtf-cluster-tests")

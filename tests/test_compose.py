@@ -197,9 +197,9 @@ async def test_nats_server_conf_forms_an_r3_cluster_with_tls_routes(tmp_path):
         url = f"nats://dtf:{SECRETS_ENV['DTF_NATS_PASSWORD']}@127.0.0.1:{ports[0]['client']}"
         js = None
         for _ in range(150):  # bounded: the meta leader election takes a few seconds
-            try:
-                nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=1,
-                                        error_cb=_quiet)
+            try:  # bounded: nats-py retries a refused first server forever
+                nc = await asyncio.wait_for(nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1,
+                                                         connect_timeout=1, error_cb=_quiet), 3)
             except Exception:  # noqa: BLE001 - not listening yet
                 await asyncio.sleep(0.2)
                 continue
@@ -217,9 +217,9 @@ async def test_nats_server_conf_forms_an_r3_cluster_with_tls_routes(tmp_path):
             assert info.config.num_replicas == 3
             assert {info.cluster.leader, *(p.name for p in info.cluster.replicas)} == set(NODES)
             assert (await js.publish("prod.x", b"durable")).seq == 1
-            with pytest.raises(Exception):  # no password, no entry
-                await nats.connect(f"nats://127.0.0.1:{ports[1]['client']}", allow_reconnect=False,
-                                   max_reconnect_attempts=0, connect_timeout=1, error_cb=_quiet)
+            with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):  # no password, no entry
+                await asyncio.wait_for(nats.connect(f"nats://127.0.0.1:{ports[1]['client']}", allow_reconnect=False,
+                                                    max_reconnect_attempts=1, connect_timeout=1, error_cb=_quiet), 5)
         finally:
             await nc.close()
     finally:

@@ -103,12 +103,18 @@ def demo(keep: bool, workers: int) -> None:
 @click.option("--id", "name", help="Replica name (default coord-HOST-PID).")
 @click.option("--heartbeat-timeout", default=HEARTBEAT_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0.1), help="Seconds without a heartbeat before a worker is lost.")
-def coordinator(nats_url: str | None, creds: str | None, name: str | None, heartbeat_timeout: float) -> None:
+@click.option("--replicas", envvar="DTF_REPLICAS", default=1, show_default=True, type=click.IntRange(1, 5),
+              help="Stream replicas to provision (3 on a 3-node cluster); existing streams are never shrunk.")
+@click.option("--retention-days", type=click.FloatRange(min=0), default=None,
+              help="Keep the task history this long (0: forever). Default: leave it as configured.")
+def coordinator(nats_url: str | None, creds: str | None, name: str | None, heartbeat_timeout: float,
+                replicas: int, retention_days: float | None) -> None:
     """Run a coordinator replica (any number may run at once)."""
     from dtf.cli.coordinator import Coordinator
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await topology.provision(nc.jetstream())
+        max_age = None if retention_days is None else retention_days * 86400
+        await topology.provision(nc.jetstream(), replicas=replicas, max_age_s=max_age)
         policy = Policy(heartbeat_timeout=timedelta(seconds=heartbeat_timeout))
         await Coordinator(nc, name, policy).run(stop)
 
