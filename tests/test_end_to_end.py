@@ -268,3 +268,23 @@ def test_a_drained_worker_shows_as_draining_and_gets_no_new_work(up, tmp_path):
     tasks = json.loads(done.stdout)["tasks"]
     assert len(tasks) == 4 and {t["worker_id"] for t in tasks} == {other}
     assert up.dtf("worker", "drain", "nobody-here").returncode == 2
+
+
+def test_arguments_after_the_double_dash_go_to_pytest(up):
+    done = up.dtf("submit", str(EXAMPLES / "mixed"), "--wait", "--json", "--", "-k", "one or two",
+                  check_json=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["summary"] == {"passed": 2, "failed": 0, "skipped": 0, "errors": 0}
+
+
+def test_logs_follow_streams_a_running_task_and_replay_stops_at_a_sequence(up):
+    done = up.dtf("submit", "--command", "for i in 1 2 3 4 5; do echo line-$i; sleep 0.4; done", "--json",
+                  check_json=True)
+    task_id = json.loads(done.stdout)["tasks"][0]
+    while "TaskStarted" not in up.dtf("replay", "--task", task_id).stdout:
+        time.sleep(0.1)
+    followed = up.dtf("logs", task_id, "--follow")
+    assert followed.returncode == 0 and "line-5" in followed.stdout
+    assert "line-1" in up.dtf("logs", task_id).stdout
+    lines = up.dtf("replay", "--upto-seq", "2", "--json").stdout.splitlines()
+    assert [json.loads(x)["seq"] for x in lines] == [1, 2]
