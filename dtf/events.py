@@ -55,7 +55,11 @@ class AttemptEvent(TaskEvent, kw_only=True):
 
 
 class TaskSubmitted(TaskEvent, tag=True, kw_only=True):
-    """A submitter asks for a task. v2: spec.requirements.hardware is an any-of list (v1: one string)."""
+    """A submitter asks for a task. v2: spec.requirements.hardware is an any-of list (v1: one string).
+
+    Optional spec fields added later with a default (`spec.deadline`) need no new version and no
+    upcaster: an older submission without them decodes to the default. A reader older than the field
+    refuses a spec that sets it (specs forbid unknown keys), so upgrade readers before writers."""
 
     v: int = 2
     submitter: str
@@ -121,6 +125,24 @@ class TaskReleased(AttemptEvent, tag=True, kw_only=True):
 class TaskCancelled(TaskEvent, tag=True, kw_only=True):
     reason: str = ""
     by: str = ""
+
+
+class TaskUnschedulable(TaskEvent, tag=True, kw_only=True):
+    """The coordinator finds that no registered worker (online, quarantined, draining or lost; not
+    left) can ever run a pending task, whatever its free slots: `reason` names what is missing. The
+    task keeps waiting and is assigned as soon as a capable worker has a free slot. Id
+    `unschedulable-<task>-<n>` (n counts these events for the task), so replicas and retries agree."""
+
+    reason: str
+
+
+class TaskDeadlineMissed(TaskEvent, tag=True, kw_only=True):
+    """A task not settled by its `spec.deadline`. Informational: the task keeps its place and runs on.
+    Published once per task, with id `deadline-<task>`."""
+
+    deadline: Annotated[datetime, msgspec.Meta(tz=True)]
+    status: str = ""
+    """The task's state when the deadline passed (pending, unschedulable, assigned or running)."""
 
 
 class TaskRejected(TaskEvent, tag=True, kw_only=True):
@@ -201,7 +223,7 @@ class WorkerDrainRequested(Event, tag=True, kw_only=True):
 
 AnyEvent = (
     TaskSubmitted | TaskAssigned | TaskStarted | ResultReported | TaskFailed | TaskReleased
-    | TaskCancelled | TaskRejected | WorkerRegistered | WorkerHeartbeat | WorkerLeft | WorkerLost
+    | TaskCancelled | TaskRejected | TaskUnschedulable | TaskDeadlineMissed | WorkerRegistered | WorkerHeartbeat | WorkerLeft | WorkerLost
     | WorkerQuarantined | WorkerDrainRequested
 )
 EVENT_TYPES: dict[str, type[Event]] = {

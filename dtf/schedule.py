@@ -4,7 +4,8 @@
 it has folded so far: workers declared lost after `policy.heartbeat_timeout` without a heartbeat, the
 attempts they held failed (category "worker", so they are requeued), workers quarantined after
 repeated infrastructure failures (then probed with one attempt), rejections of set-aside
-submissions, cancellations of tasks whose dependencies failed, and assignments of ready tasks to
+submissions, cancellations of tasks whose dependencies failed, tasks no registered worker can ever
+run (TaskUnschedulable), missed deadlines (TaskDeadlineMissed), and assignments of ready tasks to
 capable workers with free slots. It reads no clock and does no I/O,
 so replicas that folded the same log decide the same thing, and the stream arbitrates their writes.
 """
@@ -19,7 +20,7 @@ import msgspec
 from dtf import events as ev
 from dtf import subjects
 from dtf.spec import Requirements
-from dtf.state import ACTIVE, TERMINAL, Fold, TaskState, WorkerState
+from dtf.state import ACTIVE, QUEUED, TERMINAL, Fold, TaskState, WorkerState
 
 HEARTBEAT_TIMEOUT_S = 15.0
 """Default: three missed heartbeats at the worker's default 5 s interval."""
@@ -34,6 +35,9 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     quarantine_base: timedelta = timedelta(seconds=30)
     """First quarantine; each one after a failed probe doubles it, up to `quarantine_max`."""
     quarantine_max: timedelta = timedelta(hours=1)
+    no_workers_grace: timedelta = timedelta(seconds=HEARTBEAT_TIMEOUT_S)
+    """With no worker registered at all, how long a task waits before it is called unschedulable
+    ("no workers registered"): workers started beside the coordinator register well within it."""
 
 
 RAW_KEEP = 64 * 1024
@@ -83,7 +87,7 @@ def slots(worker: WorkerState, active: int, now: datetime, policy: Policy) -> in
 
 
 def ready(task: TaskState, tasks: dict[str, TaskState], now: datetime) -> bool:
-    if task.status != "pending" or task.spec is None:
+    if task.status not in QUEUED or task.spec is None:
         return False
     if task.not_before is not None and task.not_before > now:
         return False
@@ -91,19 +95,100 @@ def ready(task: TaskState, tasks: dict[str, TaskState], now: datetime) -> bool:
 
 
 def queue_order(task: TaskState) -> tuple:
-    """Lower priority number first, then submission order."""
+    """Lower priority number first; among equal priority the earliest deadline first (tasks with no
+    deadline after those with one); then submission order, then task id."""
     assert task.spec is not None and task.submitted_at is not None
-    return (task.spec.priority, task.submitted_at, task.task_id)
+    deadline = task.spec.deadline
+    return (task.spec.priority, deadline is None, deadline or task.submitted_at, task.submitted_at, task.task_id)
+
+
+def _describe(req: Requirements) -> list[tuple[str, Requirements]]:
+    """Each demand of a requirement on its own, with the words that name it."""
+    parts: list[tuple[str, Requirements]] = []
+    if req.hardware:
+        parts.append((f"hardware {'|'.join(req.hardware)}", Requirements(hardware=req.hardware)))
+    if req.min_memory_gb is not None:
+        parts.append((f"min_memory_gb {req.min_memory_gb:g}", Requirements(min_memory_gb=req.min_memory_gb)))
+    if req.gpu_count:
+        parts.append((f"gpu_count {req.gpu_count}", Requirements(gpu_count=req.gpu_count)))
+    if req.min_cuda_compute is not None:
+        parts.append((f"min_cuda_compute {req.min_cuda_compute:g}",
+                      Requirements(min_cuda_compute=req.min_cuda_compute)))
+    if req.browser:
+        parts.append((f"browser={req.browser}", Requirements(browser=req.browser)))
+    if req.device_type:
+        parts.append((f"device_type={req.device_type}", Requirements(device_type=req.device_type)))
+    for key, value in sorted(req.tags.items()):
+        parts.append((f"tag {key}={value}", Requirements(tags={key: value})))
+    return parts
+
+
+def unschedulable_reason(req: Requirements, workers: list[WorkerState]) -> str | None:
+    """Why no worker in `workers` can ever run a task with these requirements (None if one can)."""
+    if not workers:
+        return "no workers registered"
+    if any(capable(w, req) for w in workers):
+        return None
+    parts = _describe(req)
+    missing = [words for words, alone in parts if not any(capable(w, alone) for w in workers)]
+    if missing:
+        return f"needs {', '.join(missing)}; no registered worker has {'it' if len(missing) == 1 else 'them'}"
+    return f"needs {', '.join(words for words, _ in parts)} together; no registered worker has all of them"
+
+
+def standing_workers(fold: Fold) -> list[WorkerState]:
+    """Workers that may run work now or later: registered and not left. Quarantined, draining and
+    lost ones count (a lost worker is back as soon as it heartbeats again; one gone for good should
+    leave, or be restarted so that it registers anew)."""
+    return [w for w in fold.workers.values() if w.registered_at is not None and w.status != "left"]
+
+
+def unschedulable(fold: Fold, now: datetime, policy: Policy, skip: set[str] = frozenset()) -> list[ev.TaskUnschedulable]:
+    """Pending tasks that no standing worker can ever run, whatever its free slots. With no worker at
+    all, only tasks that have waited `policy.no_workers_grace` are reported ("no workers registered")."""
+    workers = standing_workers(fold)
+    verdicts: dict[bytes, str | None] = {}
+    decisions = []
+    for task in fold.tasks.values():
+        if task.status != "pending" or task.spec is None or task.task_id in skip:
+            continue
+        if not workers and (task.submitted_at is None or now - task.submitted_at < policy.no_workers_grace):
+            continue
+        key = msgspec.json.encode(task.spec.requirements)
+        if key not in verdicts:
+            verdicts[key] = unschedulable_reason(task.spec.requirements, workers)
+        reason = verdicts[key]
+        if reason is not None:
+            decisions.append(ev.TaskUnschedulable(
+                id=f"unschedulable-{task.task_id}-{task.unschedulable + 1}", time=now, run_id=task.run_id,
+                task_id=task.task_id, reason=reason,
+            ))
+    return decisions
+
+
+def deadline_misses(fold: Fold, now: datetime, skip: set[str] = frozenset()) -> list[ev.TaskDeadlineMissed]:
+    """Unsettled tasks past their spec.deadline, once each."""
+    decisions = []
+    for task in fold.tasks.values():
+        if task.terminal or task.spec is None or task.spec.deadline is None or task.deadline_missed is not None:
+            continue
+        if now > task.spec.deadline and task.task_id not in skip:
+            decisions.append(ev.TaskDeadlineMissed(
+                id=f"deadline-{task.task_id}", time=now, run_id=task.run_id, task_id=task.task_id,
+                deadline=task.spec.deadline, status=task.status,
+            ))
+    return decisions
 
 
 def assignments(
-    fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(),
+    fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(), skip: set[str] = frozenset(),
 ) -> list[ev.TaskAssigned]:
     free = {w.worker_id: slots(w, len(fold.active.get(w.worker_id, ())), now, policy) for w in fold.workers.values()}
     if not any(slots > 0 for slots in free.values()):
         return []
     decisions: list[ev.TaskAssigned] = []
-    for task in sorted((t for t in fold.tasks.values() if ready(t, fold.tasks, now)), key=queue_order):
+    queue = (t for t in fold.tasks.values() if t.task_id not in skip and ready(t, fold.tasks, now))
+    for task in sorted(queue, key=queue_order):
         assert task.spec is not None
         candidates = [
             wid for wid, slots in free.items()
@@ -125,7 +210,7 @@ def assignments(
 def dependency_cancellations(fold: Fold, now: datetime) -> list[ev.TaskCancelled]:
     decisions = []
     for task in fold.tasks.values():
-        if task.status != "pending" or task.spec is None:
+        if task.status not in QUEUED or task.spec is None:
             continue
         for dep in task.spec.dependencies:
             failed = fold.tasks.get(dep)
@@ -206,10 +291,21 @@ def quarantines(fold: Fold, now: datetime, policy: Policy) -> list[ev.WorkerQuar
 
 
 def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy()) -> Iterable[ev.Event]:
-    """Everything to publish now, in a safe order: verdicts before new work."""
+    """Everything to publish now, in a safe order: verdicts before new work. A task gets at most one
+    of cancellation, unschedulable, deadline-missed and assignment per round (each would expect the
+    same last sequence on the task's subject, so a second would only be refused); the rest follow
+    in the next round, once the first is folded."""
     yield from lost_workers(fold, now, policy)
     yield from lost_attempts(fold, now)
     yield from quarantines(fold, now, policy)
     yield from rejections(fold, now)
-    yield from dependency_cancellations(fold, now)
-    yield from assignments(fold, now, coordinator, policy)
+    cancelled = dependency_cancellations(fold, now)
+    touched = {d.task_id for d in cancelled}
+    yield from cancelled
+    stuck = unschedulable(fold, now, policy, touched)
+    touched |= {d.task_id for d in stuck}
+    yield from stuck
+    late = deadline_misses(fold, now, touched)
+    touched |= {d.task_id for d in late}
+    yield from late
+    yield from assignments(fold, now, coordinator, policy, touched)

@@ -8,6 +8,7 @@ used by the CLI (`--spec FILE`), by the coordinator on every TaskSubmitted, and 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -68,6 +69,9 @@ class TaskSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_de
     dependencies: list[str] = []
     labels: dict[str, str] = {}
     workspace: WorkspaceRef | None = None
+    deadline: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    """When the task should have finished (RFC 3339 with an offset). Earliest deadline first among
+    equal priority; a task still unsettled after it gets one TaskDeadlineMissed and keeps going."""
 
 
 def validate(spec: TaskSpec) -> TaskSpec:

@@ -12,6 +12,8 @@ Task lifecycle (attempt numbers start at 1):
        ^                           |  |                          |  |
        +------ TaskReleased(n) ----+  +----- TaskFailed(n) ------+  +-- retryable and retries left --> pending
     any non-terminal --TaskCancelled--> cancelled;   unknown task --TaskRejected--> rejected
+    pending --TaskUnschedulable--> unschedulable --TaskAssigned(n)--> assigned   (a capable worker came)
+    TaskDeadlineMissed marks any unsettled task once and changes nothing else.
 
 An event for any attempt but the current one (a late result from a lost attempt, a duplicate) changes
 nothing: at most one terminal outcome per attempt.
@@ -30,10 +32,12 @@ from dtf import subjects
 from dtf.spec import RetryPolicy, SpecError, TaskSpec, validate
 
 TaskStatus = Literal[
-    "pending", "assigned", "running", "passed", "failed", "error", "timed_out", "cancelled", "rejected",
+    "pending", "unschedulable", "assigned", "running", "passed", "failed", "error", "timed_out", "cancelled", "rejected",
 ]
 TERMINAL: frozenset[str] = frozenset({"passed", "failed", "error", "timed_out", "cancelled", "rejected"})
 ACTIVE: frozenset[str] = frozenset({"assigned", "running"})
+QUEUED: frozenset[str] = frozenset({"pending", "unschedulable"})
+"""Waiting for a worker: an unschedulable task is assigned like a pending one once a worker fits."""
 RETRYABLE_OUTCOMES: frozenset[str] = frozenset({"error", "timed_out"})
 """Tests that ran and failed are not retried by default; infrastructure trouble is."""
 INFRA_CATEGORIES: frozenset[str] = frozenset({"network", "resource", "worker", "hardware"})
@@ -62,6 +66,10 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float | None = None
     counts: ev.TestCounts = msgspec.field(default_factory=ev.TestCounts)
     reason: str = ""
+    unschedulable: int = 0
+    """TaskUnschedulable events so far (the next one's id is `unschedulable-<task>-<n+1>`)."""
+    deadline_missed: datetime | None = None
+    """When the coordinator recorded that the task missed its spec.deadline."""
 
     @property
     def terminal(self) -> bool:
@@ -140,7 +148,7 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
             )
         case _ if task is None or task.terminal:
             return task
-        case ev.TaskAssigned() if task.status == "pending" and event.attempt == task.attempt + 1:
+        case ev.TaskAssigned() if task.status in QUEUED and event.attempt == task.attempt + 1:
             return msgspec.structs.replace(
                 task, status="assigned", attempt=event.attempt, worker_id=event.worker_id,
                 assigned_at=event.time, started_at=None, not_before=None, reason="",
@@ -168,6 +176,12 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
             return _after_failure(task, event, "error", f"{event.category}: {event.reason}")
         case ev.TaskReleased() if _current_attempt(task, event):
             return msgspec.structs.replace(task, status="pending", reason=event.reason)
+        case ev.TaskUnschedulable() if task.status == "pending":
+            return msgspec.structs.replace(
+                task, status="unschedulable", unschedulable=task.unschedulable + 1, reason=event.reason,
+            )
+        case ev.TaskDeadlineMissed() if task.deadline_missed is None:
+            return msgspec.structs.replace(task, deadline_missed=event.time)
         case ev.TaskCancelled():
             return msgspec.structs.replace(
                 task, status="cancelled", reason=event.reason, finished_at=event.time,
@@ -248,6 +262,26 @@ def admit(event: ev.Event, subject: str) -> str | None:
     return reason
 
 
+def dependency_cycle(task_id: str, dependencies: list[str], tasks: dict[str, TaskState]) -> list[str] | None:
+    """The path task_id -> ... -> task_id that submitting it would close, through the known tasks'
+    dependencies (depth first, in declaration order, so the answer is deterministic); None if none.
+    Known tasks never form a cycle among themselves (each was checked when it came), so any cycle
+    runs through the new task; a dependency on a task not yet submitted just waits."""
+    seen: set[str] = set()
+    stack: list[tuple[str, list[str]]] = [(dep, [task_id, dep]) for dep in reversed(dependencies)]
+    while stack:
+        node, path = stack.pop()
+        if node == task_id:
+            return path
+        if node in seen:
+            continue
+        seen.add(node)
+        known = tasks.get(node)
+        if known is not None and known.spec is not None:
+            stack.extend((dep, [*path, dep]) for dep in reversed(known.spec.dependencies))
+    return None
+
+
 class Applied(NamedTuple):
     """What one message did: the accepted event, or why it was not accepted."""
 
@@ -285,11 +319,16 @@ class Fold:
         return Applied(event, None)
 
     def _conflict(self, event: ev.Event) -> str | None:
-        """A second submission of a task id that is taken, under another run or as another event."""
+        """A second submission of a task id that is taken, under another run or as another event; or
+        a new submission whose dependencies would close a cycle with the tasks known so far."""
         if isinstance(event, ev.TaskSubmitted) and event.task_id in self.tasks:
             known = self.tasks[event.task_id]
             if known.run_id != event.run_id or known.submitted_at != event.time:
                 return f"task id {event.task_id} is already used by run {known.run_id}"
+        elif isinstance(event, ev.TaskSubmitted):
+            cycle = dependency_cycle(event.task_id, event.spec.dependencies, self.tasks)
+            if cycle:
+                return f"dependency cycle: {' -> '.join(cycle)}"
         return None
 
     def _set_aside(self, seq: int, subject: str, data: bytes, reason: str) -> Applied:

@@ -11,7 +11,7 @@ comes from (a submitter, a worker) is a subject token that server permissions ca
 
 `<party>` is the submitter for `submitted`/`cancelled`, the worker for everything a worker publishes and
 for `assigned` (the assignee, so each worker's durable consumer filters on its own id), and
-`coordinator` for the coordinator's own verdicts (`rejected`).
+`coordinator` for the coordinator's own verdicts (`rejected`, `unschedulable`, `deadline`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ TASK_KINDS: dict[type[ev.Event], str] = {
     ev.TaskReleased: "released",
     ev.TaskCancelled: "cancelled",
     ev.TaskRejected: "rejected",
+    ev.TaskUnschedulable: "unschedulable",
+    ev.TaskDeadlineMissed: "deadline",
 }
 WORKER_KINDS: dict[type[ev.Event], str] = {
     ev.WorkerRegistered: "registered",

@@ -288,3 +288,60 @@ def test_logs_follow_streams_a_running_task_and_replay_stops_at_a_sequence(up):
     assert "line-1" in up.dtf("logs", task_id).stdout
     lines = up.dtf("replay", "--upto-seq", "2", "--json").stdout.splitlines()
     assert [json.loads(x)["seq"] for x in lines] == [1, 2]
+
+
+def replay_events(up, task_id: str) -> list[dict]:
+    return [json.loads(x) for x in up.dtf("replay", "--task", task_id, "--json").stdout.splitlines()]
+
+
+def test_an_unschedulable_task_is_reported_once_and_wait_timeout_exits_1_with_the_reason(up):
+    assert up.dtf("submit", "--command", "true", "--wait").returncode == 0  # the workers have registered
+    done = up.dtf("submit", "--command", "true", "--requires", "hardware=cuda|rocm", "--wait", "--wait-timeout", "4",
+                  "--json", check_json=True)
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    [task] = report["tasks"]
+    reason = "needs hardware cuda|rocm; no registered worker has it"
+    assert task["state"] == "unschedulable" and task["reason"] == reason
+    assert report["gave_up_after_s"] == 4 and report["unsettled"] == [f"{task['task_id']} unschedulable: {reason}"]
+    assert done.stderr.count("dtf: unschedulable, still waiting") == 1 and "gave up waiting after 4s" in done.stderr
+    waited = up.dtf("wait", report["run_id"], "--wait-timeout", "1", "--json", check_json=True)
+    assert waited.returncode == 1 and json.loads(waited.stdout)["unsettled"] == report["unsettled"]
+    kinds = [x["event"]["type"] for x in replay_events(up, task["task_id"])]
+    assert kinds == ["TaskSubmitted", "TaskUnschedulable"]
+    assert up.dtf("cancel", "--run", report["run_id"]).returncode == 0
+
+
+def test_depends_on_orders_tasks_a_cycle_is_rejected_and_a_missed_deadline_is_recorded(up):
+    first = json.loads(up.dtf("submit", "--command", "sleep 1", "--json", check_json=True).stdout)["tasks"][0]
+    done = up.dtf("submit", "--command", "sleep 3", "--depends-on", first, "--deadline", "2s", "--wait", "--json",
+                  check_json=True)
+    assert done.returncode == 0, done.stderr
+    [task] = json.loads(done.stdout)["tasks"]
+    assert "missed its deadline" in task["reason"] and "missed its deadline" in done.stderr
+    finished = next(x["seq"] for x in replay_events(up, first) if x["event"]["type"] == "ResultReported")
+    history = replay_events(up, task["task_id"])
+    assigned = next(x["seq"] for x in history if x["event"]["type"] == "TaskAssigned")
+    assert assigned > finished
+    assert [x["event"]["status"] for x in history if x["event"]["type"] == "TaskDeadlineMissed"] in (
+        ["pending"], ["assigned"], ["running"])
+    loop = up.dtf("submit", "--command", "true", "--run-id", "loop", "--depends-on", "loop-1", "--wait", "--json",
+                  check_json=True)
+    assert loop.returncode == 1
+    [rejected] = json.loads(loop.stdout)["tasks"]
+    assert (rejected["state"], rejected["reason"]) == ("rejected", "dependency cycle: loop-1 -> loop-1")
+
+
+def test_rerun_failed_runs_again_only_the_failed_test(up):
+    done = up.dtf("submit", str(EXAMPLES / "mixed"), "--wait", "--json", check_json=True)
+    assert done.returncode == 1
+    run_id = json.loads(done.stdout)["run_id"]
+    again = up.dtf("submit", "--rerun-failed", run_id, "--wait", "--json", check_json=True)
+    assert again.returncode == 1, again.stderr
+    report = json.loads(again.stdout)
+    assert report["run_id"] != run_id
+    assert report["summary"] == {"passed": 0, "failed": 1, "skipped": 0, "errors": 0}
+    assert report["tasks"][0]["name"] == "test_mixed.py"
+    ok = up.dtf("submit", "--command", "true", "--wait", "--json", check_json=True)
+    nothing = up.dtf("submit", "--rerun-failed", json.loads(ok.stdout)["run_id"])
+    assert nothing.returncode == 0 and "nothing to rerun" in nothing.stderr

@@ -66,6 +66,7 @@ specs = st.builds(
     retry_policy=retry_policies,
     dependencies=st.lists(tokens, max_size=3),
     labels=st.dictionaries(texts, texts, max_size=2),
+    deadline=st.none() | times,
     workspace=st.none() | st.builds(
         sp.WorkspaceRef, sha256=st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
         size=st.integers(0, 2**40), files=st.integers(0, 10**6),
@@ -105,6 +106,9 @@ STRATEGIES: dict[type[ev.Event], st.SearchStrategy[ev.Event]] = {
     ev.TaskCancelled: st.builds(ev.TaskCancelled, **task, reason=texts, by=st.just("") | tokens),
     ev.TaskRejected: st.builds(ev.TaskRejected, **task, reason=texts, raw=texts, source_subject=texts,
                                source_seq=st.integers(0, 2**63 - 1)),
+    ev.TaskUnschedulable: st.builds(ev.TaskUnschedulable, **task, reason=texts),
+    ev.TaskDeadlineMissed: st.builds(ev.TaskDeadlineMissed, **task, deadline=times,
+                                     status=st.sampled_from(["pending", "unschedulable", "assigned", "running"])),
     ev.WorkerRegistered: st.builds(ev.WorkerRegistered, **envelope, worker_id=tokens, host=texts,
                                    pid=st.integers(0, 2**31), concurrency=st.integers(0, 64),
                                    capabilities=capabilities),

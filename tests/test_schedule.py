@@ -254,7 +254,8 @@ def test_silent_workers_are_declared_lost_and_attempts_on_gone_workers_are_faile
     assert all(d.category == "worker" for d in decisions if isinstance(d, ev.TaskFailed))
 
 
-ORDER = [ev.WorkerLost, ev.TaskFailed, ev.TaskRejected, ev.TaskCancelled, ev.TaskAssigned]
+ORDER = [ev.WorkerLost, ev.TaskFailed, ev.TaskRejected, ev.TaskCancelled, ev.TaskUnschedulable,
+         ev.TaskDeadlineMissed, ev.TaskAssigned]
 
 
 @CLUSTERS

@@ -119,7 +119,8 @@ def replay_line(msg: bus.StoredMsg) -> tuple[dict, datetime | None]:
 
 def human_line(line: dict) -> str:
     event = line["event"]
-    detail = {k: v for k, v in event.items() if k in ("worker_id", "attempt", "outcome", "reason", "submitter")}
+    detail = {k: v for k, v in event.items()
+              if k in ("worker_id", "attempt", "outcome", "reason", "submitter", "deadline", "status")}
     return (f"{line['seq']:>7} {line['time'] or '-':<32} {event['type']:<17} "
             f"{event.get('task_id', event.get('worker_id', ''))} {cell(detail)}")
 

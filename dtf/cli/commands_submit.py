@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -79,7 +80,7 @@ def render_report(report: dict) -> None:
     for column in ("task", "type", "state", "worker", "attempts", "duration", "passed", "failed", "skipped", "errors"):
         table.add_column(column)
     colors = {"passed": "green", "failed": "red", "error": "red", "timed_out": "red", "cancelled": "yellow",
-              "rejected": "yellow"}
+              "rejected": "yellow", "unschedulable": "yellow"}
     for row in report["tasks"]:
         state = row["state"]
         table.add_row(
@@ -96,18 +97,35 @@ def render_report(report: dict) -> None:
             console.print(f"[yellow]{row['task_id']}: {row['reason']}")
 
 
-def report_run(run_id: str, tasks: list[TaskState], as_json: bool) -> int:
+def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after: float | None = None) -> int:
+    """Print the run's report; 0 only when everything passed. With `gave_up_after` (--wait-timeout
+    ran out) the report says so and each unsettled task's reason goes to stderr."""
     report = sub.run_report(run_id, tasks)
+    if gave_up_after is not None:
+        report["gave_up_after_s"] = gave_up_after
+        report["unsettled"] = sub.unsettled(tasks)
     if as_json:
         click.echo(json.dumps(report))
     else:
         render_report(report)
+    if gave_up_after is not None:
+        click.echo(f"dtf: gave up waiting after {gave_up_after:g}s; {len(report['unsettled'])} of {len(tasks)}"
+                   " tasks unsettled:", err=True)
+        for line in report["unsettled"]:
+            click.echo(f"  {line}", err=True)
+        return 1
     return sub.run_exit_code(tasks)
 
 
-async def follow_with_progress(js, run_id: str, show: bool) -> list[TaskState]:
+async def follow_with_progress(js, run_id: str, show: bool, timeout: float | None = None) -> list[TaskState]:
+    """Raises sub.WaitTimeout when `timeout` runs out first."""
     with RunProgress(run_id, enabled=show) as progress:
-        return await sub.follow_run(js, run_id, progress.update)
+        return await sub.follow_run(js, run_id, progress.update, timeout)
+
+
+WAIT_TIMEOUT = click.option(
+    "--wait-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+    help="Give up waiting after S seconds: exit 1 with the reasons of the unsettled tasks.")
 
 
 async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[TaskState]]:
@@ -152,42 +170,63 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
 @click.option("--run-id", help="Run id (default generated).")
 @click.option("--project", default="", help="Project for fair share (default the submitter).")
 @click.option("--name", default="", help="Task name (command and benchmark tasks).")
+@click.option("--depends-on", "depends_on", multiple=True, metavar="TASK_ID",
+              help="Run only after this task passed (repeatable); cancelled if it ends any other way.")
+@click.option("--deadline", metavar="TIME",
+              help="Finish by TIME (ISO-8601, or from now: 90s, 30m, 2h, 1d): earliest deadline first among "
+                   "equal priority; a missed deadline is recorded, the task goes on.")
+@click.option("--rerun-failed", "rerun_failed", metavar="RUN_ID",
+              help="Submit again, as a new run, the tasks of RUN_ID that did not pass (only the failed tests "
+                   "when known).")
+@WAIT_TIMEOUT
 @nats_options
 @click.pass_context
 def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benchmark: str | None,
            spec_file: Path | None, wait: bool, as_json: bool, priority: int, requires: tuple[str, ...],
            labels: tuple[str, ...], configs: tuple[str, ...], retries: int, timeout: float, no_ship: bool,
-           run_id: str | None, project: str, name: str, nats_url: str | None, creds: str | None) -> None:
-    """Submit tests (PATHS), a --command, a --benchmark or a --spec file.
+           run_id: str | None, project: str, name: str, depends_on: tuple[str, ...], deadline: str | None,
+           rerun_failed: str | None, wait_timeout: float | None, nats_url: str | None, creds: str | None) -> None:
+    """Submit tests (PATHS), a --command, a --benchmark, a --spec file, or --rerun-failed RUN_ID.
 
     PATHS are shipped to the workers (packed once, cached by content hash) unless --no-ship; with
     --command/--benchmark/--spec they are the directory the task runs in. Arguments after `--` go to
     pytest."""
     pytest_args = ctx.meta.get("passthrough", [])
-    kinds = [k for k, given in (("command", command), ("benchmark", benchmark), ("spec", spec_file)) if given]
+    kinds = [k for k, given in (("command", command), ("benchmark", benchmark), ("spec", spec_file),
+                                ("rerun-failed", rerun_failed)) if given]
     if len(kinds) > 1:
-        raise click.UsageError(f"give one of --command, --benchmark, --spec (got {', '.join(kinds)})")
+        raise click.UsageError(f"give one of --command, --benchmark, --spec, --rerun-failed (got {', '.join(kinds)})")
     if not paths and not kinds:
-        raise click.UsageError("nothing to submit: give test PATHS, --command, --benchmark or --spec")
-    if run_id is not None and not subjects.is_token(run_id):
-        raise click.BadParameter("letters, digits, _ and - only (at most 80)", param_hint="--run-id")
+        raise click.UsageError("nothing to submit: give test PATHS, --command, --benchmark, --spec or --rerun-failed")
+    if rerun_failed is not None and paths:
+        raise click.UsageError("--rerun-failed takes no PATHS: the run's tasks keep their own workspace")
+    for value, hint in ((run_id, "--run-id"), (rerun_failed, "--rerun-failed"),
+                        *((dep, "--depends-on") for dep in depends_on)):
+        if value is not None and not subjects.is_token(value):
+            raise click.BadParameter(f"{value!r}: letters, digits, _ and - only (at most 80)", param_hint=hint)
+    try:
+        when = sub.parse_deadline(deadline, datetime.now(UTC)) if deadline else None
+    except SpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--deadline") from None
     base = TaskSpec(
         type="test", name=name, priority=priority, requirements=parse_requirements(requires),
         timeout_seconds=timeout, retry_policy=RetryPolicy(max_retries=retries),
         labels=parse_pairs(labels, "--label"), config=parse_pairs(configs, "--config"),
+        dependencies=list(depends_on), deadline=when,
     )
     if pytest_args:
         base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
     run_id = run_id or sub.new_run_id()
-    asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait, as_json, no_ship,
-                        project, nats_url, creds))
+    asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json,
+                        no_ship, project, wait_timeout, nats_url, creds))
 
 
-async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait, as_json, no_ship, project,
-                  nats_url, creds) -> None:
+async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json, no_ship,
+                  project, wait_timeout, nats_url, creds) -> None:
     from dtf.workers import workspace
 
     root = sub.workspace_root([Path(p) for p in paths]) if paths else None
+    old_ids: list[str] | None = None
     async with connected(nats_url, creds, "dtf-submit") as nc:
         js = nc.jetstream()
         ref = None
@@ -195,7 +234,15 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait,
             data, ref = await asyncio.to_thread(workspace.pack, root)
             await workspace.upload(js, data, ref)
         try:
-            if spec_file is not None:
+            if rerun_failed is not None:
+                fold, results = await sub.read_run(js, rerun_failed)
+                if not fold.tasks:
+                    raise CliError(f"no run {rerun_failed} in the event log")
+                old_ids, specs = sub.rerun_specs(list(fold.tasks.values()), results)
+                if not specs:
+                    click.echo(f"dtf: every task of {rerun_failed} passed; nothing to rerun", err=True)
+                    return
+            elif spec_file is not None:
                 specs = [_place(s, ref, root) for s in load_spec_file(spec_file)]
             elif command or benchmark:
                 kind = "command" if command else "benchmark"
@@ -209,15 +256,21 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, wait,
         if not specs:
             raise CliError(f"no test files found under {', '.join(paths)}")
         events = sub.submissions(run_id, specs, sub.submitter_name(), project)
+        if old_ids is not None:
+            events = sub.remap_dependencies(events, old_ids)
         await sub.submit_run(js, events)
-        click.echo(f"dtf: submitted run {run_id} ({len(events)} tasks)", err=True)
+        click.echo(f"dtf: submitted run {run_id} ({len(events)} tasks)"
+                   + (f", rerunning {', '.join(old_ids)} of {rerun_failed}" if old_ids else ""), err=True)
         if not wait:
             if as_json:
                 click.echo(json.dumps({"run_id": run_id, "tasks": [e.task_id for e in events]}))
             else:
                 click.echo(run_id)
             return
-        tasks = await follow_with_progress(js, run_id, show=True)
+        try:
+            tasks = await follow_with_progress(js, run_id, show=True, timeout=wait_timeout)
+        except sub.WaitTimeout as out:
+            ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
     ctx.exit(report_run(run_id, tasks, as_json))
 
 
@@ -232,9 +285,11 @@ def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:
 @click.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@WAIT_TIMEOUT
 @nats_options
 @click.pass_context
-def wait(ctx: click.Context, run_id: str, as_json: bool, nats_url: str | None, creds: str | None) -> None:
+def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | None, nats_url: str | None,
+         creds: str | None) -> None:
     """Wait for a run to finish; same output and exit codes as `submit --wait`."""
     if not subjects.is_token(run_id):
         raise click.BadParameter("not a run id", param_hint="RUN_ID")
@@ -244,9 +299,13 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, nats_url: str | None, c
             js = nc.jetstream()
             if not await sub.run_exists(js, run_id):
                 raise CliError(f"no run {run_id} in the event log")
-            return await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty())
+            return await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty(),
+                                              timeout=wait_timeout)
 
-    tasks = asyncio.run(main())
+    try:
+        tasks = asyncio.run(main())
+    except sub.WaitTimeout as out:
+        ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
     ctx.exit(report_run(run_id, tasks, as_json))
 
 

@@ -6,11 +6,13 @@ Building specs and summarising a run are pure functions (tested without a server
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -18,7 +20,7 @@ from nats.js import JetStreamContext
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.spec import TaskSpec, WorkspaceRef, validate
+from dtf.spec import SpecError, TaskSpec, WorkspaceRef, test_paths, validate
 from dtf.state import Fold, TaskState
 from dtf.streams import bus, topology
 
@@ -81,6 +83,89 @@ def task_specs(
     return [validate(spec) for spec in specs]
 
 
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*\Z")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_deadline(text: str, now: datetime) -> datetime:
+    """`--deadline`: a time from now (`90s`, `30m`, `2h`, `1d`) or an ISO-8601 time; a time with no
+    offset is local time. Returned in UTC."""
+    relative = _RELATIVE.match(text)
+    if relative:
+        try:
+            return now + timedelta(**{_UNITS[relative.group(2)]: float(relative.group(1))})
+        except OverflowError:
+            raise SpecError(f"deadline {text!r} is too far away") from None
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise SpecError(f"deadline {text!r} is neither a time (2026-01-31T18:00:00Z) nor a delay (30m, 2h)") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # the submitter's local time
+    return when.astimezone(UTC)
+
+
+def _rebase(nodeid: str, paths: list[str]) -> str | None:
+    """A node id as pytest reported it (relative to its rootdir) as a path the task can run from its
+    working directory: itself when it names one of the task's files, or under the one file it ends."""
+    file, sep, rest = nodeid.partition("::")
+    files = [p.partition("::")[0] for p in paths]
+    if file in files:
+        return nodeid
+    under = [f for f in files if f.endswith("/" + file)]
+    return under[0] + sep + rest if len(under) == 1 else None
+
+
+def rerun_specs(tasks: list[TaskState], results: dict[str, ev.ResultReported]) -> tuple[list[str], list[TaskSpec]]:
+    """What `submit --rerun-failed` submits for a finished run: every task that did not pass, with its
+    own spec (a rejected submission has none and is left out). A test task whose last attempt failed
+    and reported its failing tests runs just those node ids; otherwise (unknown, moved to the
+    artifacts store, or node ids it cannot place) its whole paths. Returns the old task ids and the
+    specs, in submission order; dependencies still point at the old ids (see `remap_dependencies`)."""
+    old_ids, specs = [], []
+    for task in sorted(tasks, key=lambda t: (t.submitted_at or datetime.min.replace(tzinfo=UTC), t.task_id)):
+        if task.status == "passed" or task.spec is None:
+            continue
+        spec = task.spec
+        result = results.get(task.task_id)
+        if spec.type == "test" and task.status == "failed" and result is not None:
+            paths = test_paths(spec)
+            failed = [t.nodeid for t in result.tests if t.outcome in ("failed", "error")]
+            rebased = [_rebase(nodeid, paths) for nodeid in dict.fromkeys(failed)]
+            if rebased and all(rebased):
+                config = {k: v for k, v in spec.config.items() if k not in ("paths", "test_file")}
+                spec = msgspec.structs.replace(spec, config={**config, "paths": rebased})
+        old_ids.append(task.task_id)
+        specs.append(spec)
+    return old_ids, specs
+
+
+def remap_dependencies(events: list[ev.TaskSubmitted], old_ids: list[str]) -> list[ev.TaskSubmitted]:
+    """A rerun task depends on the rerun of its dependency when that runs again; a dependency that
+    passed (or is not rerun) stays as it was, already settled."""
+    new_id = {old: event.task_id for old, event in zip(old_ids, events)}
+    return [
+        msgspec.structs.replace(event, spec=msgspec.structs.replace(
+            event.spec, dependencies=[new_id.get(dep, dep) for dep in event.spec.dependencies]))
+        if any(dep in new_id for dep in event.spec.dependencies) else event
+        for event in events
+    ]
+
+
+def last_results(run_events: list[tuple[str, int, bytes]]) -> tuple[Fold, dict[str, ev.ResultReported]]:
+    """Fold a run's messages; keep each task's result from its current attempt's worker."""
+    fold = Fold()
+    results: dict[str, ev.ResultReported] = {}
+    for subject, seq, data in run_events:
+        applied = fold.apply(subject, seq, data)
+        event = applied.event
+        if isinstance(event, ev.ResultReported):
+            task = fold.tasks.get(event.task_id)
+            if task is not None and task.attempt == event.attempt and task.worker_id == event.worker_id:
+                results[event.task_id] = event
+    return fold, results
+
+
 def submissions(run_id: str, specs: list[TaskSpec], submitter: str, project: str) -> list[ev.TaskSubmitted]:
     return [
         ev.TaskSubmitted(
@@ -98,6 +183,14 @@ async def submit_run(js: JetStreamContext, events: list[ev.TaskSubmitted]) -> No
 # --- following a run ------------------------------------------------------------------------------
 
 
+def task_reason(task: TaskState) -> str:
+    """The task's own reason, plus its missed deadline if it missed one."""
+    parts = [task.reason] if task.reason else []
+    if task.deadline_missed is not None and task.spec is not None and task.spec.deadline is not None:
+        parts.append(f"missed its deadline {task.spec.deadline:%Y-%m-%dT%H:%M:%SZ}")
+    return "; ".join(parts)
+
+
 def task_summary(task: TaskState) -> dict:
     counts = msgspec.structs.asdict(task.counts)
     if task.terminal and task.status != "passed" and not any(counts.values()):
@@ -111,7 +204,7 @@ def task_summary(task: TaskState) -> dict:
         "attempts": task.attempt,
         "duration_s": task.duration_s,
         "tests": counts,
-        "reason": task.reason or None,
+        "reason": task_reason(task) or None,
     }
 
 
@@ -126,22 +219,59 @@ def run_exit_code(tasks: list[TaskState]) -> int:
     return 0 if all(t.status == "passed" for t in tasks) else 1
 
 
+def unsettled(tasks: list[TaskState]) -> list[str]:
+    """One line per task that has not ended: what `--wait-timeout` reports when it gives up."""
+    lines = []
+    for task in sorted(tasks, key=lambda t: t.task_id):
+        if task.terminal:
+            continue
+        why = task_reason(task) or {"pending": "waiting for a free capable worker",
+                                    "assigned": f"assigned to {task.worker_id}, not started",
+                                    "running": f"running on {task.worker_id}"}.get(task.status, "")
+        lines.append(f"{task.task_id} {task.status}" + (f": {why}" if why else ""))
+    return lines
+
+
+class WaitTimeout(Exception):
+    """`--wait-timeout` ran out before the run settled; `tasks` are the states at that moment."""
+
+    def __init__(self, tasks: list[TaskState]) -> None:
+        super().__init__(f"{sum(not t.terminal for t in tasks)} tasks unsettled")
+        self.tasks = tasks
+
+
 async def follow_run(
     js: JetStreamContext, run_id: str, on_change: Callable[[list[TaskState]], None] | None = None,
+    timeout: float | None = None,
 ) -> list[TaskState]:
-    """Fold the run's events until every task in it is terminal; returns the final task states."""
+    """Fold the run's events until every task in it is terminal; returns the final task states.
+    With `timeout` (seconds), raises WaitTimeout with the states so far when it runs out."""
     fold = Fold()
-    messages = bus.read(js, topology.EVENTS, [subjects.run_all(run_id)], follow=True)
-    async with contextlib.aclosing(messages):
-        async for msg in messages:
-            fold.apply(msg.subject, msg.seq, msg.data)
-            if msg.pending == 0:
-                tasks = list(fold.tasks.values())
-                if on_change is not None:
-                    on_change(tasks)
-                if tasks and all(t.terminal for t in tasks):
-                    return tasks
-    return list(fold.tasks.values())
+
+    async def follow() -> list[TaskState]:
+        messages = bus.read(js, topology.EVENTS, [subjects.run_all(run_id)], follow=True)
+        async with contextlib.aclosing(messages):
+            async for msg in messages:
+                fold.apply(msg.subject, msg.seq, msg.data)
+                if msg.pending == 0:
+                    tasks = list(fold.tasks.values())
+                    if on_change is not None:
+                        on_change(tasks)
+                    if tasks and all(t.terminal for t in tasks):
+                        return tasks
+        return list(fold.tasks.values())
+
+    try:
+        return await asyncio.wait_for(follow(), timeout)
+    except TimeoutError:
+        raise WaitTimeout(list(fold.tasks.values())) from None
+
+
+async def read_run(js: JetStreamContext, run_id: str) -> tuple[Fold, dict[str, ev.ResultReported]]:
+    """A run's events as they are now, folded, with each task's last result (for --rerun-failed)."""
+    messages = [(m.subject, m.seq, m.data)
+                async for m in bus.read(js, topology.EVENTS, [subjects.run_all(run_id)])]
+    return last_results(messages)
 
 
 async def run_exists(js: JetStreamContext, run_id: str) -> bool:
