@@ -227,9 +227,13 @@ def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | 
             )
         case ev.WorkerLeft() if worker is not None:
             return msgspec.structs.replace(worker, status="left", reason=event.reason)
-        case ev.WorkerLost() if worker is not None and worker.status in ("online", "quarantined"):
-            return msgspec.structs.replace(worker, status="lost", lost_at=event.time, reason=event.reason)
-        case ev.WorkerQuarantined() if worker is not None and worker.status in ("online", "quarantined"):
+        # Verdicts apply whatever the worker's status: heartbeats come from another stream, so whether
+        # one landed before or after a verdict differs between a live fold and a replay, and the
+        # outcome must not (a rebuilt read model equals the live one).
+        case ev.WorkerLost() if worker is not None and worker.status != "left":
+            lost_at = max(worker.lost_at, event.time) if worker.lost_at else event.time
+            return msgspec.structs.replace(worker, status="lost", lost_at=lost_at, reason=event.reason)
+        case ev.WorkerQuarantined() if worker is not None and worker.status != "left":
             return msgspec.structs.replace(
                 worker, status="quarantined", quarantined_until=event.until, quarantines=worker.quarantines + 1,
                 infra_failures=0, reason=event.reason,

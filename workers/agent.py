@@ -112,9 +112,13 @@ class WorkerAgent:
         self._sub = await self.js.pull_subscribe_bind(durable=config.durable_name, stream=topology.EVENTS)
 
     async def _rebind(self) -> None:
-        """After bus trouble: a pull subscription may stop receiving after a server restart."""
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        """After bus trouble: a pull subscription may stop receiving after a server restart. The old
+        subscription is dropped first, so a bind that fails (mid-election) is retried by the fetch
+        loop instead of leaving a dead subscription whose fetches only ever time out."""
+        old, self._sub = self._sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
         await self._bind_consumer()
 
     # --- background loops -----------------------------------------------------------------------------
@@ -145,6 +149,8 @@ class WorkerAgent:
                 raise asyncio.CancelledError
             batch = max(1, self.concurrency - len(self.running()))
             try:
+                if self._sub is None:  # a rebind failed: bind again before fetching
+                    await self._bind_consumer()
                 msgs = await self._sub.fetch(batch, timeout=self.fetch_timeout)
             except TimeoutError:  # nats' TimeoutError included: nothing assigned yet
                 failures = 0

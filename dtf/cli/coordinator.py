@@ -11,14 +11,17 @@ count once they come back through the log, like everyone else's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from dtf import events as ev
 from dtf import schedule, subjects
@@ -28,6 +31,8 @@ from dtf.streams import bus, topology
 log = logging.getLogger("dtf.coordinator")
 
 TICK_S = 1.0
+FOLLOW_CHECK_S = 5.0
+"""A follow quiet this long is checked for a stall (see `_follow`)."""
 PUBLISH_WINDOW = 256
 """Decisions in flight at once."""
 
@@ -49,6 +54,12 @@ class Coordinator:
         self.conflicts = 0
         self.tick = min(TICK_S, policy.heartbeat_timeout.total_seconds() / 5)
         """How often to decide with no news: retry back-offs and silent workers are found by time."""
+        self.bus_trouble = False
+        self.bus_ok_since = datetime.now(UTC)
+        """Since when the bus has worked for us: a worker's silence only counts from then on (a stream
+        leader election stops every heartbeat for 4-9 s; that is not the workers' fault)."""
+        self.heartbeat_seen = self.bus_ok_since
+        """When the last heartbeat message reached us (any worker's)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         info = await self.js.stream_info(topology.EVENTS)
@@ -73,27 +84,67 @@ class Coordinator:
             await asyncio.gather(stopped, *tasks, return_exceptions=True)
 
     async def _follow_events(self, start_tail: int) -> None:
-        async for msg in bus.read(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS], follow=True):
+        async def stalled() -> bool:
+            return await self._tail(topology.EVENTS) > self.fold.last_seq
+
+        async for msg in self._follow(topology.EVENTS, lambda: {"start_seq": self.fold.last_seq + 1}, stalled):
             self.fold.apply(msg.subject, msg.seq, msg.data)
             if msg.seq >= start_tail and msg.pending == 0:
                 self.caught_up.set()
                 self.changed.set()
 
     async def _follow_heartbeats(self) -> None:
-        async for msg in bus.read(
-            self.js, topology.HEARTBEATS, [subjects.HEARTBEATS], follow=True, last_per_subject=True
-        ):
+        async def stalled() -> bool:  # workers beat every few seconds: this long a silence is ours
+            return datetime.now(UTC) - self.heartbeat_seen > 3 * self.policy.heartbeat_timeout
+
+        async for msg in self._follow(topology.HEARTBEATS, lambda: {"last_per_subject": True}, stalled):
             try:
                 event = ev.decode(msg.data)
             except ev.DecodeError as exc:
                 log.warning("ignoring bad heartbeat on %s: %s", msg.subject, exc)
                 continue
+            self.heartbeat_seen = datetime.now(UTC)
             if isinstance(event, ev.WorkerHeartbeat) and subjects.mismatch(event, msg.subject) is None:
                 before = self.fold.workers.get(event.worker_id)
                 self.fold.apply_event(event)
                 after = self.fold.workers.get(event.worker_id)
                 if before is None or after is None or before.status != after.status:
                     self.changed.set()  # a worker came back: it may take work now
+
+    async def _tail(self, stream: str) -> int:
+        try:
+            return (await asyncio.wait_for(self.js.stream_info(stream), 2.0)).state.last_seq
+        except (NatsError, JetStreamError, TimeoutError):
+            return 0
+
+    async def _follow(self, stream: str, where, stalled) -> AsyncIterator[bus.StoredMsg]:
+        """Follow `stream` through an ordered consumer and start a new one (from `where()`) when the
+        follow fails or goes quiet for FOLLOW_CHECK_S while `stalled()` says it should not be: after a
+        node's loss, nats-py's ordered consumer may stop delivering without an error (nats.py #510)."""
+        filters = [subjects.TASKS, subjects.WORKERS] if stream == topology.EVENTS else [subjects.HEARTBEATS]
+        while True:
+            messages = bus.read(self.js, stream, filters, follow=True, **where())
+            pending: asyncio.Future | None = None
+            try:
+                while True:
+                    pending = pending or asyncio.ensure_future(anext(messages))
+                    done, _ = await asyncio.wait({pending}, timeout=FOLLOW_CHECK_S)
+                    if not done:
+                        if await stalled():
+                            log.warning("following %s stalled; following it anew", stream)
+                            break
+                        continue
+                    msg, pending = pending.result(), None
+                    yield msg
+            except (NatsError, JetStreamError, TimeoutError, StopAsyncIteration) as exc:
+                log.warning("following %s failed (%s); following it anew", stream, exc)
+                await asyncio.sleep(FOLLOW_CHECK_S / 5)
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.gather(pending, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await messages.aclose()
 
     async def _decide_loop(self) -> None:
         await self.caught_up.wait()
@@ -115,12 +166,54 @@ class Coordinator:
     async def _publish_decisions(self) -> int:
         """Publish this round's decisions, pipelined (each concerns its own task subject, so their
         order does not matter); returns the highest sequence stored."""
-        decisions = list(schedule.decide(self.fold, datetime.now(UTC), self.name, self.policy))
+        now = datetime.now(UTC)
+        decisions = list(schedule.decide(self.fold, now, self.name, self.policy))
+        if any(isinstance(d, ev.WorkerLost) for d in decisions):
+            decisions = await self._hold_losses_during_bus_trouble(decisions, now)
+        decisions = [d for d in decisions if not self._assigned_after_loss(d)]
         highest = 0
         for start in range(0, len(decisions), PUBLISH_WINDOW):
             window = decisions[start:start + PUBLISH_WINDOW]
             highest = max([highest, *await asyncio.gather(*map(self._publish_one, window))])
         return highest
+
+    async def _hold_losses_during_bus_trouble(self, decisions: list[ev.Event], now: datetime) -> list[ev.Event]:
+        """Drop WorkerLost decisions while heartbeats may not have been storable: the heartbeat
+        stream has no leader now, or the bus came back less than a heartbeat timeout ago, or since
+        it came back no heartbeat at all reached us yet (for at most 3 timeouts: all may be dead)."""
+        try:
+            info = await asyncio.wait_for(self.js.stream_info(topology.HEARTBEATS), 2.0)
+            answering = info.cluster is None or bool(info.cluster.leader)
+        except (NatsError, JetStreamError, TimeoutError):
+            answering = False
+        if not answering:
+            self.bus_trouble = True
+        elif self.bus_trouble:
+            self._bus_back(now)
+        timeout = self.policy.heartbeat_timeout
+        since = now - self.bus_ok_since
+        silent = now - self.heartbeat_seen  # no worker's heartbeat reaches us: likely our feed, not them
+        if not self.bus_trouble and since > timeout and (self.heartbeat_seen > self.bus_ok_since or since > 3 * timeout) \
+                and (silent <= timeout or silent > 3 * timeout):
+            return decisions
+        held = [d for d in decisions if isinstance(d, ev.WorkerLost)]
+        log.info("holding %d WorkerLost decision(s): the bus was in trouble", len(held))
+        return [d for d in decisions if not isinstance(d, ev.WorkerLost)]
+
+    def _assigned_after_loss(self, decision: ev.Event) -> bool:
+        """A lost-attempt TaskFailed for an assignment made after the worker's loss: whoever assigned
+        it saw the worker back (a heartbeat this replica has not folded yet), so it is not lost."""
+        if not (isinstance(decision, ev.TaskFailed) and decision.category == "worker"):
+            return False
+        task = self.fold.tasks.get(decision.task_id)
+        worker = self.fold.workers.get(decision.worker_id)
+        return (task is not None and worker is not None and worker.status == "lost"
+                and task.assigned_at is not None and worker.lost_at is not None
+                and task.assigned_at > worker.lost_at)
+
+    def _bus_back(self, now: datetime) -> None:
+        self.bus_trouble = False
+        self.bus_ok_since = now
 
     async def _publish_one(self, decision: ev.Event) -> int:
         expected = (
@@ -135,7 +228,11 @@ class Coordinator:
             return 0
         except (NatsError, JetStreamError, TimeoutError) as exc:
             log.warning("publishing %s failed (%s); retrying next round", decision.id, exc)
+            if not isinstance(exc, JetStreamError) or isinstance(exc, (NoStreamResponseError, ServiceUnavailableError)):
+                self.bus_trouble = True  # no answer at all: the bus, not the decision
             return 0
+        if self.bus_trouble:
+            self._bus_back(datetime.now(UTC))
         if ack.duplicate:
             return 0  # another replica stored this very decision first
         self.published += 1
