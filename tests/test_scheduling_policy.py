@@ -9,6 +9,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from decision_log import DecisionLog
 from test_schedule import CLUSTERS, clusters, meets
 
 from dtf import events as ev
@@ -23,30 +24,8 @@ POLICY = schedule.Policy(heartbeat_timeout=timedelta(days=30))
 """Workers in these histories never heartbeat; they are not what is tested here."""
 
 
-class Log:
-    """A fold fed like the coordinator's, with stream sequence numbers."""
-
-    def __init__(self) -> None:
-        self.fold = Fold()
-        self.messages: list[tuple[str, int, bytes]] = []
-
-    def add(self, *events: ev.Event) -> list[ev.Event | None]:
-        accepted = []
-        for event in events:
-            subject, data = subjects.subject_for(event), ev.encode(event)
-            self.messages.append((subject, len(self.messages) + 1, data))
-            accepted.append(self.fold.apply(subject, len(self.messages), data).event)
-        return accepted
-
-    def decide(self, at: datetime) -> list[ev.Event]:
-        return list(schedule.decide(self.fold, at, "c", POLICY))
-
-    def settle(self, at: datetime) -> list[ev.Event]:
-        published = []
-        while decisions := self.decide(at):
-            self.add(*decisions)
-            published += decisions
-        return published
+def Log() -> DecisionLog:  # noqa: N802 - reads as the log it returns
+    return DecisionLog(POLICY)
 
 
 def submitted(task_id: str, at: datetime = T0, **spec) -> ev.TaskSubmitted:

@@ -6,37 +6,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from dtf import events as ev
-from dtf import schedule, subjects
+from dtf import schedule
 from dtf.spec import TaskSpec
-from dtf.state import Fold
+from decision_log import DecisionLog
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 POLICY = schedule.Policy(heartbeat_timeout=timedelta(seconds=15), quarantine_after=3,
                          quarantine_base=timedelta(seconds=30))
 
 
-class Log:
-    """A fold fed like the coordinator's, with stream sequence numbers."""
-
-    def __init__(self) -> None:
-        self.fold = Fold()
-        self.seq = 0
-
-    def add(self, *events: ev.Event) -> None:
-        for event in events:
-            self.seq += 1
-            self.fold.apply(subjects.subject_for(event), self.seq, ev.encode(event))
-
-    def decide(self, at: datetime) -> list[ev.Event]:
-        return list(schedule.decide(self.fold, at, "c", POLICY))
-
-    def settle(self, at: datetime) -> list[ev.Event]:
-        """Publish what is decided (as the coordinator would) until nothing more is."""
-        published = []
-        while decisions := self.decide(at):
-            self.add(*decisions)
-            published += decisions
-        return published
+def Log() -> DecisionLog:  # noqa: N802 - reads as the log it returns
+    return DecisionLog(POLICY)
 
 
 def submitted(task_id: str) -> ev.TaskSubmitted:
