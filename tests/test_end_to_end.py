@@ -345,3 +345,13 @@ def test_rerun_failed_runs_again_only_the_failed_test(up):
     ok = up.dtf("submit", "--command", "true", "--wait", "--json", check_json=True)
     nothing = up.dtf("submit", "--rerun-failed", json.loads(ok.stdout)["run_id"])
     assert nothing.returncode == 0 and "nothing to rerun" in nothing.stderr
+
+
+def test_the_newcomers_demo_runs_the_example_suite_and_exits_0(tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("DTF_NATS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "dtf", "demo"], capture_output=True, text=True, env=env,
+                          timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "11 passed, 0 failed, 1 skipped, 0 errors" in done.stdout
+    assert not (tmp_path / "state" / "dtf" / "current.json").exists()  # it leaves no context behind

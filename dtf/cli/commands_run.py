@@ -75,6 +75,7 @@ def demo(keep: bool, workers: int) -> None:
         raise CliError(f"the example suite is not at {examples}/suite (run dtf demo from a source checkout)")
     data_dir = Path(tempfile.mkdtemp(prefix="dtf-demo-"))
     system = System(data_dir=data_dir, workers=workers, nats_port=0)
+    logging.getLogger("dtf.up").setLevel(logging.WARNING)  # the newcomer wants the run, not the plumbing
     exit_code = 0
 
     async def main(stop: asyncio.Event) -> None:
