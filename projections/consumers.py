@@ -19,10 +19,9 @@ import logging
 from collections.abc import Sequence
 
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from dtf import subjects
 from dtf.streams.bus import StoredMsg
 from dtf.streams.topology import EVENTS, PROJECTOR, projector_consumer, projector_heartbeats_consumer
 

@@ -129,12 +129,17 @@ async def test_a_worker_gets_no_more_work_than_its_concurrency(nc, js):
     assert replica.fold.active["w1"] == {a.task_id for a in assignments}
 
 
-async def test_a_silent_worker_is_declared_lost_and_its_attempt_moves_to_a_live_worker(nc, js):
+async def one_task_on_one_worker(nc, js, heartbeat_timeout_s: float):
+    """Worker w1, task t1, and one replica with a short heartbeat timeout, running."""
     await bus.publish(js, worker("w1", 1))
     await bus.publish(js, submission(1))
     stop = asyncio.Event()
-    replica = Coordinator(nc, "c1", schedule.Policy(heartbeat_timeout=timedelta(seconds=0.5)))
-    running = asyncio.create_task(replica.run(stop))
+    replica = Coordinator(nc, "c1", schedule.Policy(heartbeat_timeout=timedelta(seconds=heartbeat_timeout_s)))
+    return replica, stop, asyncio.create_task(replica.run(stop))
+
+
+async def test_a_silent_worker_is_declared_lost_and_its_attempt_moves_to_a_live_worker(nc, js):
+    replica, stop, running = await one_task_on_one_worker(nc, js, heartbeat_timeout_s=0.5)
 
     beats = asyncio.create_task(heartbeats("w1", js))
     try:
@@ -160,11 +165,7 @@ async def test_a_silent_worker_is_declared_lost_and_its_attempt_moves_to_a_live_
 
 
 async def test_a_lost_worker_that_heartbeats_again_is_back_but_its_late_result_settles_nothing(nc, js):
-    await bus.publish(js, worker("w1", 1))
-    await bus.publish(js, submission(1))
-    stop = asyncio.Event()
-    replica = Coordinator(nc, "c1", schedule.Policy(heartbeat_timeout=timedelta(seconds=0.3)))
-    running = asyncio.create_task(replica.run(stop))
+    replica, stop, running = await one_task_on_one_worker(nc, js, heartbeat_timeout_s=0.3)
     beats = None
     try:
         while not any(isinstance(e, ev.TaskFailed) for _, e in await stored_events(js)):
