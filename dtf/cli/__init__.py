@@ -7,7 +7,10 @@ from __future__ import annotations
 import click
 
 from dtf import __version__
-from dtf.cli import commands_query, commands_run, commands_submit
+from dtf.cli import (
+    commands_analysis, commands_creds, commands_dashboard, commands_metrics, commands_query, commands_results, commands_run,
+    commands_submit,
+)
 from dtf.cli.common import setup_logging
 
 
@@ -19,6 +22,7 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-for module in (commands_run, commands_submit, commands_query):
+for module in (commands_run, commands_submit, commands_query, commands_results, commands_analysis,
+               commands_dashboard, commands_metrics, commands_creds):
     for command in module.COMMANDS:
         main.add_command(command)
