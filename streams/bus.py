@@ -62,12 +62,16 @@ def headers_for(event: ev.Event, expected_seq: int | None = None) -> dict[str, s
     return headers
 
 
-async def publish(js: JetStreamContext, event: ev.Event, expected_seq: int | None = None) -> PubAck:
+async def publish(
+    js: JetStreamContext, event: ev.Event, expected_seq: int | None = None, timeout: float | None = None,
+) -> PubAck:
     """Publish one event on its subject. With `expected_seq`, the server refuses it (Conflict) unless
-    the task's last message is still the one at that sequence."""
+    the task's last message is still the one at that sequence. `timeout` bounds the wait for the ack
+    (default: the JetStream context's)."""
     try:
         return await js.publish(
-            subjects.subject_for(event), ev.encode(event), headers=headers_for(event, expected_seq)
+            subjects.subject_for(event), ev.encode(event), headers=headers_for(event, expected_seq),
+            **({} if timeout is None else {"timeout": timeout}),
         )
     except APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats.errors
+import tenacity
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -44,7 +45,10 @@ from dtf.workers.runner import run_attempt
 log = logging.getLogger("dtf.worker.attempt")
 
 IN_PROGRESS_INTERVAL_S = topology.ASSIGNMENT_ACK_WAIT_S / 3
-PUBLISH_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+PUBLISH_TIMEOUT_S = 2.0
+PUBLISH_RETRY_FOR_S = 60.0
+"""How long a worker keeps retrying an event through bus trouble (a stream leader election takes
+4-9 s): at most 0.5 s apart, so the event lands soon after the stream answers again."""
 RECHECK_DELAY_S = 2.0
 """How soon an assignment whose currency could not be checked (bus trouble) comes back."""
 RETRYABLE = (
@@ -87,16 +91,17 @@ class Attempt:
 
 async def publish(js: JetStreamContext, event: ev.Event) -> None:
     """Publish, retrying through short bus trouble (safe: the event id deduplicates)."""
-    for delay in (*PUBLISH_RETRY_DELAYS_S, None):
-        try:
-            await bus.publish(js, event)
-            return
-        except RETRYABLE as exc:
-            if delay is None:
-                raise
-            log.warning("publishing %s %s failed (%s); retrying in %ss", type(event).__name__, event.id,
-                        exc, delay)
-            await asyncio.sleep(delay)
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(RETRYABLE),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=0.5, jitter=0.1),
+        stop=tenacity.stop_after_delay(PUBLISH_RETRY_FOR_S),
+        before_sleep=lambda state: log.warning(
+            "publishing %s %s failed (%s); retrying", type(event).__name__, event.id, state.outcome.exception()),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            await bus.publish(js, event, timeout=PUBLISH_TIMEOUT_S)
 
 
 def supersedes(event: ev.Event, a: ev.TaskAssigned) -> bool:

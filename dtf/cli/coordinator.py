@@ -31,8 +31,11 @@ from dtf.streams import bus, topology
 log = logging.getLogger("dtf.coordinator")
 
 TICK_S = 1.0
-FOLLOW_CHECK_S = 5.0
-"""A follow quiet this long is checked for a stall (see `_follow`)."""
+FOLLOW_CHECK_S = 1.0
+"""A follow quiet this long is checked for a stall (see `_follow`): one stream-info request per quiet
+second, so after a stream leader election the fold resumes within a second of the stream answering."""
+PUBLISH_TIMEOUT_S = 2.0
+"""A decision not acked by then is retried next round (same id: deduplicated if it was stored)."""
 PUBLISH_WINDOW = 256
 """Decisions in flight at once."""
 
@@ -221,7 +224,7 @@ class Coordinator:
             if isinstance(decision, ev.TaskEvent) else None
         )
         try:
-            ack = await bus.publish(self.js, decision, expected_seq=expected)
+            ack = await bus.publish(self.js, decision, expected_seq=expected, timeout=PUBLISH_TIMEOUT_S)
         except bus.Conflict:
             self.conflicts += 1
             log.debug("lost the race for %s %s", type(decision).__name__, decision.id)
