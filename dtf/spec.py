@@ -72,6 +72,10 @@ class TaskSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_de
     deadline: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
     """When the task should have finished (RFC 3339 with an offset). Earliest deadline first among
     equal priority; a task still unsettled after it gets one TaskDeadlineMissed and keeps going."""
+    commit: str = ""
+    """The git commit the code under test is at, when the submitter knows it (`dtf submit` asks git):
+    results are aggregated by it and a test that both passes and fails on one commit is flaky."""
+    branch: str = ""
 
 
 def validate(spec: TaskSpec) -> TaskSpec:
@@ -92,6 +96,9 @@ def validate(spec: TaskSpec) -> TaskSpec:
     for key, value in spec.labels.items():
         if not key or "\n" in key or "\n" in value:
             raise SpecError(f"label {key!r} must be a non-empty single-line key and value")
+    for name, value in (("commit", spec.commit), ("branch", spec.branch)):
+        if "\n" in value or len(value) > 256:
+            raise SpecError(f"{name} must be one line of at most 256 characters")
     return spec
 
 

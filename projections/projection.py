@@ -254,8 +254,9 @@ class Projection:
             staged.attempts[(attempt["task_id"], attempt["attempt"])] = attempt
         if isinstance(event, ev.ResultReported):
             outcomes = event.tests or (tests.get(event.tests_ref, []) if event.tests_ref else [])
-            staged.test_results += rows.test_rows(event, outcomes, self._hardware(event.worker_id))
-            staged.metrics += rows.metric_rows(event)
+            hardware = self._hardware(event.worker_id)
+            staged.test_results += rows.test_rows(event, outcomes, hardware)
+            staged.metrics += rows.metric_rows(event, hardware)
         return True
 
     def _hardware(self, worker_id: str) -> list[str]:

@@ -33,6 +33,7 @@ def task_row(task: TaskState) -> dict:
         "labels": to_json(spec.labels if spec else {}),
         "requirements": to_json(spec.requirements) if spec else None,
         "state": to_json(task),
+        "commit": spec.commit if spec else "", "branch": spec.branch if spec else "",
     }
 
 
@@ -92,13 +93,13 @@ def test_rows(event: ev.ResultReported, tests: list[ev.TestOutcome], hardware: l
     ]
 
 
-def metric_rows(event: ev.ResultReported) -> list[dict]:
+def metric_rows(event: ev.ResultReported, hardware: list[str]) -> list[dict]:
     labels = to_json(event.labels)
     return [
         {
             "run_id": event.run_id, "task_id": event.task_id, "attempt": event.attempt,
             "worker_id": event.worker_id, "name": name, "value": value, "labels": labels,
-            "time": event.time,
+            "time": event.time, "hardware": hardware,
         }
         for name, value in event.metrics.items()
     ]

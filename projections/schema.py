@@ -8,7 +8,7 @@ msgspec-encoded fold state: the projector resumes its fold from them instead of 
     attempts        one row per (task, attempt): who ran it, when, and how it ended
     workers         one row per worker: its current WorkerState
     test_results    one row per test of an accepted ResultReported, with the worker's hardware
-    metrics         one row per metric of an accepted ResultReported
+    metrics         one row per metric of an accepted ResultReported, with the worker's hardware
     events          the ledger: every admitted event (DTF_HEARTBEATS: the last one per worker)
     invalid_events  messages that could not be accepted, with why and their raw bytes
     checkpoints     the last stream sequence applied, per stream
@@ -74,6 +74,7 @@ TASKS = Table("tasks", (
     ("finished_at", "TIMESTAMPTZ"), ("duration_s", "DOUBLE"),
     ("passed", "BIGINT"), ("failed", "BIGINT"), ("skipped", "BIGINT"), ("errors", "BIGINT"),
     ("reason", "VARCHAR"), ("labels", "JSON"), ("requirements", "JSON"), ("state", "JSON"),
+    ("commit", "VARCHAR"), ("branch", "VARCHAR"),
 ), key=("task_id",))
 
 ATTEMPTS = Table("attempts", (
@@ -99,6 +100,7 @@ TEST_RESULTS = Table("test_results", (
 METRICS = Table("metrics", (
     ("run_id", "VARCHAR"), ("task_id", "VARCHAR"), ("attempt", "BIGINT"), ("worker_id", "VARCHAR"),
     ("name", "VARCHAR"), ("value", "DOUBLE"), ("labels", "JSON"), ("time", "TIMESTAMPTZ"),
+    ("hardware", "VARCHAR[]"),
 ))
 
 EVENTS = Table("events", (
