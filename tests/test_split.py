@@ -1,0 +1,118 @@
+"""Splitting a suite into shards by history: pure properties, no server."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dtf import split
+
+files = st.sampled_from(["tests/test_a.py", "tests/sub/test_b.py", "test_c.py", "tests/test_d.py"])
+classes = st.sampled_from(["", "TestOne::", "TestTwo::"])
+names = st.from_regex(r"test_[a-z]{1,6}(\[[a-z0-9:-]{1,4}\])?", fullmatch=True)
+nodeid = st.builds(lambda f, c, n: f"{f}::{c}{n}", files, classes, names)
+suites = st.lists(nodeid, min_size=1, max_size=60, unique=True)
+durations = st.floats(min_value=0.0, max_value=30.0, allow_nan=False)
+groups = st.sampled_from(split.GROUPS)
+slot_counts = st.integers(min_value=1, max_value=9)
+
+
+@st.composite
+def suites_with_history(draw):
+    ids = draw(suites)
+    known = draw(st.lists(st.sampled_from(ids), unique=True)) if ids else []
+    return ids, {n: draw(durations) for n in known}
+
+
+@given(suites_with_history(), slot_counts, groups)
+def test_every_collected_test_lands_in_exactly_one_shard(suite, slots, group):
+    ids, history = suite
+    shards = split.plan(ids, history, slots, group=group)
+    placed = [n for shard in shards for n in shard.nodeids]
+    assert sorted(placed) == sorted(ids)
+
+
+@given(suites_with_history(), slot_counts, st.sampled_from(["class", "file"]))
+def test_a_class_or_file_is_never_split_across_shards(suite, slots, group):
+    ids, history = suite
+    key = split.class_of if group == "class" else split.file_of
+    home: dict[str, int] = {}
+    for index, shard in enumerate(split.plan(ids, history, slots, group=group)):
+        for n in shard.nodeids:
+            assert home.setdefault(key(n), index) == index
+
+
+@given(suites_with_history(), slot_counts, groups)
+def test_the_same_input_gives_the_same_shards(suite, slots, group):
+    ids, history = suite
+    assert split.plan(ids, history, slots, group=group) == split.plan(list(ids), dict(history), slots, group=group)
+
+
+@given(suites_with_history(), slot_counts)
+def test_tests_inside_a_shard_keep_their_collection_order(suite, slots):
+    ids, history = suite
+    position = {n: i for i, n in enumerate(ids)}
+    for shard in split.plan(ids, history, slots, group="test"):
+        assert [position[n] for n in shard.nodeids] == sorted(position[n] for n in shard.nodeids)
+
+
+@settings(max_examples=300)
+@given(st.lists(durations, min_size=1, max_size=80), slot_counts, st.sampled_from([0.0, 0.5, 2.0]))
+def test_pulling_the_shards_in_order_ends_within_four_thirds_of_the_lower_bound_plus_one_unit(
+        lengths, slots, min_shard_s):
+    units = [split.Unit(f"u{i}", (f"t.py::u{i}",), d) for i, d in enumerate(lengths)]
+    shards = split.pack(units, slots, min_shard_s=min_shard_s)
+    makespan = split.pull_makespan([s.estimate_s for s in shards], slots)
+    bound = 4 / 3 * split.lower_bound(lengths, slots) + max(lengths) + min_shard_s
+    assert makespan <= bound + 1e-9
+
+
+@given(st.lists(durations, min_size=1, max_size=80), st.integers(min_value=2, max_value=9))
+def test_tail_shards_get_smaller_so_the_queue_steals_work_at_the_end(lengths, slots):
+    units = [split.Unit(f"u{i}", (f"t.py::u{i}",), d) for i, d in enumerate(lengths)]
+    shards = split.pack(units, slots, min_shard_s=0.0)
+    tail = [s.estimate_s for s in shards[slots:]]
+    biggest_unit_left = max((d for d in lengths), default=0.0)
+    # a later tail shard is never bigger than an earlier one by more than one unit (a unit is indivisible)
+    for earlier, later in zip(tail, tail[1:]):
+        assert later <= earlier + biggest_unit_left + 1e-9
+    assert len(shards) >= min(slots, len(lengths))
+
+
+def test_a_long_file_is_cut_by_class_and_test_only_under_auto_and_only_when_it_would_hurt_the_balance():
+    ids = [f"test_big.py::TestSlow::test_{i}" for i in range(4)] + ["test_small.py::test_x", "test_small.py::test_y"]
+    history = {**{n: 10.0 for n in ids[:4]}, "test_small.py::test_x": 1.0, "test_small.py::test_y": 1.0}
+    by_file = split.plan(ids, history, 2, group="file")
+    assert any(set(ids[:4]) <= set(s.nodeids) for s in by_file)
+    auto = split.plan(ids, history, 2, group="auto")
+    homes = {next(i for i, s in enumerate(auto) if n in s.nodeids) for n in ids[:4]}
+    assert len(homes) == 2
+    small = {next(i for i, s in enumerate(auto) if n in s.nodeids) for n in ids[4:]}
+    assert len(small) == 1  # a short file stays whole
+
+
+def test_history_recorded_relative_to_another_rootdir_still_matches_the_longest_suffix():
+    ids = ["tests/a/test_x.py::t", "tests/b/test_x.py::t", "tests/test_y.py::u"]
+    history = {"a/test_x.py::t": 3.0, "test_x.py::t": 1.0, "tests/test_y.py::u": 2.0}
+    assert split.match_history(ids, history) == {
+        "tests/a/test_x.py::t": 3.0, "tests/b/test_x.py::t": 1.0, "tests/test_y.py::u": 2.0}
+
+
+def test_an_unknown_test_is_estimated_from_its_file_then_the_suite_then_the_prior():
+    ids = ["a.py::known", "a.py::new", "b.py::new", "c.py::x"]
+    known = {"a.py::known": 4.0, "c.py::x": 2.0}
+    assert split.estimates(ids, known) == {"a.py::known": 4.0, "a.py::new": 4.0, "b.py::new": 3.0, "c.py::x": 2.0}
+    assert split.estimates(["z.py::t"], {}) == {"z.py::t": split.PRIOR_S}
+
+
+def test_history_balances_a_suite_the_prior_cannot():
+    slow = [f"test_slow.py::test_{i}" for i in range(10)]
+    fast = [f"test_fast.py::test_{i}" for i in range(10)]
+    truth = {**{n: 1.0 for n in slow}, **{n: 0.01 for n in fast}}
+
+    def makespan(history):
+        shards = split.plan(slow + fast, history, 2)
+        return split.pull_makespan([sum(truth[n] for n in s.nodeids) for s in shards], 2)
+
+    assert makespan(truth) < makespan({})  # without history ten slow tests look like ten fast ones
+    assert makespan(truth) <= 1.15 * split.lower_bound(list(truth.values()), 2)
