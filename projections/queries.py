@@ -4,6 +4,7 @@
     workers  {"offset"?, "limit"?}            -> {"workers": [...], "next_offset"}
     results  {"run_id"?, "task_id"?, "offset"?, "limit"?} -> {"results": [...], "next_offset"}
     status   {}                               -> {"checkpoints": {stream: seq}, "events": n, ...}
+    durations {"files": [...], "project"?, "last"?} -> {"durations": [{nodeid, duration_s, runs}], ...}
 
 Replies stay under NATS's 1 MB payload limit: a list is cut before ~900 KB and `next_offset` says
 where the next page starts (null at the end); `limit` caps a page further. Pages follow a stable
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import duckdb
 import msgspec
 
-from dtf.projections import schema
+from dtf.projections import durations, schema
 
 MAX_REPLY_BYTES = 900_000
 PAGE_ROWS = 1000
@@ -160,6 +161,7 @@ QUERIES: dict[str, tuple[type[msgspec.Struct], Callable[[duckdb.DuckDBPyConnecti
     "workers": (WorkersRequest, workers),
     "results": (ResultsRequest, results),
     "status": (StatusRequest, status),
+    "durations": (durations.DurationsRequest, durations.durations),
 }
 """Query name (the last token of its subject, see `dtf.subjects.query`) -> (request type, function)."""
 

@@ -1,0 +1,73 @@
+"""How long each test took recently: the history `dtf submit --split` packs shards by.
+
+    durations  {"files": [...], "project"?, "last"?, "offset"?, "limit"?}
+               -> {"durations": [{"nodeid", "duration_s", "runs"}], "next_offset"}
+
+For each node id in one of `files`, the median duration of its last `last` (default 5) passed
+results, newest first by event time. A median of recent passes follows a test that got slower
+without being thrown by one slow outlier, and a failure's duration (it may have stopped early) says
+nothing about a pass. `files` are paths relative to the submitted root; pytest reports node ids
+relative to its rootdir, which may be a folder below that root, so a recorded file matches a
+requested one when it is equal or a `/`-suffix of it (joined on the file name first, so the query
+does not compare every row with every file). `project` narrows to that project's tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import duckdb
+import msgspec
+
+DEFAULT_LAST = 5
+
+
+class DurationsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A `queries.Page` with the files to look up (not a subclass: `queries` imports this module to
+    register the query)."""
+
+    files: list[str]
+    project: str | None = None
+    last: Annotated[int, msgspec.Meta(ge=1, le=100)] = DEFAULT_LAST
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+def durations(cur: duckdb.DuckDBPyConnection, request: DurationsRequest) -> dict:
+    from dtf.projections.queries import _page  # here, not at the top: queries imports this module
+
+    project_filter = (
+        "AND r.task_id IN (SELECT task_id FROM tasks WHERE project = $project)" if request.project is not None
+        else ""
+    )
+    params = {"files": request.files, "last": request.last}
+    if request.project is not None:
+        params["project"] = request.project
+    sql = f"""
+        WITH wanted AS (
+            SELECT DISTINCT f AS file, regexp_extract(f, '[^/]*$') AS base FROM unnest($files::VARCHAR[]) t(f)
+        ),
+        passed AS (
+            SELECT r.nodeid, r.duration_s, r.time, r.run_id, split_part(r.nodeid, '::', 1) AS file
+            FROM test_results r
+            WHERE r.outcome = 'passed' {project_filter}
+        ),
+        matched AS (
+            SELECT DISTINCT p.nodeid, p.duration_s, p.time, p.run_id
+            FROM passed p JOIN wanted w ON regexp_extract(p.file, '[^/]*$') = w.base
+            WHERE w.file = p.file OR ends_with(w.file, '/' || p.file)
+        ),
+        recent AS (
+            SELECT nodeid, duration_s,
+                   row_number() OVER (PARTITION BY nodeid ORDER BY time DESC, run_id DESC, duration_s) AS n
+            FROM matched
+        )
+        SELECT nodeid, median(duration_s), count(*) FROM recent WHERE n <= $last
+        GROUP BY nodeid ORDER BY nodeid
+    """
+
+    def item(r: tuple) -> dict:
+        return {"nodeid": r[0], "duration_s": r[1], "runs": r[2]}
+
+    found, next_offset = _page(cur, sql, params, request, item)
+    return {"durations": found, "next_offset": next_offset}
