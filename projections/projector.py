@@ -24,7 +24,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from dtf.projections import artifacts, consumers
+from dtf.metrics import Endpoint
+from dtf.projections import artifacts, consumers, metrics as projector_metrics
 from dtf.projections.projection import BatchResult, Message, Projection
 from dtf.projections.service import QueryService, serve
 from dtf.streams.bus import StoredMsg
@@ -44,13 +45,15 @@ STOP_GRACE_S = 60.0
 
 async def run_projector(
     nc: Client, db_path: str | Path, stop: asyncio.Event, *, name: str = PROJECTOR, batch: int = BATCH,
-    fetch_timeout: float = FETCH_TIMEOUT_S,
+    fetch_timeout: float = FETCH_TIMEOUT_S, metrics: Endpoint | None = None,
 ) -> None:
     """Project both streams into the database at `db_path` and answer queries until `stop` is set.
     The streams must exist (`dtf.streams.topology.provision`). The durable consumers `name` and
-    `<name>-hb` are created here; each projector (each database) needs its own name."""
+    `<name>-hb` are created here; each projector (each database) needs its own name. With `metrics`,
+    the read model's metrics are served there while the database is open."""
     js = nc.jetstream()
     projection = await asyncio.to_thread(Projection.open, db_path)
+    collector = projector_metrics.expose(metrics, projection, js) if metrics is not None else None
     service: QueryService | None = None
     loops: list[asyncio.Task[None]] = []
     try:
@@ -70,6 +73,8 @@ async def run_projector(
         await asyncio.gather(*loops, return_exceptions=True)
         if service is not None:
             await service.close()
+        if collector is not None:
+            await asyncio.to_thread(collector.close)  # waits for a scrape reading the database
         # Waits (in its thread) for a batch whose thread outlived a cancelled loop.
         await asyncio.to_thread(projection.close)
 

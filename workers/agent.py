@@ -24,6 +24,8 @@ import logging
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -69,6 +71,8 @@ class WorkerAgent:
         )
         self.attempts: dict[tuple[str, int], Attempt] = {}
         self._sub: JetStreamContext.PullSubscription | None = None
+        self.attempt_ended: Callable[[float], None] | None = None
+        """Called with the seconds an attempt held the worker when it ends (set by dtf.workers.metrics)."""
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -204,10 +208,13 @@ class WorkerAgent:
             log.warning("could not release %s attempt %d: %s", event.task_id, event.attempt, exc)
 
     async def _execute(self, attempt: Attempt) -> None:
+        began = time.monotonic()
         try:
             await execute(self.ctx, attempt)
         finally:
             self.attempts.pop(attempt.key, None)
+            if self.attempt_ended is not None:
+                self.attempt_ended(time.monotonic() - began)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
