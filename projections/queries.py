@@ -5,6 +5,8 @@
     results  {"run_id"?, "task_id"?, "offset"?, "limit"?} -> {"results": [...], "next_offset"}
     status   {}                               -> {"checkpoints": {stream: seq}, "events": n, ...}
     durations {"files": [...], "project"?, "last"?} -> {"durations": [{nodeid, duration_s, runs}], ...}
+    aggregate, flaky, runs: see projections/aggregate.py, flaky.py and report.py
+    anomalies {"series"?, "run_id"?, "kind"?} -> {"anomalies": [...]}: see projections/anomalies.py
 
 Replies stay under NATS's 1 MB payload limit: a list is cut before ~900 KB and `next_offset` says
 where the next page starts (null at the end); `limit` caps a page further. Pages follow a stable
@@ -21,7 +23,7 @@ from typing import Annotated, Any
 import duckdb
 import msgspec
 
-from dtf.projections import durations, schema
+from dtf.projections import aggregate, anomalies, durations, flaky, report, schema
 
 MAX_REPLY_BYTES = 900_000
 PAGE_ROWS = 1000
@@ -162,6 +164,10 @@ QUERIES: dict[str, tuple[type[msgspec.Struct], Callable[[duckdb.DuckDBPyConnecti
     "results": (ResultsRequest, results),
     "status": (StatusRequest, status),
     "durations": (durations.DurationsRequest, durations.durations),
+    "aggregate": aggregate.QUERY,
+    "flaky": flaky.QUERY,
+    "runs": report.QUERY,
+    "anomalies": anomalies.QUERY,
 }
 """Query name (the last token of its subject, see `dtf.subjects.query`) -> (request type, function)."""
 

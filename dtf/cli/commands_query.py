@@ -1,5 +1,5 @@
-"""Reading commands: `dtf tasks`, `dtf workers`, `dtf results` (asked of the projector, which owns the
-DuckDB read model), `dtf replay` (straight from the event log) and `dtf schema`."""
+"""Reading commands: `dtf tasks`, `dtf workers` (asked of the projector, which owns the DuckDB read
+model; `dtf results` is in commands_results), `dtf replay` (straight from the event log) and `dtf schema`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ PROJECTOR_START_S = 5.0
 COLUMNS = {
     "tasks": ["task_id", "run_id", "type", "name", "state", "worker_id", "attempts", "duration_s", "tests"],
     "workers": ["worker_id", "host", "pid", "state", "concurrency", "capabilities", "last_heartbeat"],
-    "results": ["run_id", "task_id", "attempt", "worker_id", "nodeid", "outcome", "duration_s"],
 }
 
 
@@ -65,7 +64,7 @@ def cell(value) -> str:
 
 
 def query_command(name: str, doc: str, with_run: bool) -> click.Command:
-    """`dtf tasks|workers|results`: one shape, so one factory."""
+    """`dtf tasks|workers`: one shape, so one factory."""
 
     @nats_options
     @click.option("--json", "as_json", is_flag=True, help=f'Print {{"{name}": [...]}} on stdout.')
@@ -95,7 +94,6 @@ def query_command(name: str, doc: str, with_run: bool) -> click.Command:
 
 tasks = query_command("tasks", "List tasks and their states (from the read model).", with_run=True)
 workers = query_command("workers", "List workers, their capabilities and last heartbeats.", with_run=False)
-results = query_command("results", "List per-test results (from the read model).", with_run=True)
 
 
 def parse_time(value: str) -> datetime:
@@ -179,4 +177,4 @@ def schema(out_dir: Path | None) -> None:
         click.echo(str(path))
 
 
-COMMANDS = [tasks, workers, results, replay, schema]
+COMMANDS = [tasks, workers, replay, schema]
