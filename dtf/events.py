@@ -122,6 +122,16 @@ class TaskReleased(AttemptEvent, tag=True, kw_only=True):
     reason: str
 
 
+class TaskPreempted(AttemptEvent, tag=True, kw_only=True):
+    """The coordinator asks `worker_id` to hand back its running attempt N: more urgent work
+    (`by_task`, a strictly lower priority number) has no capable free worker. The worker kills the
+    attempt's process group and publishes TaskReleased, which requeues the task without using a
+    retry. Until then the attempt holds its slot. Id `preempt-<task>-<attempt>`."""
+
+    by_task: str
+    reason: str = ""
+
+
 class TaskCancelled(TaskEvent, tag=True, kw_only=True):
     reason: str = ""
     by: str = ""
@@ -223,7 +233,7 @@ class WorkerDrainRequested(Event, tag=True, kw_only=True):
 
 AnyEvent = (
     TaskSubmitted | TaskAssigned | TaskStarted | ResultReported | TaskFailed | TaskReleased
-    | TaskCancelled | TaskRejected | TaskUnschedulable | TaskDeadlineMissed | WorkerRegistered | WorkerHeartbeat | WorkerLeft | WorkerLost
+    | TaskPreempted | TaskCancelled | TaskRejected | TaskUnschedulable | TaskDeadlineMissed | WorkerRegistered | WorkerHeartbeat | WorkerLeft | WorkerLost
     | WorkerQuarantined | WorkerDrainRequested
 )
 EVENT_TYPES: dict[str, type[Event]] = {

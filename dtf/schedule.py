@@ -12,6 +12,7 @@ so replicas that folded the same log decide the same thing, and the stream arbit
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
@@ -20,7 +21,7 @@ import msgspec
 from dtf import events as ev
 from dtf import subjects
 from dtf.spec import Requirements
-from dtf.state import ACTIVE, QUEUED, TERMINAL, Fold, TaskState, WorkerState
+from dtf.state import ACTIVE, TERMINAL, Fold, TaskState, WorkerState, queue_order
 
 HEARTBEAT_TIMEOUT_S = 15.0
 """Default: three missed heartbeats at the worker's default 5 s interval."""
@@ -86,22 +87,6 @@ def slots(worker: WorkerState, active: int, now: datetime, policy: Policy) -> in
     return 0
 
 
-def ready(task: TaskState, tasks: dict[str, TaskState], now: datetime) -> bool:
-    if task.status not in QUEUED or task.spec is None:
-        return False
-    if task.not_before is not None and task.not_before > now:
-        return False
-    return all(dep in tasks and tasks[dep].status == "passed" for dep in task.spec.dependencies)
-
-
-def queue_order(task: TaskState) -> tuple:
-    """Lower priority number first; among equal priority the earliest deadline first (tasks with no
-    deadline after those with one); then submission order, then task id."""
-    assert task.spec is not None and task.submitted_at is not None
-    deadline = task.spec.deadline
-    return (task.spec.priority, deadline is None, deadline or task.submitted_at, task.submitted_at, task.task_id)
-
-
 def _describe(req: Requirements) -> list[tuple[str, Requirements]]:
     """Each demand of a requirement on its own, with the words that name it."""
     parts: list[tuple[str, Requirements]] = []
@@ -145,73 +130,209 @@ def standing_workers(fold: Fold) -> list[WorkerState]:
 
 def unschedulable(fold: Fold, now: datetime, policy: Policy, skip: set[str] = frozenset()) -> list[ev.TaskUnschedulable]:
     """Pending tasks that no standing worker can ever run, whatever its free slots. With no worker at
-    all, only tasks that have waited `policy.no_workers_grace` are reported ("no workers registered")."""
+    all, only tasks that have waited `policy.no_workers_grace` are reported ("no workers registered").
+    One verdict per distinct requirements (`fold.queues.pending`), so a round costs the number of
+    distinct requirements while every pending task is runnable."""
     workers = standing_workers(fold)
-    verdicts: dict[bytes, str | None] = {}
     decisions = []
-    for task in fold.tasks.values():
-        if task.status != "pending" or task.spec is None or task.task_id in skip:
+    for ids in fold.queues.pending.values():
+        if not ids:
             continue
-        if not workers and (task.submitted_at is None or now - task.submitted_at < policy.no_workers_grace):
+        some = fold.tasks[next(iter(ids))]
+        assert some.spec is not None
+        reason = unschedulable_reason(some.spec.requirements, workers)
+        if reason is None:
             continue
-        key = msgspec.json.encode(task.spec.requirements)
-        if key not in verdicts:
-            verdicts[key] = unschedulable_reason(task.spec.requirements, workers)
-        reason = verdicts[key]
-        if reason is not None:
+        for task_id in ids:
+            task = fold.tasks[task_id]
+            if task_id in skip:
+                continue
+            if not workers and (task.submitted_at is None or now - task.submitted_at < policy.no_workers_grace):
+                continue
             decisions.append(ev.TaskUnschedulable(
-                id=f"unschedulable-{task.task_id}-{task.unschedulable + 1}", time=now, run_id=task.run_id,
-                task_id=task.task_id, reason=reason,
+                id=f"unschedulable-{task_id}-{task.unschedulable + 1}", time=now, run_id=task.run_id,
+                task_id=task_id, reason=reason,
             ))
     return decisions
 
 
 def deadline_misses(fold: Fold, now: datetime, skip: set[str] = frozenset()) -> list[ev.TaskDeadlineMissed]:
-    """Unsettled tasks past their spec.deadline, once each."""
+    """Unsettled tasks past their spec.deadline, once each (earliest deadline first)."""
     decisions = []
-    for task in fold.tasks.values():
-        if task.terminal or task.spec is None or task.spec.deadline is None or task.deadline_missed is not None:
+    for deadline, task_id in fold.queues.deadlines:
+        if now <= deadline:
+            break
+        if task_id in skip:
             continue
-        if now > task.spec.deadline and task.task_id not in skip:
-            decisions.append(ev.TaskDeadlineMissed(
-                id=f"deadline-{task.task_id}", time=now, run_id=task.run_id, task_id=task.task_id,
-                deadline=task.spec.deadline, status=task.status,
-            ))
+        task = fold.tasks[task_id]
+        decisions.append(ev.TaskDeadlineMissed(
+            id=f"deadline-{task_id}", time=now, run_id=task.run_id, task_id=task_id,
+            deadline=deadline, status=task.status,
+        ))
     return decisions
+
+
+def free_slots(fold: Fold, now: datetime, policy: Policy) -> dict[str, int]:
+    """Workers that can take work now, with how many more attempts each."""
+    free = {}
+    for worker in fold.workers.values():
+        n = slots(worker, len(fold.active.get(worker.worker_id, ())), now, policy)
+        if n > 0:
+            free[worker.worker_id] = n
+    return free
+
+
+class _Fits:
+    """Which workers of a round's `free` can run given requirements, computed once per distinct
+    requirements and pruned as workers fill up (a round only ever loses free slots)."""
+
+    def __init__(self, fold: Fold, free: dict[str, int]) -> None:
+        self.fold = fold
+        self.free = free
+        self.known: dict[bytes, list[str]] = {}
+
+    def workers(self, req: Requirements) -> list[str]:
+        key = msgspec.json.encode(req)
+        ids = self.known.get(key)
+        if ids is None:
+            ids = [wid for wid in self.free if capable(self.fold.workers[wid], req)]
+        else:
+            ids = [wid for wid in ids if wid in self.free]
+        self.known[key] = ids
+        return ids
+
+    def best(self, req: Requirements) -> str | None:
+        """The capable worker with the most free slots (ties: the greatest id)."""
+        return max(self.workers(req), key=lambda wid: (self.free[wid], wid), default=None)
+
+    def take(self, worker_id: str) -> None:
+        self.free[worker_id] -= 1
+        if not self.free[worker_id]:
+            del self.free[worker_id]
+
+
+def plan_assignments(
+    fold: Fold, now: datetime, policy: Policy = Policy(), skip: set[str] = frozenset(),
+) -> tuple[list[tuple[TaskState, str]], dict[str, int]]:
+    """(task, worker) pairs for this round, and the free slots left after them.
+
+    Priority first; among equal priority, fair share: the project with the least `served` goes next
+    (each assignment adds one), so projects alternate however long one's queue is; within a project,
+    `queue_order`. A task no free worker can run is passed over, never blocking the ones behind it.
+    Cost: each project's lane is read only as far as this round assigns (plus what it passes over)."""
+    free = free_slots(fold, now, policy)
+    plan: list[tuple[TaskState, str]] = []
+    if not free:
+        return plan, free
+    fits = _Fits(fold, free)
+    lanes = {project: iter(lane) for project, lane in fold.queues.lanes.items()}
+
+    def next_runnable(project: str) -> TaskState | None:
+        for key in lanes[project]:
+            task = fold.tasks[key[-1]]
+            assert task.spec is not None
+            if task.task_id in skip or (task.not_before is not None and task.not_before > now):
+                continue
+            if fits.workers(task.spec.requirements):
+                return task
+        return None
+
+    heads: dict[str, TaskState] = {}
+    heap: list[tuple[int, float, str]] = []
+
+    def push(project: str, served: float) -> None:
+        task = next_runnable(project)
+        if task is not None:
+            assert task.spec is not None
+            heads[project] = task
+            heapq.heappush(heap, (task.spec.priority, served, project))
+
+    for project in lanes:
+        push(project, fold.queues.served.get(project, 0.0))
+    while heap and free:
+        _, served, project = heapq.heappop(heap)
+        task = heads.pop(project)
+        assert task.spec is not None
+        worker_id = fits.best(task.spec.requirements)
+        if worker_id is None:  # its workers filled up since it was picked: look further down its lane
+            push(project, served)
+            continue
+        fits.take(worker_id)
+        plan.append((task, worker_id))
+        push(project, served + 1.0)
+    return plan, free
 
 
 def assignments(
     fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(), skip: set[str] = frozenset(),
 ) -> list[ev.TaskAssigned]:
-    free = {w.worker_id: slots(w, len(fold.active.get(w.worker_id, ())), now, policy) for w in fold.workers.values()}
-    if not any(slots > 0 for slots in free.values()):
+    return [_assigned(task, worker_id, now, coordinator) for task, worker_id in plan_assignments(fold, now, policy, skip)[0]]
+
+
+def _assigned(task: TaskState, worker_id: str, now: datetime, coordinator: str) -> ev.TaskAssigned:
+    assert task.spec is not None
+    attempt = task.attempt + 1
+    return ev.TaskAssigned(
+        id=f"assign-{task.task_id}-{attempt}", time=now, run_id=task.run_id, task_id=task.task_id,
+        attempt=attempt, worker_id=worker_id, coordinator=coordinator, spec=task.spec,
+    )
+
+
+def preemptions(
+    fold: Fold, now: datetime, policy: Policy, planned: set[str], free: dict[str, int], skip: set[str] = frozenset(),
+) -> list[ev.TaskPreempted]:
+    """Running attempts to hand back for more urgent work. A ready task that this round could not
+    place (`planned` holds the placed ones, `free` the slots left) and that is strictly more urgent
+    than some running attempt on a worker able to run it takes that worker's least urgent such
+    attempt (the most recently started among equals: the least work lost). A slot already being
+    handed back on a capable worker is taken instead of asking for another."""
+    accepting = {w.worker_id: w for w in fold.workers.values() if slots(w, 0, now, policy) > 0}
+    victims: list[TaskState] = []
+    incoming: dict[str, int] = {}
+    for worker_id in accepting:
+        for task_id in sorted(fold.active.get(worker_id, ())):
+            task = fold.tasks[task_id]
+            if task.preempting:
+                incoming[worker_id] = incoming.get(worker_id, 0) + 1
+            elif task.status == "running" and task_id not in skip:
+                victims.append(task)
+    if not victims:
         return []
-    decisions: list[ev.TaskAssigned] = []
-    queue = (t for t in fold.tasks.values() if t.task_id not in skip and ready(t, fold.tasks, now))
-    for task in sorted(queue, key=queue_order):
+    least_urgent = max(t.spec.priority for t in victims if t.spec is not None)
+    urgent = heapq.merge(*(lane.islice(0, lane.bisect_left((least_urgent,))) for lane in fold.queues.lanes.values()))
+    decisions = []
+    for key in urgent:
+        task = fold.tasks[key[-1]]
         assert task.spec is not None
-        candidates = [
-            wid for wid, slots in free.items()
-            if slots > 0 and capable(fold.workers[wid], task.spec.requirements)
-        ]
-        if not candidates:
+        if task.task_id in planned or task.task_id in skip or (task.not_before is not None and task.not_before > now):
             continue
-        chosen = max(candidates, key=lambda wid: (free[wid], wid))
-        free[chosen] -= 1
-        attempt = task.attempt + 1
-        decisions.append(ev.TaskAssigned(
-            id=f"assign-{task.task_id}-{attempt}", time=now, run_id=task.run_id,
-            task_id=task.task_id, attempt=attempt, worker_id=chosen, coordinator=coordinator,
-            spec=task.spec,
+        able = {wid for wid, w in accepting.items() if capable(w, task.spec.requirements)}
+        if any(free.get(wid) for wid in able):
+            continue
+        reserved = next((wid for wid in sorted(able) if incoming.get(wid)), None)
+        if reserved is not None:
+            incoming[reserved] -= 1
+            continue
+        options = [v for v in victims if v.worker_id in able and v.spec.priority > task.spec.priority]  # type: ignore[union-attr]
+        if not options:
+            continue
+        victim = max(options, key=lambda v: (v.spec.priority, v.started_at, v.task_id))  # type: ignore[union-attr]
+        victims.remove(victim)
+        decisions.append(ev.TaskPreempted(
+            id=f"preempt-{victim.task_id}-{victim.attempt}", time=now, run_id=victim.run_id,
+            task_id=victim.task_id, attempt=victim.attempt, worker_id=victim.worker_id, by_task=task.task_id,
+            reason=f"preempted for {task.task_id} (priority {task.spec.priority} over {victim.spec.priority})",  # type: ignore[union-attr]
         ))
+        if not victims:
+            break
     return decisions
 
 
 def dependency_cancellations(fold: Fold, now: datetime) -> list[ev.TaskCancelled]:
     decisions = []
-    for task in fold.tasks.values():
-        if task.status not in QUEUED or task.spec is None:
-            continue
+    for task_id in fold.queues.doomed:
+        task = fold.tasks[task_id]
+        assert task.spec is not None
         for dep in task.spec.dependencies:
             failed = fold.tasks.get(dep)
             if failed is not None and failed.status in TERMINAL and failed.status != "passed":
@@ -308,4 +429,6 @@ def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(
     late = deadline_misses(fold, now, touched)
     touched |= {d.task_id for d in late}
     yield from late
-    yield from assignments(fold, now, coordinator, policy, touched)
+    plan, free = plan_assignments(fold, now, policy, touched)
+    yield from (_assigned(task, worker_id, now, coordinator) for task, worker_id in plan)
+    yield from preemptions(fold, now, policy, {task.task_id for task, _ in plan}, free, touched)

@@ -14,6 +14,7 @@ Task lifecycle (attempt numbers start at 1):
     any non-terminal --TaskCancelled--> cancelled;   unknown task --TaskRejected--> rejected
     pending --TaskUnschedulable--> unschedulable --TaskAssigned(n)--> assigned   (a capable worker came)
     TaskDeadlineMissed marks any unsettled task once and changes nothing else.
+    TaskPreempted(n) marks an active attempt as being handed back; its TaskReleased(n) requeues it.
 
 An event for any attempt but the current one (a late result from a lost attempt, a duplicate) changes
 nothing: at most one terminal outcome per attempt.
@@ -26,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Literal, NamedTuple
 
 import msgspec
+from sortedcontainers import SortedList
 
 from dtf import events as ev
 from dtf import subjects
@@ -70,6 +72,13 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     """TaskUnschedulable events so far (the next one's id is `unschedulable-<task>-<n+1>`)."""
     deadline_missed: datetime | None = None
     """When the coordinator recorded that the task missed its spec.deadline."""
+    preempted_attempt: int = 0
+    """The attempt a TaskPreempted last asked back; while it is the current active attempt, its
+    worker is handing it back (see `preempting`)."""
+
+    @property
+    def preempting(self) -> bool:
+        return self.status in ACTIVE and self.preempted_attempt == self.attempt
 
     @property
     def terminal(self) -> bool:
@@ -176,6 +185,8 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
             return _after_failure(task, event, "error", f"{event.category}: {event.reason}")
         case ev.TaskReleased() if _current_attempt(task, event):
             return msgspec.structs.replace(task, status="pending", reason=event.reason)
+        case ev.TaskPreempted() if _current_attempt(task, event) and not task.preempting:
+            return msgspec.structs.replace(task, preempted_attempt=event.attempt)
         case ev.TaskUnschedulable() if task.status == "pending":
             return msgspec.structs.replace(
                 task, status="unschedulable", unschedulable=task.unschedulable + 1, reason=event.reason,
@@ -243,6 +254,122 @@ def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | 
     return worker
 
 
+def queue_order(task: TaskState) -> tuple:
+    """Lower priority number first; among equal priority the earliest deadline first (tasks with no
+    deadline after those with one); then submission order, then task id."""
+    assert task.spec is not None and task.submitted_at is not None
+    deadline = task.spec.deadline
+    return (task.spec.priority, deadline is None, deadline or task.submitted_at, task.submitted_at, task.task_id)
+
+
+def _queued(task: TaskState | None) -> bool:
+    return task is not None and task.status in QUEUED and task.spec is not None
+
+
+def _watched(task: TaskState | None) -> bool:
+    """Unsettled with a deadline not yet recorded as missed."""
+    return (task is not None and not task.terminal and task.spec is not None
+            and task.spec.deadline is not None and task.deadline_missed is None)
+
+
+class Queues:
+    """The waiting work, indexed as the fold goes so that a scheduling round looks only at what it
+    may act on, never at every task (10,000 queued tasks must not make each round scan 10,000):
+
+        lanes      project -> its queued tasks whose dependencies all passed, in `queue_order`
+        waiting    dependency id -> queued tasks still waiting for it to pass
+        doomed     queued tasks with a dependency that ended without passing (to be cancelled)
+        pending    requirements (as JSON) -> pending tasks with them (one unschedulable verdict each)
+        deadlines  (deadline, task id) of unsettled tasks whose miss is not yet recorded
+        served     project -> its fair-share clock: assignments so far, but set to `clock` when its
+                   lane fills again if behind it (start-time fair queueing, equal weights), so an
+                   idle project banks no credit and a busy one cannot starve a newcomer
+        clock      the highest served value any project had when assigned a task (the fair-share
+                   "virtual time"; a max, so it does not depend on the order assignments are stored)
+
+    Dicts stand for ordered sets: iteration follows the log, so every replica sees the same order.
+    Updates tolerate a task missing from an index (a fold loaded from a snapshot has empty indexes).
+    """
+
+    def __init__(self) -> None:
+        self.lanes: dict[str, SortedList] = {}
+        self.waiting: dict[str, dict[str, None]] = {}
+        self.doomed: dict[str, None] = {}
+        self.pending: dict[bytes, dict[str, None]] = {}
+        self.deadlines = SortedList()
+        self.served: dict[str, float] = {}
+        self.clock = 0.0
+
+    def update(self, before: TaskState | None, after: TaskState, tasks: dict[str, TaskState]) -> None:
+        """Account for one task's change from `before` to `after` (already stored in `tasks`)."""
+        if _queued(before) and not _queued(after):
+            self._dequeue(before)  # type: ignore[arg-type]
+            if after.status in ACTIVE:
+                served = self.served.get(after.project, 0.0)
+                self.clock = max(self.clock, served)
+                self.served[after.project] = served + 1.0
+        elif _queued(after) and not _queued(before):
+            self._enqueue(after, tasks)
+        was_pending = before is not None and before.status == "pending" and before.spec is not None
+        if was_pending and after.status != "pending":
+            key = msgspec.json.encode(before.spec.requirements)  # type: ignore[union-attr]
+            self.pending.get(key, {}).pop(before.task_id, None)
+        elif after.status == "pending" and after.spec is not None and not was_pending:
+            self.pending.setdefault(msgspec.json.encode(after.spec.requirements), {})[after.task_id] = None
+        if _watched(before) and not _watched(after):
+            self.deadlines.discard((before.spec.deadline, before.task_id))  # type: ignore[union-attr]
+        elif _watched(after) and not _watched(before):
+            self.deadlines.add((after.spec.deadline, after.task_id))  # type: ignore[union-attr]
+        if before is None or before.status != after.status:
+            if after.status == "passed":
+                for waiter in self.waiting.pop(after.task_id, {}):
+                    task = tasks[waiter]
+                    if _queued(task) and self._dependencies_passed(task, tasks):
+                        self._ready(task)
+            elif after.status in TERMINAL:
+                for waiter in self.waiting.get(after.task_id, {}):
+                    self.doomed[waiter] = None
+
+    @staticmethod
+    def _dependencies_passed(task: TaskState, tasks: dict[str, TaskState]) -> bool:
+        assert task.spec is not None
+        return all(dep in tasks and tasks[dep].status == "passed" for dep in task.spec.dependencies)
+
+    def _enqueue(self, task: TaskState, tasks: dict[str, TaskState]) -> None:
+        assert task.spec is not None
+        unpassed = [dep for dep in task.spec.dependencies if dep not in tasks or tasks[dep].status != "passed"]
+        if not unpassed:
+            self._ready(task)
+            return
+        for dep in unpassed:
+            self.waiting.setdefault(dep, {})[task.task_id] = None
+        if any(dep in tasks and tasks[dep].status in TERMINAL for dep in unpassed):
+            self.doomed[task.task_id] = None
+
+    def _ready(self, task: TaskState) -> None:
+        """Into its project's lane; a project whose lane was empty rejoins at the clock."""
+        lane = self.lanes.get(task.project)
+        if lane is None:
+            lane = self.lanes[task.project] = SortedList()
+            self.served[task.project] = max(self.served.get(task.project, 0.0), self.clock)
+        lane.add(queue_order(task))
+
+    def _dequeue(self, task: TaskState) -> None:
+        assert task.spec is not None
+        lane = self.lanes.get(task.project)
+        if lane is not None:
+            lane.discard(queue_order(task))
+            if not lane:
+                del self.lanes[task.project]
+        for dep in task.spec.dependencies:
+            waiters = self.waiting.get(dep)
+            if waiters is not None:
+                waiters.pop(task.task_id, None)
+                if not waiters:
+                    del self.waiting[dep]
+        self.doomed.pop(task.task_id, None)
+
+
 class Invalid(msgspec.Struct, frozen=True):
     """A message the fold could not accept, waiting for the coordinator's TaskRejected."""
 
@@ -301,6 +428,8 @@ class Fold:
         self.workers: dict[str, WorkerState] = {}
         self.active: dict[str, set[str]] = {}
         """worker id -> ids of its assigned or running tasks (derived, kept for the scheduler)."""
+        self.queues = Queues()
+        """The waiting work, indexed for the scheduler (derived)."""
         self.task_seq: dict[tuple[str, str], int] = {}
         self.invalid: dict[int, Invalid] = {}
         self.ignored = 0
@@ -372,6 +501,7 @@ class Fold:
             self.active.get(before.worker_id, set()).discard(after.task_id)
         if after.status in ACTIVE:
             self.active.setdefault(after.worker_id, set()).add(after.task_id)
+        self.queues.update(before, after, self.tasks)
 
     def run_tasks(self, run_id: str) -> list[TaskState]:
         return [t for t in self.tasks.values() if t.run_id == run_id]

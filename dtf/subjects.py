@@ -10,7 +10,7 @@ comes from (a submitter, a worker) is a subject token that server permissions ca
     dtf.log.<task_id>                            live output chunks of a running task (core NATS)
 
 `<party>` is the submitter for `submitted`/`cancelled`, the worker for everything a worker publishes and
-for `assigned` (the assignee, so each worker's durable consumer filters on its own id), and
+for `assigned` and `preempted` (the assignee, so each worker's durable consumer filters on its own id), and
 `coordinator` for the coordinator's own verdicts (`rejected`, `unschedulable`, `deadline`).
 """
 
@@ -36,6 +36,7 @@ TASK_KINDS: dict[type[ev.Event], str] = {
     ev.ResultReported: "result",
     ev.TaskFailed: "failed",
     ev.TaskReleased: "released",
+    ev.TaskPreempted: "preempted",
     ev.TaskCancelled: "cancelled",
     ev.TaskRejected: "rejected",
     ev.TaskUnschedulable: "unschedulable",
@@ -78,6 +79,11 @@ def assignments_for(worker_id: str) -> str:
 
 def cancellations() -> str:
     return f"{PREFIX}.task.*.*.cancelled.*"
+
+
+def preemptions_for(worker_id: str) -> str:
+    """The coordinator's TaskPreempted requests to one worker (the worker is the subject's party)."""
+    return f"{PREFIX}.task.*.*.preempted.{worker_id}"
 
 
 def worker(worker_id: str, kind: str) -> str:

@@ -8,7 +8,8 @@ checked for being still current before it runs, see `attempt`).
 Background tasks, all owned by `run` and cancelled before it returns:
     heartbeat   WorkerHeartbeat (running task ids, cpu/memory %) every `heartbeat_interval` seconds
     attempts    one task per accepted assignment (`attempt.execute`)
-and a core-NATS subscription to every TaskCancelled, which cancels matching running attempts.
+and a core-NATS subscription to every TaskCancelled, which cancels matching running attempts, and
+one to this worker's TaskPreempted, which kills the attempt and hands it back (TaskReleased).
 
 The fetch loop pulls with short timeouts (a timeout is "nothing yet") and acks every message on its
 own. An assignment beyond `concurrency` is handed back at once (TaskReleased "worker at capacity").
@@ -79,11 +80,12 @@ class WorkerAgent:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain and leave (see the module docstring)."""
         heartbeat: asyncio.Task[None] | None = None
-        cancellations = None
+        cancellations = preemptions = None
         try:
             await asyncio.to_thread(self.ctx.cache_dir.mkdir, parents=True, exist_ok=True)
             await self._bind_consumer()
             cancellations = await self.nc.subscribe(subjects.cancellations(), cb=self._on_cancel)
+            preemptions = await self.nc.subscribe(subjects.preemptions_for(self.worker_id), cb=self._on_preempt)
             caps = await asyncio.to_thread(capabilities.detect, self.tags)
             psutil.cpu_percent(interval=None)  # primes the counter the heartbeats read
             await publish(self.js, ev.WorkerRegistered(
@@ -104,7 +106,7 @@ class WorkerAgent:
             for task in owned:
                 task.cancel()
             await asyncio.gather(*owned, return_exceptions=True)
-            for sub in (cancellations, self._sub):
+            for sub in (cancellations, preemptions, self._sub):
                 if sub is not None:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
@@ -228,6 +230,21 @@ class WorkerAgent:
             if a.task_id == event.task_id and a.run_id == event.run_id:
                 log.info("cancelling %s/%s attempt %d: %s", a.run_id, a.task_id, a.attempt, event.reason)
                 attempt.cancel.set()
+
+    async def _on_preempt(self, msg: Msg) -> None:
+        try:
+            event = ev.decode(msg.data)
+        except ev.DecodeError:
+            return
+        if not isinstance(event, ev.TaskPreempted) or subjects.mismatch(event, msg.subject) is not None:
+            return
+        attempt = self.attempts.get((event.task_id, event.attempt))
+        if attempt is None or attempt.assignment.run_id != event.run_id or attempt.reported:
+            return  # already finished, or never ours: nothing to hand back
+        log.info("handing back %s/%s attempt %d: %s", event.run_id, event.task_id, event.attempt, event.reason)
+        attempt.releasing = True
+        attempt.release_reason = event.reason or f"preempted for {event.by_task}"
+        attempt.cancel.set()
 
     # --- shutdown ---------------------------------------------------------------------------------------
 

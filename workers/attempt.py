@@ -10,7 +10,8 @@
                     claim (the consumer's ack_wait is 30 s)
     report          log to the artifacts store (unless output_tail already holds all of it), then
                     ResultReported, and only then the ack; while
-                    the worker drains, TaskReleased("worker stopping") instead
+                    the worker drains, TaskReleased("worker stopping") instead, and when the
+                    coordinator preempts the attempt, TaskReleased with the preemption's reason
 
 An event the worker cannot publish leaves the assignment unacknowledged, so JetStream redelivers it;
 event ids are deterministic per (task, attempt), so a retried publish is stored once.
@@ -79,7 +80,8 @@ class Attempt:
     seq: int
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     releasing: bool = False
-    """Set when the worker stops: hand the attempt back instead of reporting a result."""
+    """Set when the worker stops or the attempt is preempted: hand it back instead of reporting a result."""
+    release_reason: str = "worker stopping"
     reported: bool = False
     """Its final event is being published: it no longer takes a slot."""
     task: asyncio.Task[None] | None = None
@@ -223,7 +225,7 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
             await attempt.msg.ack()
             return
         if attempt.releasing:
-            await _finish(ctx, attempt, released(a, "worker stopping"))
+            await _finish(ctx, attempt, released(a, attempt.release_reason))
             return
         await publish(ctx.js, ev.TaskStarted(
             id=f"started-{a.task_id}-{a.attempt}", run_id=a.run_id, task_id=a.task_id,
@@ -242,7 +244,7 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         finally:
             await live.aclose()
         if attempt.releasing:
-            await _finish(ctx, attempt, released(a, "worker stopping"))
+            await _finish(ctx, attempt, released(a, attempt.release_reason))
             return
         log_ref = None
         try:
