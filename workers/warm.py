@@ -1,0 +1,337 @@
+"""Warm pytest processes: a split run's shards skip the interpreter start-up and the collection.
+
+A shard of `dtf submit --split` carries `config.split = {"suite": [...], "warm": true}`: the whole
+suite's arguments. The first such shard of a run on this worker starts a long-lived
+`python -m pytest <suite> <pytest args> -p dtf.workers.warm_child ...` that collects the suite once;
+that shard and the next ones of the same run are requests to it (`warm_child` has the protocol). A
+worker keeps at most one busy process per running attempt; a second shard arriving while the first
+runs gets a process of its own.
+
+What still holds, and how:
+    isolation   a process and its workspace copy belong to one run: another run, even of the same
+                workspace, gets its own (and its own copy, made once per run rather than per
+                shard). Shards of one run share the process and the directory, as tests of one
+                `pytest` (or one xdist worker) do; every fixture is torn down after each shard.
+    timeouts    a shard past its timeout (counted from its start, a cold start included) or
+                cancelled: the process group is killed (SIGTERM, then SIGKILL), the result is
+                timed_out/cancelled as for a cold run, and the next shard gets a fresh process.
+    output      the process's stdout+stderr go to the shard being served (its LogSink: live log,
+                capped log file); the reply line ends a shard's output, so nothing leaks into the next.
+    results     the same report plugin writes the same per-test lines, and the runner judges them as
+                for a cold run (exit status 0/1 from the process's counts).
+
+When warm cannot serve (the collection failed, a node id is not in it, pytest-xdist arguments),
+the shard runs cold with a `[dtf]` note saying why; after a collection failure the run's later
+shards go straight to cold. Idle processes are stopped after `idle_s`, and stop themselves a little
+later if this worker is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dtf.spec import TaskSpec, test_args
+from dtf.workers.process import (
+    KILL_GRACE_S, PIPE_DRAIN_S, READ_CHUNK, LogSink, ProcessResult, _open_output_pipe, _signal_group,
+    _stop_group, run_process,
+)
+from dtf.workers.warm_child import IDLE_ENV, REQUEST_FD_ENV, TOKEN_ENV
+
+log = logging.getLogger("dtf.worker.warm")
+
+IDLE_S = 60.0
+CHILD_PLUGIN = "dtf.workers.warm_child"
+REPORT_PLUGIN = "dtf.workers.pytest_plugin"
+XDIST_ARGS = ("-n", "--numprocesses", "--dist", "--tx", "-d")
+
+
+def suite_of(spec: TaskSpec) -> list[str] | None:
+    """The whole suite's arguments when the spec is a split shard that wants a warm process."""
+    split = spec.config.get("split")
+    if spec.type != "test" or not isinstance(split, dict) or not split.get("warm", True):
+        return None
+    suite = split.get("suite")
+    if not isinstance(suite, list) or not suite or not all(isinstance(a, str) for a in suite):
+        return None
+    if any(arg.split("=")[0] in XDIST_ARGS or arg.startswith("-n") for arg in test_args(spec)):
+        return None  # pytest-xdist owns the run loop itself
+    return suite
+
+
+class Replies:
+    """Splits the process's output into the shard's bytes and the loop's reply lines."""
+
+    def __init__(self, token: str) -> None:
+        self.marker = f"\n{token} ".encode()
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> tuple[bytes, list[dict]]:
+        """The output to pass on, and any complete replies, in the order they came."""
+        self.pending += chunk
+        output, replies = b"", []
+        while True:
+            at = self.pending.find(self.marker)
+            if at < 0:  # hold back only a tail that may be the start of a marker cut across chunks
+                start = self.pending.rfind(b"\n", max(len(self.pending) - len(self.marker) + 1, 0))
+                cut = start if start >= 0 and self.marker.startswith(self.pending[start:]) else len(self.pending)
+                output += self.pending[:cut]
+                self.pending = self.pending[cut:]
+                return output, replies
+            end = self.pending.find(b"\n", at + len(self.marker))
+            if end < 0:
+                output += self.pending[:at]
+                self.pending = self.pending[at:]
+                return output, replies
+            output += self.pending[:at + 1]
+            try:
+                replies.append(json.loads(self.pending[at + len(self.marker):end]))
+            except ValueError:
+                output += self.pending[at + 1:end + 1]
+            self.pending = self.pending[end + 1:]
+
+
+class NotServed(Exception):
+    """The warm process cannot run this shard; the message says why (the shard then runs cold)."""
+
+    def __init__(self, reason: str, *, broken: bool = False) -> None:
+        super().__init__(reason)
+        self.broken = broken
+
+
+@dataclass(eq=False)
+class WarmProcess:
+    key: tuple
+    proc: asyncio.subprocess.Process
+    replies: Replies
+    transport: asyncio.ReadTransport
+    requests: asyncio.WriteTransport
+    queue: asyncio.Queue[dict] = field(default_factory=asyncio.Queue)
+    sink: LogSink | None = None
+    """The shard being served; output between shards (pytest's own end-of-session lines) is dropped."""
+    busy: bool = False
+    ready: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    pump: asyncio.Task[None] | None = None
+    exited: asyncio.Task[int] | None = None
+
+    @classmethod
+    async def spawn(cls, key: tuple, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
+        token = secrets.token_hex(16)
+        loop = asyncio.get_running_loop()
+        request_read, request_write = os.pipe()
+        requests, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, os.fdopen(request_write, "wb", 0))
+        write_fd, reader, transport = await _open_output_pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=cwd, env={**env, TOKEN_ENV: token, REQUEST_FD_ENV: str(request_read)},
+                stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, pass_fds=(request_read,),
+                start_new_session=True,
+            )
+        except BaseException:
+            transport.close()
+            requests.close()
+            raise
+        finally:
+            os.close(write_fd)
+            os.close(request_read)
+        warm = cls(key=key, proc=proc, replies=Replies(token), transport=transport, requests=requests)
+        warm.pump = asyncio.create_task(warm._pump(reader), name=f"warm-output-{proc.pid}")
+        warm.exited = asyncio.create_task(proc.wait(), name=f"warm-wait-{proc.pid}")
+        return warm
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
+        while chunk := await reader.read(READ_CHUNK):
+            output, replies = self.replies.feed(chunk)
+            if output and self.sink is not None:
+                self.sink.write(output)
+            for reply in replies:
+                self.queue.put_nowait(reply)
+
+    async def next_reply(self, deadline: float, cancel: asyncio.Event) -> dict | Literal["timeout", "cancel", "exit"]:
+        getting = asyncio.ensure_future(self.queue.get())
+        cancelled = asyncio.ensure_future(cancel.wait())
+        try:
+            assert self.exited is not None
+            done, _ = await asyncio.wait({getting, cancelled, self.exited}, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=max(deadline - time.monotonic(), 0))
+            if getting in done:
+                return getting.result()
+            if cancelled in done:
+                return "cancel"
+            if self.exited in done:
+                return "exit"
+            return "timeout"
+        finally:
+            for waiter in (getting, cancelled):
+                waiter.cancel()
+
+    def request(self, nodeids: list[str], report: Path) -> None:
+        """Buffered by the transport: a long list of ids never blocks the loop."""
+        self.requests.write(json.dumps({"nodeids": nodeids, "report": str(report)}).encode() + b"\n")
+
+    async def stop(self, *, kill: bool = False) -> None:
+        """End the process: politely (end of input) unless `kill`; the whole group goes either way."""
+        self.requests.close()
+        if self.alive and not kill:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), KILL_GRACE_S)
+        if self.alive:
+            await _stop_group(self.proc, KILL_GRACE_S)
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.pump), PIPE_DRAIN_S)
+        for task in (self.pump, self.exited):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self.pump, self.exited) if t is not None), return_exceptions=True)
+        self.transport.close()
+
+
+class WarmPool:
+    """This worker's warm processes and the per-run workspace copies they run in."""
+
+    def __init__(self, root: Path, python: str, *, idle_s: float = IDLE_S) -> None:
+        self.root = root
+        self.python = python
+        self.idle_s = idle_s
+        self.processes: list[WarmProcess] = []
+        self.workspaces: dict[tuple[str, str], Path] = {}
+        self.workspace_used: dict[tuple[str, str], float] = {}
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.broken: set[tuple] = set()
+
+    def wants(self, spec: TaskSpec) -> bool:
+        return suite_of(spec) is not None
+
+    async def workspace(self, run_id: str, cached: Path) -> Path:
+        """The run's own copy of a cached workspace, made by its first shard on this worker."""
+        key = (run_id, cached.name)
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            if key not in self.workspaces:
+                target = self.root / f"{run_id}-{cached.name[:16]}"
+                await asyncio.to_thread(shutil.rmtree, target, True)
+                await asyncio.to_thread(shutil.copytree, cached, target, symlinks=True)
+                self.workspaces[key] = target
+            self.workspace_used[key] = time.monotonic()
+            return self.workspaces[key]
+
+    def launcher(self, run_id: str, spec: TaskSpec):
+        """A drop-in for `process.run_process` that serves the shard from a warm process."""
+        suite = suite_of(spec)
+        assert suite is not None
+        nodeids = [str(p) for p in spec.config.get("paths", [])]
+
+        async def launch(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], sink: LogSink,
+                         timeout: float, cancel: asyncio.Event) -> ProcessResult:
+            key = (run_id, str(cwd), tuple(suite), tuple(test_args(spec)))
+            if key in self.broken:
+                return await run_process(argv, cwd=cwd, env=env, sink=sink, timeout=timeout, cancel=cancel)
+            try:
+                return await self._serve(key, suite, nodeids, cwd, env, sink, timeout, cancel)
+            except NotServed as why:
+                if why.broken:
+                    self.broken.add(key)
+                sink.note(f"warm pytest not used: {why}; running this shard in a fresh pytest")
+                return await run_process(argv, cwd=cwd, env=env, sink=sink, timeout=timeout, cancel=cancel)
+
+        return launch
+
+    async def _serve(self, key: tuple, suite: list[str], nodeids: list[str], cwd: Path, env: Mapping[str, str],
+                     sink: LogSink, timeout: float, cancel: asyncio.Event) -> ProcessResult:
+        await self._reap()
+        started = time.monotonic()
+        deadline = started + timeout
+        warm = next((w for w in self.processes if w.key == key and not w.busy and w.alive), None)
+        if warm is None:
+            warm = await self._start(key, suite, cwd, env)
+        warm.busy = True
+        warm.sink = sink
+        try:
+            if not warm.ready:
+                reply = await warm.next_reply(deadline, cancel)
+                if isinstance(reply, dict):
+                    if not reply.get("ready"):
+                        await self._discard(warm)
+                        raise NotServed("collecting the suite failed", broken=True)
+                    warm.ready = True
+                else:
+                    return await self._ended(warm, reply, sink, started, timeout, "while collecting")
+            report = Path(env["DTF_TEST_REPORT"])
+            warm.request(nodeids, report)
+            reply = await warm.next_reply(deadline, cancel)
+            if not isinstance(reply, dict):
+                return await self._ended(warm, reply, sink, started, timeout, "")
+            if reply.get("missing"):
+                raise NotServed(f"not collected by it: {', '.join(reply['missing'][:3])}")
+            return ProcessResult(reply.get("exitstatus", 3), "exit", time.monotonic() - started, warm.proc.pid)
+        finally:
+            warm.sink = None
+            warm.busy = False
+            warm.last_used = time.monotonic()
+
+    async def _start(self, key: tuple, suite: list[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
+        argv = [self.python, "-m", "pytest", *suite, *key[3], "-p", REPORT_PLUGIN, "-p", CHILD_PLUGIN,
+                "-p", "no:cacheprovider", "-q"]
+        startup_report = self.root / f"startup-{secrets.token_hex(4)}.jsonl"
+        child_env = {**env, "DTF_TEST_REPORT": str(startup_report), IDLE_ENV: str(self.idle_s * 2)}
+        try:
+            warm = await WarmProcess.spawn(key, argv, cwd, child_env)
+        except OSError as exc:
+            raise NotServed(f"cannot start {self.python}: {exc}") from None
+        self.processes.append(warm)
+        log.info("warm pytest %d started for %s", warm.proc.pid, key[0])
+        return warm
+
+    async def _ended(self, warm: WarmProcess, how: str, sink: LogSink, started: float, timeout: float,
+                     when: str) -> ProcessResult:
+        """The shard ended without a reply: timed out, cancelled, or the process died."""
+        await self._discard(warm, kill=True)
+        if how == "exit":
+            code = warm.proc.returncode
+            sink.note(f"the warm pytest process exited (code {code}) {when or 'in the middle of the shard'}")
+            # 0 or 1 would read as "tests passed/failed"; a process that died mid-shard is an error
+            return ProcessResult(3 if code in (0, 1) else code, "exit", time.monotonic() - started, warm.proc.pid)
+        return ProcessResult(warm.proc.returncode, "timeout" if how == "timeout" else "cancel",
+                             time.monotonic() - started, warm.proc.pid)
+
+    async def _discard(self, warm: WarmProcess, *, kill: bool = False) -> None:
+        with contextlib.suppress(ValueError):
+            self.processes.remove(warm)
+        await warm.stop(kill=kill)
+
+    async def _reap(self) -> None:
+        """Stop processes idle for `idle_s`, and remove run workspaces nothing has used for as long."""
+        now = time.monotonic()
+        for warm in [w for w in self.processes if not w.busy and (not w.alive or now - w.last_used > self.idle_s)]:
+            await self._discard(warm)
+        for key, used in list(self.workspace_used.items()):
+            path = self.workspaces[key]
+            if now - used > self.idle_s and not any(w.key[1].startswith(str(path)) for w in self.processes):
+                del self.workspaces[key], self.workspace_used[key]
+                self.locks.pop(key, None)
+                await asyncio.to_thread(shutil.rmtree, path, True)
+
+    async def close(self) -> None:
+        """Stop every process and remove every workspace copy (the worker is stopping)."""
+        for warm in list(self.processes):
+            await self._discard(warm)
+        for path in self.workspaces.values():
+            await asyncio.to_thread(shutil.rmtree, path, True)
+        self.workspaces.clear()
+        self.workspace_used.clear()

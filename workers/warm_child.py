@@ -1,0 +1,150 @@
+"""The run loop inside a warm pytest process (`-p dtf.workers.warm_child`; see `warm` for the parent).
+
+pytest has no "serve node ids on demand" mode, so, like pytest-xdist's worker, this plugin takes over
+`pytest_runtestloop`: pytest starts and collects the whole suite once as usual, then instead of
+running every item the loop answers requests read from a pipe the parent passed (its fd number in
+DTF_WARM_REQUEST_FD; not stdin, which pytest's capture keeps on /dev/null), one JSON line each:
+
+    {"nodeids": [...], "report": "<path>"}   run these items (ids relative to the working directory,
+                                             as `dtf submit --split` collected them), in this order,
+                                             through the normal `pytest_runtest_protocol`; the dtf
+                                             report plugin writes their outcomes to "report"
+
+After collection, and after each request, it writes one reply line to stdout, in the same stream as
+the tests' output, so everything a shard printed comes before its reply:
+
+    <token> {"ready": true, "items": n}      collected, waiting (false: collection failed)
+    <token> {"exitstatus": 0|1, "missing": [...]}   a request is done (missing: ids not collected;
+                                             nothing ran)
+
+`<token>` comes from the environment (DTF_WARM_TOKEN), so a test cannot forge a reply by printing.
+Each request starts with fresh failure counters (`-x`/`--maxfail` count per request) and ends with
+the last item's teardown against no next item, so every fixture, session-scoped ones too, is torn
+down before the reply: a shard's fixture errors land in its own report, and a killed process leaves
+nothing half set up for the next shard. The loop ends at end of input, or after DTF_WARM_IDLE_S
+seconds without a request (so a process whose parent vanished goes away by itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import time
+from typing import Any
+
+import pytest
+
+TOKEN_ENV = "DTF_WARM_TOKEN"
+REQUEST_FD_ENV = "DTF_WARM_REQUEST_FD"
+IDLE_ENV = "DTF_WARM_IDLE_S"
+
+
+def runnable_id(item: Any, cwd: str) -> str:
+    """The item's node id relative to the working directory (pytest's own is relative to its rootdir)."""
+    path = os.path.relpath(str(item.path), cwd)
+    _, sep, rest = item.nodeid.partition("::")
+    return path + sep + rest
+
+
+class Lines:
+    """Request lines from a file descriptor, with an idle timeout (select needs an unbuffered fd)."""
+
+    def __init__(self, fd: int, idle_s: float) -> None:
+        self.fd = fd
+        self.idle_s = idle_s
+        self.buffer = b""
+
+    def next(self) -> dict | None:
+        while b"\n" not in self.buffer:
+            ready, _, _ = select.select([self.fd], [], [], self.idle_s)
+            if not ready:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+
+class WarmLoop:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.token = os.environ[TOKEN_ENV]
+        self.requests = Lines(int(os.environ[REQUEST_FD_ENV]), float(os.environ.get(IDLE_ENV, "60")))
+        self.failures: list[pytest.TestReport] = []
+        self.counts: dict[str, int] = {}
+
+    def reply(self, message: dict) -> None:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os.write(1, f"\n{self.token} {json.dumps(message)}\n".encode())
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        if session.testsfailed and not session.config.option.continue_on_collection_errors:
+            self.reply({"ready": False, "collection_errors": session.testsfailed})
+            return True
+        cwd = str(session.config.invocation_params.dir)
+        items = {runnable_id(item, cwd): item for item in session.items}
+        self.reply({"ready": True, "items": len(items)})
+        while (request := self.requests.next()) is not None:
+            self.serve(session, items, request)
+        return True
+
+    def serve(self, session: pytest.Session, items: dict[str, Any], request: dict) -> None:
+        missing = [n for n in request["nodeids"] if n not in items]
+        if missing:
+            self.reply({"exitstatus": None, "missing": missing[:20]})
+            return
+        recorder = self.config.pluginmanager.get_plugin("dtf-test-report")
+        if recorder is not None:
+            recorder.path = request["report"]
+        session.testsfailed = 0
+        session.shouldfail = session.shouldstop = False
+        self.failures, self.counts = [], {}
+        started = time.monotonic()
+        chosen = [items[n] for n in request["nodeids"]]
+        for i, item in enumerate(chosen):
+            nextitem = chosen[i + 1] if i + 1 < len(chosen) else None
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            if session.shouldfail or session.shouldstop:  # -x: the protocol already tore everything down
+                break
+        self.summarize(time.monotonic() - started)
+        self.reply({"exitstatus": 1 if session.testsfailed else 0, "missing": []})
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or report.failed or (report.when == "setup" and report.skipped):
+            if report.failed and report.when != "call":
+                word = "error"
+            elif hasattr(report, "wasxfail"):
+                word = "xfailed" if report.skipped else "xpassed"
+            else:
+                word = report.outcome
+            self.counts[word] = self.counts.get(word, 0) + 1
+        if report.failed:
+            self.failures.append(report)
+
+    def summarize(self, seconds: float) -> None:
+        """What `pytest -q` prints at the end, for this request: each failure, then the counts."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        reporter.ensure_newline()
+        for report in self.failures:
+            title = report.head_line or report.nodeid
+            reporter.write_sep("_", f"ERROR at {report.when} of {title}" if report.when != "call" else title,
+                               red=True, bold=True)
+            report.toterminal(reporter._tw)
+            for name, content in report.sections:
+                reporter.write_sep("-", name)
+                reporter.write_line(content.rstrip("\n"))
+        counts = ", ".join(f"{n} {word}" for word, n in sorted(self.counts.items())) or "no tests ran"
+        reporter.write_line(f"{counts} in {seconds:.2f}s")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if REQUEST_FD_ENV in os.environ and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(WarmLoop(config), "dtf-warm-loop")
