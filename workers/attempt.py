@@ -36,12 +36,12 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.spec import TaskSpec
 from dtf.streams import bus, topology
 from dtf.workers import artifacts, workspace
 from dtf.workers.livelog import LiveLog
-from dtf.workers.process import TAIL_BYTES
+from dtf.workers.process import TAIL_BYTES, run_process
 from dtf.workers.runner import run_attempt
+from dtf.workers.warm import WarmPool
 
 log = logging.getLogger("dtf.worker.attempt")
 
@@ -70,6 +70,11 @@ class Context:
     workdir: Path
     python: str
     workspace_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    warm: WarmPool = field(init=False)
+    """Warm pytest processes for split shards (`warm`)."""
+
+    def __post_init__(self) -> None:
+        self.warm = WarmPool(self.cache_dir / "warm", self.python)
 
 
 @dataclass(eq=False)
@@ -189,10 +194,11 @@ async def _keep_claim(attempt: Attempt) -> None:
             log.warning("in-progress ack for %s failed: %s", attempt.key, exc)
 
 
-async def _workdir(ctx: Context, spec: TaskSpec, attempt_dir: Path) -> Path:
+async def _workdir(ctx: Context, a: ev.TaskAssigned, attempt_dir: Path) -> Path:
     """Where the attempt runs: the worker's workdir, or a private copy of the cached workspace (so a
-    task that writes into its tree, even just __pycache__, cannot change what a retry starts from)."""
-    ref = spec.workspace
+    task that writes into its tree, even just __pycache__, cannot change what a retry starts from);
+    a split shard for a warm pytest process shares its run's copy with that process."""
+    ref = a.spec.workspace
     if ref is None:
         return ctx.workdir
     lock = ctx.workspace_locks.setdefault(ref.sha256, asyncio.Lock())
@@ -200,6 +206,8 @@ async def _workdir(ctx: Context, spec: TaskSpec, attempt_dir: Path) -> Path:
         cached = await workspace.materialize(ctx.js, ref, ctx.cache_dir / "workspaces")
     private = attempt_dir / "workspace"
     try:
+        if ctx.warm.wants(a.spec):
+            return await ctx.warm.workspace(a.run_id, cached)
         await asyncio.to_thread(shutil.copytree, cached, private, symlinks=True)
     except OSError as exc:  # shutil.Error included: a full disk, a vanished cache
         raise workspace.WorkspaceError(f"cannot copy the workspace for this attempt: {exc}", "resource") from None
@@ -233,14 +241,15 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         ))
         await asyncio.to_thread(shutil.rmtree, attempt_dir, True)  # a crashed earlier run's leftovers
         try:
-            workdir = await _workdir(ctx, a.spec, attempt_dir)
+            workdir = await _workdir(ctx, a, attempt_dir)
         except workspace.WorkspaceError as exc:
             await _finish(ctx, attempt, failed(a, exc.category, str(exc)))
             return
         live = LiveLog(ctx.nc, subjects.live_log(a.task_id)).start()
         try:
+            launch = ctx.warm.launcher(a.run_id, a.spec) if ctx.warm.wants(a.spec) else run_process
             result = await run_attempt(a.spec, workdir, attempt_dir, python=ctx.python,
-                                       on_output=live.append, cancel=attempt.cancel)
+                                       on_output=live.append, cancel=attempt.cancel, launch=launch)
         finally:
             await live.aclose()
         if attempt.releasing:

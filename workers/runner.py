@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,9 @@ LOG_NAME = "output.log"
 TEST_REPORT_NAME = "tests.jsonl"
 METRICS_NAME = "metrics.json"
 PLUGIN = "dtf.workers.pytest_plugin"
+
+Launch = Callable[..., Awaitable[ProcessResult]]
+"""`run_process`'s signature: (argv, *, cwd, env, sink, timeout, cancel) -> ProcessResult."""
 
 PYTEST_EXIT_REASONS = {
     2: "pytest was interrupted (collection errors or ^C)",
@@ -97,10 +100,11 @@ def plan(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str) -> _Plan
 async def run_attempt(
     spec: TaskSpec, workdir: Path, attempt_dir: Path, *, python: str = sys.executable,
     on_output: Callable[[bytes], None] | None = None, cancel: asyncio.Event | None = None,
-    max_log_bytes: int = MAX_LOG_BYTES,
+    max_log_bytes: int = MAX_LOG_BYTES, launch: Launch = run_process,
 ) -> RunResult:
     """Run one attempt to its end; never raises for anything the task does (only for a broken
-    attempt_dir). `cancel` ends it early with outcome "cancelled"."""
+    attempt_dir). `cancel` ends it early with outcome "cancelled". `launch` runs the planned command
+    (`process.run_process`; a warm pytest process's launcher serves a split shard instead)."""
     cancel = cancel or asyncio.Event()
     attempt_dir = Path(attempt_dir)
     attempt_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,7 @@ async def run_attempt(
         (attempt_dir / leftover).unlink(missing_ok=True)
     sink = LogSink(attempt_dir / LOG_NAME, max_bytes=max_log_bytes, on_output=on_output)
     try:
-        result = await _run(spec, Path(workdir), attempt_dir, python, cancel, sink)
+        result = await _run(spec, Path(workdir), attempt_dir, python, cancel, sink, launch)
         result.labels = labels_for(spec)
         return result
     finally:
@@ -116,7 +120,7 @@ async def run_attempt(
 
 
 async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, cancel: asyncio.Event,
-               sink: LogSink) -> RunResult:
+               sink: LogSink, launch: Launch) -> RunResult:
     try:
         planned = plan(spec, Path(workdir), attempt_dir, python)
     except SpecError as exc:
@@ -126,8 +130,8 @@ async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, ca
     if cancel.is_set():
         return _without_process(spec, sink, "cancelled", "cancelled before it started")
     try:
-        proc = await run_process(planned.argv, cwd=planned.cwd, env=planned.env, sink=sink,
-                                 timeout=spec.timeout_seconds, cancel=cancel)
+        proc = await launch(planned.argv, cwd=planned.cwd, env=planned.env, sink=sink,
+                            timeout=spec.timeout_seconds, cancel=cancel)
     except OSError as exc:
         return _without_process(spec, sink, "error", f"cannot start {planned.argv[0]}: {exc}")
     if spec.type == "test":

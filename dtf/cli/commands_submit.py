@@ -16,6 +16,8 @@ from rich.table import Table
 
 from dtf import events as ev
 from dtf import subjects
+from dtf import split
+from dtf.cli import splitting
 from dtf.cli import submit as sub
 from dtf.cli.common import CliError, connected, nats_options, parse_pairs
 from dtf.cli.progress import RunProgress
@@ -178,6 +180,14 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
 @click.option("--rerun-failed", "rerun_failed", metavar="RUN_ID",
               help="Submit again, as a new run, the tasks of RUN_ID that did not pass (only the failed tests "
                    "when known).")
+@click.option("--split", "split_into", metavar="auto|N",
+              help="Collect the tests once and pack them by their recorded durations into shards for N parallel "
+                   "workers (auto: the capable workers online), biggest first, smaller ones at the tail.")
+@click.option("--group", type=click.Choice(split.GROUPS), default="auto", show_default=True,
+              help="With --split: what stays in one shard (auto: files, cut by class then test only when one "
+                   "is too long to balance).")
+@click.option("--cold", is_flag=True,
+              help="With --split: a fresh pytest per shard instead of the worker's warm pytest process.")
 @WAIT_TIMEOUT
 @nats_options
 @click.pass_context
@@ -185,7 +195,8 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
            spec_file: Path | None, wait: bool, as_json: bool, priority: int, requires: tuple[str, ...],
            labels: tuple[str, ...], configs: tuple[str, ...], retries: int, timeout: float, no_ship: bool,
            run_id: str | None, project: str, name: str, depends_on: tuple[str, ...], deadline: str | None,
-           rerun_failed: str | None, wait_timeout: float | None, nats_url: str | None, creds: str | None) -> None:
+           rerun_failed: str | None, split_into: str | None, group: str, cold: bool, wait_timeout: float | None,
+           nats_url: str | None, creds: str | None) -> None:
     """Submit tests (PATHS), a --command, a --benchmark, a --spec file, or --rerun-failed RUN_ID.
 
     PATHS are shipped to the workers (packed once, cached by content hash) unless --no-ship; with
@@ -200,6 +211,11 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
         raise click.UsageError("nothing to submit: give test PATHS, --command, --benchmark, --spec or --rerun-failed")
     if rerun_failed is not None and paths:
         raise click.UsageError("--rerun-failed takes no PATHS: the run's tasks keep their own workspace")
+    if split_into is not None and (kinds or not paths):
+        raise click.UsageError("--split splits test PATHS; it does not go with --command, --benchmark, --spec "
+                               "or --rerun-failed")
+    splitting_request = (splitting.Request(splitting.parse_split(split_into), group, warm=not cold)
+                         if split_into is not None else None)
     for value, hint in ((run_id, "--run-id"), (rerun_failed, "--rerun-failed"),
                         *((dep, "--depends-on") for dep in depends_on)):
         if value is not None and not subjects.is_token(value):
@@ -218,11 +234,11 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
         base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
     run_id = run_id or sub.new_run_id()
     asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json,
-                        no_ship, project, wait_timeout, nats_url, creds))
+                        no_ship, project, wait_timeout, nats_url, creds, splitting_request))
 
 
 async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json, no_ship,
-                  project, wait_timeout, nats_url, creds) -> None:
+                  project, wait_timeout, nats_url, creds, splitting_request=None) -> None:
     from dtf.workers import workspace
 
     root = sub.workspace_root([Path(p) for p in paths]) if paths else None
@@ -249,8 +265,12 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                 specs = sub.task_specs(kind=kind, paths=[], command=command or benchmark, base=base,
                                        root=root, workspace=ref)
             else:
+                shards = None
+                if splitting_request is not None:
+                    base, shards = await splitting.plan_shards(nc, js, splitting_request, base, root, list(paths),
+                                                               project or sub.submitter_name())
                 specs = sub.task_specs(kind="test", paths=list(paths), command=None, base=base, root=root,
-                                       workspace=ref)
+                                       workspace=ref, shards=shards)
         except SpecError as exc:
             raise CliError(str(exc)) from None
         if not specs:

@@ -61,16 +61,17 @@ def split_test_paths(args: list[str], root: Path) -> list[list[str]]:
 
 def task_specs(
     *, kind: str, paths: list[str], command: str | None, base: TaskSpec,
-    root: Path | None, workspace: WorkspaceRef | None,
+    root: Path | None, workspace: WorkspaceRef | None, shards: list[list[str]] | None = None,
 ) -> list[TaskSpec]:
-    """The specs one submission becomes (validated; SpecError says what is wrong)."""
+    """The specs one submission becomes (validated; SpecError says what is wrong). A test submission
+    is one task per test file, or per given shard of node ids (`--split`)."""
     where = {} if workspace is not None or root is None else {"cwd": str(root)}
     if kind == "test":
         assert root is not None
-        shards = split_test_paths(paths, root)
+        shards = split_test_paths(paths, root) if shards is None else shards
         specs = [
             msgspec.structs.replace(
-                base, type="test", name=" ".join(shard),
+                base, type="test", name=" ".join(shard) if len(shard) == 1 else f"{shard[0]} (+{len(shard) - 1})",
                 config={**base.config, **where, "paths": shard}, workspace=workspace,
             )
             for shard in shards
