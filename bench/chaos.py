@@ -2,7 +2,7 @@
 the projector are killed, paused and restarted; then proof from the event log that nothing was lost
 or completed twice, and that the rebuilt read model equals the live one.
 
-    python bench/chaos.py [--tasks 500] [--quick] [--keep]
+    python bench/chaos.py [--tasks 500] [--quick] [--keep] [--only leader,follower --repeat 3 --no-together]
 
 Everything is a real process: 3 nats-server nodes (streams.cluster.Cluster, R3 streams), 2
 `dtf coordinator` replicas, 3 `dtf worker`s (heartbeat 0.5 s, coordinator timeout 2 s), 1
@@ -56,6 +56,7 @@ from dtf.state import Fold
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_STREAM = "CHAOS_PROBE"
 PROBE_SUBJECT = "chaos.probe"
+FAULTS = ("worker-kill", "worker-stop", "coordinator", "follower", "leader", "projector")
 
 
 class ChaosError(AssertionError):
@@ -104,17 +105,17 @@ class LiveView:
                                           deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                           opt_start_seq=self.fold.last_seq + 1, inactive_threshold=60.0),
                     pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30)
-                quiet = 0
-                while quiet < 2:
+                stalled = False
+                while not stalled:
                     if (me := asyncio.current_task()) is not None and me.cancelling():
                         raise asyncio.CancelledError  # 3.11: nats' wait_for may turn a cancel into a timeout
                     try:
-                        msg = await sub.next_msg(timeout=2.5)
+                        msg = await sub.next_msg(timeout=1.0)
                     except nats.errors.TimeoutError:
-                        # Quiet twice while the stream grew: the follow stalled; start a new one.
-                        quiet = quiet + 1 if await _tail(self.js) > self.fold.last_seq else 0
+                        # Quiet for a second while the stream grew: the follow stalled (as the
+                        # coordinator judges it); start a new one, so the feeder never waits on us.
+                        stalled = await _tail(self.js) > self.fold.last_seq
                         continue
-                    quiet = 0
                     self.fold.apply(msg.subject, msg.metadata.sequence.stream, msg.data)
                 self.restarts += 1
             except asyncio.CancelledError:
@@ -129,7 +130,7 @@ class LiveView:
 
 async def _tail(js) -> int:
     try:
-        return (await js.stream_info(topology.EVENTS)).state.last_seq
+        return (await asyncio.wait_for(js.stream_info(topology.EVENTS), 2.0)).state.last_seq
     except Exception:  # noqa: BLE001 - mid-election: ask again later
         return 0
 
@@ -626,10 +627,12 @@ async def run(opts: argparse.Namespace, root: Path, say: Callable[[str], None] =
         await h.start()
         feeder = asyncio.create_task(h.feed(opts.tasks, backlog=3 * h.n_workers * h.concurrency))
         await asyncio.sleep(opts.calm)  # the fault-free phase
-        schedule: list[Callable[[], Awaitable[None]]] = [h.kill_worker, h.pause_worker, h.kill_coordinator]
-        if not opts.no_nats:
-            schedule += [lambda: h.kill_node(False, opts.node_down), lambda: h.kill_node(True, opts.node_down)]
-        schedule.append(h.kill_projector)
+        steps: dict[str, Callable[[], Awaitable[None]]] = {
+            "worker-kill": h.kill_worker, "worker-stop": h.pause_worker, "coordinator": h.kill_coordinator,
+            "follower": lambda: h.kill_node(False, opts.node_down),
+            "leader": lambda: h.kill_node(True, opts.node_down), "projector": h.kill_projector,
+        }
+        schedule = [steps[name] for name in opts.only] * opts.repeat
         for step in schedule:  # in turn
             await step()
             await asyncio.sleep(opts.pause)
@@ -670,6 +673,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--heartbeat-timeout", type=float, default=2.0)
     p.add_argument("--keep", action="store_true", help="Keep the data dir (logs, stores, databases).")
+    p.add_argument("--only", type=lambda v: v.split(","), default=list(FAULTS),
+                   help=f"Faults to inflict in turn, comma-separated (default all: {','.join(FAULTS)}).")
+    p.add_argument("--repeat", type=int, default=1, help="Inflict the in-turn schedule this many times.")
+    p.add_argument("--no-together", dest="together", action="store_false",
+                   help="Skip the round of faults together.")
     return p
 
 
@@ -677,9 +685,12 @@ def configure(opts: argparse.Namespace) -> argparse.Namespace:
     opts.calm = 6.0 if opts.quick else 15.0
     opts.pause = 2.0 if opts.quick else 5.0
     opts.node_down = 3.0 if opts.quick else 6.0
-    opts.together = not opts.quick
+    opts.together = opts.together and not opts.quick
     opts.together_leader = False
     opts.no_nats = False
+    unknown = set(opts.only) - set(FAULTS)
+    if unknown:
+        raise SystemExit(f"chaos: unknown fault(s) {', '.join(sorted(unknown))} (known: {', '.join(FAULTS)})")
     opts.settle_timeout = 300.0
     return opts
 

@@ -32,7 +32,7 @@ import tenacity
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from dtf import events as ev
 from dtf import subjects
@@ -55,6 +55,7 @@ RECHECK_DELAY_S = 2.0
 RETRYABLE = (
     TimeoutError, ConnectionError, nats.errors.ConnectionClosedError, nats.errors.NoServersError,
     nats.errors.NoRespondersError, nats.errors.OutboundBufferLimitError, ServiceUnavailableError,
+    NoStreamResponseError,
 )
 """Bus trouble that passes; anything else (a refused or oversized event) is not retried."""
 
@@ -267,11 +268,14 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         raise
     except Exception as exc:
         log.exception("attempt %s broke", attempt.key)
-        if not attempt.reported:
-            try:
-                await _finish(ctx, attempt, failed(a, "worker", f"the worker failed: {exc!r}"[:1000]))
-            except Exception:
-                log.exception("cannot report the failure of %s; leaving it for redelivery", attempt.key)
+        # Even if its result was published (an ack lost in a failover), this failure settles nothing
+        # then: the fold takes one terminal event per attempt.
+        try:
+            await _finish(ctx, attempt, failed(a, "worker", f"the worker failed: {exc!r}"[:1000]))
+        except Exception:
+            log.exception("cannot report the failure of %s; it will come back", attempt.key)
+            with contextlib.suppress(Exception):  # unacked: have it back soon, not after the ack wait
+                await attempt.msg.nak(delay=RECHECK_DELAY_S)
     finally:
         keepalive.cancel()
         await asyncio.gather(keepalive, return_exceptions=True)

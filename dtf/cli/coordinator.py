@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from dtf import events as ev
 from dtf import schedule, subjects
 from dtf.state import Fold
-from dtf.streams import bus, topology
+from dtf.streams import bus, placement, topology
 
 log = logging.getLogger("dtf.coordinator")
 
@@ -36,6 +37,8 @@ FOLLOW_CHECK_S = 1.0
 second, so after a stream leader election the fold resumes within a second of the stream answering."""
 PUBLISH_TIMEOUT_S = 2.0
 """A decision not acked by then is retried next round (same id: deduplicated if it was stored)."""
+PLACEMENT_CHECK_S = 3.0
+"""How often (jittered) a replica checks that the cluster's leaders are together."""
 PUBLISH_WINDOW = 256
 """Decisions in flight at once."""
 
@@ -73,6 +76,7 @@ class Coordinator:
             asyncio.create_task(self._follow_events(start_tail), name="coordinator-events"),
             asyncio.create_task(self._follow_heartbeats(), name="coordinator-heartbeats"),
             asyncio.create_task(self._decide_loop(), name="coordinator-decide"),
+            asyncio.create_task(self._keep_leaders_together(), name="coordinator-placement"),
         ]
         log.info("coordinator %s folding %s from seq 1 (tail %d)", self.name, topology.EVENTS, start_tail)
         stopped = asyncio.create_task(stop.wait())
@@ -148,6 +152,14 @@ class Coordinator:
                     await asyncio.gather(pending, return_exceptions=True)
                 with contextlib.suppress(Exception):
                     await messages.aclose()
+
+    async def _keep_leaders_together(self) -> None:
+        """On a cluster, keep every Raft group dtf needs led by the DTF_EVENTS leader (see
+        dtf.streams.placement): then a follower node's loss stalls nothing."""
+        misplaced: frozenset[str] = frozenset()
+        while True:
+            await asyncio.sleep(PLACEMENT_CHECK_S * random.uniform(0.75, 1.25))
+            misplaced = await placement.colocate(self.nc, self.js, misplaced)
 
     async def _decide_loop(self) -> None:
         await self.caught_up.wait()
