@@ -231,10 +231,57 @@ class WorkerDrainRequested(Event, tag=True, kw_only=True):
     reason: str = ""
 
 
+# --- analysis (the detector, #5) -----------------------------------------------------------------
+
+
+class Detection(TaskEvent, kw_only=True):
+    """What the detector found in one series, published on the subject of the task whose result
+    triggered it (`run_id`, `task_id`: the last result it needed). A series is one benchmark metric
+    (or one test's failure rate) under one set of labels on one kind of hardware, named
+    `BENCHMARK:METRIC{k=v,...}@HARDWARE` (see `dtf.projections.detection`). Ids are
+    `<kind>-<series hash>-<triggering result id>`, so a restarted or rebuilt detector publishes the
+    same event with the same id."""
+
+    series: str
+    benchmark: str
+    metric: str
+    labels: dict[str, str] = {}
+    hardware: list[str] = []
+    better: Literal["lower", "higher"]
+    """Which way of the metric is better (lower for times and latencies, higher for throughput)."""
+    size: float
+    """Relative change, signed: (new - old) / |old|."""
+    confidence: float
+    """In [0, 1]: how unlikely the change is under the series' noise."""
+    detector: str
+    """The method and its settings, e.g. `page-hinkley(delta=0.5,threshold=8)`."""
+    result_ids: list[str] = []
+    """The ResultReported events (ids) that made the detection, oldest first."""
+
+
+class RegressionDetected(Detection, tag=True, kw_only=True):
+    """A level shift for the worse: the series moved from `before` to `after` (medians of the runs
+    either side of the estimated change) and stayed there. `result_ids` are the results since the
+    change; `change_run_id` is the run of the first of them."""
+
+    before: float
+    after: float
+    change_run_id: str = ""
+
+
+class AnomalyDetected(Detection, tag=True, kw_only=True):
+    """A single outlier: `value` (one result) far from `expected` (the series' median), confirmed by
+    the next result falling back in line. `direction` says whether the outlier was for the worse."""
+
+    value: float
+    expected: float
+    direction: Literal["worse", "better"]
+
+
 AnyEvent = (
     TaskSubmitted | TaskAssigned | TaskStarted | ResultReported | TaskFailed | TaskReleased
     | TaskPreempted | TaskCancelled | TaskRejected | TaskUnschedulable | TaskDeadlineMissed | WorkerRegistered | WorkerHeartbeat | WorkerLeft | WorkerLost
-    | WorkerQuarantined | WorkerDrainRequested
+    | WorkerQuarantined | WorkerDrainRequested | RegressionDetected | AnomalyDetected
 )
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]

@@ -11,7 +11,11 @@ comes from (a submitter, a worker) is a subject token that server permissions ca
 
 `<party>` is the submitter for `submitted`/`cancelled`, the worker for everything a worker publishes and
 for `assigned` and `preempted` (the assignee, so each worker's durable consumer filters on its own id), and
-`coordinator` for the coordinator's own verdicts (`rejected`, `unschedulable`, `deadline`).
+`coordinator` for the coordinator's own verdicts (`rejected`, `unschedulable`, `deadline`), and
+`detector` for the detector's findings (`regression`, `anomaly`). Those go on the subject of the task
+whose result triggered them rather than a stream of their own: `dtf wait`, `dtf replay --task` and a
+run's report see a run's regressions with the filters they already use, and the read model's rebuild
+needs no new subject.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ TASKS = f"{PREFIX}.task.>"
 WORKERS = f"{PREFIX}.worker.>"
 HEARTBEATS = f"{PREFIX}.hb.>"
 COORDINATOR = "coordinator"
+DETECTOR = "detector"
+"""The party of the detector's findings (`regression`, `anomaly`), on the triggering task's subject."""
 INVALID_RUN = "_invalid"
 """Run token used for a rejection whose source subject named no usable run/task."""
 
@@ -41,6 +47,8 @@ TASK_KINDS: dict[type[ev.Event], str] = {
     ev.TaskRejected: "rejected",
     ev.TaskUnschedulable: "unschedulable",
     ev.TaskDeadlineMissed: "deadline",
+    ev.RegressionDetected: "regression",
+    ev.AnomalyDetected: "anomaly",
 }
 WORKER_KINDS: dict[type[ev.Event], str] = {
     ev.WorkerRegistered: "registered",
@@ -111,6 +119,8 @@ def party_of(event: ev.Event) -> str:
         return event.by or COORDINATOR
     if isinstance(event, ev.AttemptEvent):
         return event.worker_id
+    if isinstance(event, ev.Detection):
+        return DETECTOR
     return COORDINATOR
 
 

@@ -30,7 +30,7 @@ import msgspec
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.projections import rows, schema
+from dtf.projections import anomalies, rows, schema
 from dtf.state import ACTIVE, Fold, TaskState, WorkerState
 from dtf.streams.topology import EVENTS, HEARTBEATS
 
@@ -93,6 +93,7 @@ class _Staged:
     attempts: dict[tuple[str, int], dict] = field(default_factory=dict)
     test_results: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
+    detections: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     invalid: list[dict] = field(default_factory=list)
     heartbeats: dict[str, dict] = field(default_factory=dict)
@@ -224,6 +225,9 @@ class Projection:
         event = applied.event
         if isinstance(event, ev.TaskEvent):
             changed = self._stage_task(event, task_before, staged, tests)
+            if isinstance(event, ev.Detection):  # the detector's finding: no task changes, a row does
+                staged.detections.append(anomalies.detection_row(msg.stream, msg.seq, event))
+                changed = True
             worker_after = self.fold.workers.get(parsed.party)
             if worker_after is not None and worker_after is not worker_before:
                 staged.workers[parsed.party] = worker_after  # an attempt's verdict on its worker's health
@@ -299,6 +303,7 @@ class Projection:
         self._upsert(schema.ATTEMPTS, list(staged.attempts.values()))
         self._upsert(schema.TEST_RESULTS, staged.test_results, replace=False)
         self._upsert(schema.METRICS, staged.metrics, replace=False)
+        self._upsert(schema.DETECTIONS, staged.detections, replace=False)
         if staged.heartbeats:
             replaced = sorted(staged.heartbeats)
             for table in ("events", "invalid_events"):

@@ -12,6 +12,7 @@ msgspec-encoded fold state: the projector resumes its fold from them instead of 
     events          the ledger: every admitted event (DTF_HEARTBEATS: the last one per worker)
     invalid_events  messages that could not be accepted, with why and their raw bytes
     checkpoints     the last stream sequence applied, per stream
+    detections      one row per RegressionDetected / AnomalyDetected (projections/anomalies.py)
 """
 
 from __future__ import annotations
@@ -117,8 +118,17 @@ INVALID_EVENTS = Table("invalid_events", (
 
 CHECKPOINTS = Table("checkpoints", (("stream", "VARCHAR"), ("seq", "BIGINT")), key=("stream",))
 
+DETECTIONS = Table("detections", (
+    ("stream", "VARCHAR"), ("seq", "BIGINT"), ("event_id", "VARCHAR"), ("kind", "VARCHAR"),
+    ("series", "VARCHAR"), ("benchmark", "VARCHAR"), ("metric", "VARCHAR"), ("labels", "JSON"),
+    ("hardware", "VARCHAR[]"), ("run_id", "VARCHAR"), ("task_id", "VARCHAR"), ("before", "DOUBLE"),
+    ("after", "DOUBLE"), ("size", "DOUBLE"), ("better", "VARCHAR"), ("direction", "VARCHAR"),
+    ("confidence", "DOUBLE"), ("detector", "VARCHAR"), ("result_ids", "VARCHAR[]"),
+    ("change_run_id", "VARCHAR"), ("time", "TIMESTAMPTZ"),
+), key=("stream", "seq"))
+
 TABLES: tuple[Table, ...] = (
-    TASKS, ATTEMPTS, WORKERS, TEST_RESULTS, METRICS, EVENTS, INVALID_EVENTS, CHECKPOINTS,
+    TASKS, ATTEMPTS, WORKERS, TEST_RESULTS, METRICS, EVENTS, INVALID_EVENTS, CHECKPOINTS, DETECTIONS,
 )
 
 

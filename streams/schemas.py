@@ -40,6 +40,8 @@ def subject_template(cls: type[ev.Event]) -> str:
         party = "{by|coordinator}"
     elif issubclass(cls, ev.AttemptEvent):
         party = "{worker_id}"
+    elif issubclass(cls, ev.Detection):
+        party = subjects.DETECTOR
     else:
         party = subjects.COORDINATOR
     return subjects.task("{run_id}", "{task_id}", subjects.TASK_KINDS[cls], party)

@@ -89,6 +89,11 @@ envelope = {"id": texts, "time": times}
 task = dict(envelope, run_id=tokens, task_id=tokens)
 attempt = dict(task, attempt=st.integers(1, 100), worker_id=tokens)
 
+detection = dict(
+    series=texts, benchmark=texts, metric=texts, labels=st.dictionaries(texts, texts, max_size=3),
+    hardware=st.lists(texts, max_size=2), better=st.sampled_from(["lower", "higher"]), size=floats,
+    confidence=st.floats(0, 1), detector=texts, result_ids=st.lists(texts, max_size=3),
+)
 STRATEGIES: dict[type[ev.Event], st.SearchStrategy[ev.Event]] = {
     ev.TaskSubmitted: st.builds(ev.TaskSubmitted, **task, submitter=tokens, project=texts, spec=specs),
     ev.TaskAssigned: st.builds(ev.TaskAssigned, **attempt, coordinator=tokens, spec=specs),
@@ -122,6 +127,10 @@ STRATEGIES: dict[type[ev.Event], st.SearchStrategy[ev.Event]] = {
                                     reason=texts),
     ev.WorkerDrainRequested: st.builds(ev.WorkerDrainRequested, **envelope, worker_id=tokens, by=texts,
                                        reason=texts),
+    ev.RegressionDetected: st.builds(ev.RegressionDetected, **task, **detection, before=floats, after=floats,
+                                     change_run_id=texts),
+    ev.AnomalyDetected: st.builds(ev.AnomalyDetected, **task, **detection, value=floats, expected=floats,
+                                  direction=st.sampled_from(["worse", "better"])),
 }
 any_event = st.one_of(*STRATEGIES.values())
 

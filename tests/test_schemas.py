@@ -48,6 +48,15 @@ SAMPLES: list[ev.Event] = [
     ev.WorkerLost(id="lost1", time=T0, worker_id="w1", last_seen=T0, reason="no heartbeat for 20.0s"),
     ev.WorkerQuarantined(id="q1", time=T0, worker_id="w1", until=T0, reason="3 infrastructure failures in a row"),
     ev.WorkerDrainRequested(id="d1", time=T0, worker_id="w1", by="alice", reason="maintenance"),
+    ev.RegressionDetected(id="regression-ab12-res9", time=T0, run_id="r1", task_id="t1",
+                          series="resnet:latency_ms{batch=8}@cuda", benchmark="resnet", metric="latency_ms",
+                          labels={"batch": "8"}, hardware=["cuda"], better="lower", size=0.2, confidence=0.99,
+                          detector="page-hinkley", result_ids=["res8", "res9"], before=10.0, after=12.0,
+                          change_run_id="r0"),
+    ev.AnomalyDetected(id="anomaly-ab12-res7", time=T0, run_id="r1", task_id="t1",
+                       series="resnet:latency_ms{batch=8}@cuda", benchmark="resnet", metric="latency_ms",
+                       better="lower", size=1.5, confidence=1.0, detector="robust-z", result_ids=["res7"],
+                       value=25.0, expected=10.0, direction="worse"),
 ]
 
 FOREIGN_SUBMISSION = """{
