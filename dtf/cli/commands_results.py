@@ -183,12 +183,16 @@ def flaky(since: str | None, branch: str | None, as_json: bool, nats_url: str | 
 
 
 async def detections(nc, run_id: str) -> list[dict] | None:
-    """The anomalies query's findings for the run; None when no detector's read model answers."""
+    """The anomalies query's findings for the run; None when no detector's read model answers (the
+    rest of a report does not depend on it)."""
     try:
         await nc.request(subjects.query("anomalies"), b'{"limit": 1}', timeout=QUERY_TIMEOUT_S)
+        return await ask(nc, "anomalies", {"run_id": run_id})
     except (NoRespondersError, NatsTimeout):
         return None
-    return await ask(nc, "anomalies", {"run_id": run_id})
+    except CliError as exc:
+        click.echo(f"dtf: no regressions known: {exc.format_message()}", err=True)
+        return None
 
 
 async def caught_up(nc, run_id: str, settled: dict[str, str]) -> bool:
@@ -312,10 +316,29 @@ def report_command(ctx: click.Context, run_id: str | None, fmt: str, out: str, f
     ctx.exit(regression_exit(doc, fail_on_regression))
 
 
-async def after_wait(nc, run_id: str, tasks: list[TaskState], junit: Path | None, fail_on_regression: bool,
-                     exit_code: int) -> int:
-    """What `dtf submit --wait` adds for CI once the run settled: the JUnit file, the job summary, and
-    exit 4 for a regression when nothing failed. Returns the exit code."""
+def _remember(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    ctx.meta[f"dtf.ci.{param.name}"] = value
+    return value
+
+
+def ci_options(command):
+    """`--junit FILE` and `--fail-on-regression` for `dtf submit --wait`. Kept in the context's meta
+    rather than as parameters, so the submit command's long signature stays as it is;
+    `after_wait` reads them back."""
+    command = click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                           expose_value=False, callback=_remember,
+                           help="With --wait: write the run's JUnit XML report here.")(command)
+    return click.option("--fail-on-regression", is_flag=True, expose_value=False, callback=_remember,
+                        help=f"With --wait: exit {EXIT_REGRESSION} when the run brought a regression and "
+                             "nothing failed.")(command)
+
+
+async def after_wait(ctx: click.Context, nc, run_id: str, tasks: list[TaskState], exit_code: int) -> int:
+    """What `dtf submit --wait` adds for CI once the run settled: the JUnit file (--junit), the job
+    summary ($GITHUB_STEP_SUMMARY), and exit 4 for a regression when nothing failed
+    (--fail-on-regression). Returns the exit code."""
+    junit = ctx.meta.get("dtf.ci.junit")
+    fail_on_regression = bool(ctx.meta.get("dtf.ci.fail_on_regression"))
     if junit is None and not fail_on_regression and not os.environ.get("GITHUB_STEP_SUMMARY"):
         return exit_code
     settled = {t.task_id: t.status for t in tasks}

@@ -18,6 +18,7 @@ from dtf import events as ev
 from dtf import subjects
 from dtf import split
 from dtf.cli import splitting
+from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.common import CliError, connected, nats_options, parse_pairs
 from dtf.cli.progress import RunProgress
@@ -163,6 +164,7 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
 @click.option("--requires", multiple=True, metavar="K=V",
               help="hardware=cuda|rocm, min_memory_gb=16, min_cuda_compute=7.5, gpu_count=N, or a tag.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label results for aggregation.")
+@ci.ci_options
 @click.option("--config", "configs", multiple=True, metavar="K=V", help="Task config (benchmark model, ...).")
 @click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Retries after infrastructure errors and timeouts.")
@@ -224,11 +226,12 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
         when = sub.parse_deadline(deadline, datetime.now(UTC)) if deadline else None
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="--deadline") from None
+    commit, branch = sub.git_source(Path(paths[0]) if paths else Path.cwd())
     base = TaskSpec(
         type="test", name=name, priority=priority, requirements=parse_requirements(requires),
         timeout_seconds=timeout, retry_policy=RetryPolicy(max_retries=retries),
         labels=parse_pairs(labels, "--label"), config=parse_pairs(configs, "--config"),
-        dependencies=list(depends_on), deadline=when,
+        dependencies=list(depends_on), deadline=when, commit=commit, branch=branch,
     )
     if pytest_args:
         base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
@@ -291,7 +294,8 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             tasks = await follow_with_progress(js, run_id, show=True, timeout=wait_timeout)
         except sub.WaitTimeout as out:
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
-    ctx.exit(report_run(run_id, tasks, as_json))
+        code = await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json))
+    ctx.exit(code)
 
 
 def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:

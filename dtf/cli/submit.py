@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import secrets
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +35,28 @@ def new_run_id() -> str:
 def submitter_name() -> str:
     name = os.environ.get("USER") or os.environ.get("LOGNAME") or "anonymous"
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:80] or "anonymous"
+
+
+def git_source(directory: Path) -> tuple[str, str]:
+    """The git commit and branch `directory` is at, "" for what is unknown (no git, not a repository,
+    a detached head outside GitHub Actions). Results are aggregated by them; flaky tests need the commit."""
+
+    def git(*args: str) -> str:
+        try:
+            where = directory if directory.is_dir() else directory.parent
+            done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
+                                  timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return "", ""
+    # Actions checks a pull request out detached; it names the branch in the environment.
+    branch = git("symbolic-ref", "--short", "-q", "HEAD") or os.environ.get("GITHUB_HEAD_REF") \
+        or os.environ.get("GITHUB_REF_NAME", "")
+    return commit, branch
 
 
 def workspace_root(paths: list[Path]) -> Path:
