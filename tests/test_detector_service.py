@@ -185,3 +185,25 @@ async def test_bad_analysis_requests_get_a_clear_error(nc, js, tmp_path):
         await projecting
     assert "kind" in unknown_kind["error"] and "sereis" in unknown_field["error"]
     assert empty == {"anomalies": [], "next_offset": None}
+
+
+async def test_dtf_forecast_says_whether_the_last_run_is_outside_the_95_percent_interval(nats_server, js):
+    values = jump_at_20()
+    values[-1] *= 1.3
+    await bus.publish_many(js, benchmark_runs(values))
+
+    result = json.loads(await dtf(nats_server, "forecast", SERIES, "--horizon", "2", "--json"))
+    assert (result["series"], result["runs"], result["model"]) == (SERIES, 30, "AutoETS")
+    assert result["last"]["run_id"] == "run29" and result["last"]["outside"] is True
+    assert len(result["forecast"]) == 2
+    text = await dtf(nats_server, "forecast", SERIES)
+    assert "OUTSIDE the 95 % interval" in text
+
+
+async def test_dtf_forecast_names_the_series_it_knows_when_asked_for_another(nats_server, js):
+    await bus.publish_many(js, benchmark_runs(jump_at_20(12)))
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "dtf", "forecast", "resnet", "--nats", nats_server.url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and SERIES in done.stderr
