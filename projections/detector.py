@@ -44,6 +44,8 @@ BATCH = 500
 FOLLOW_CHECK_S = 1.0
 """How long the follow may be quiet before we check the stream has nothing newer for us."""
 RETRY_DELAY_S = 1.0
+PUBLISH_WINDOW = 256
+"""Detections in flight at once (a first start on a long history may find thousands)."""
 
 
 def benchmark_name(task: TaskState) -> str:
@@ -197,13 +199,15 @@ async def _chunks(js: JetStreamContext, follower: Follower, batch: int) -> Async
 
 
 async def _publish_due(js: JetStreamContext, follower: Follower) -> None:
-    """Publish every due detection (pipelined); each one stored is no longer due."""
+    """Publish every due detection, PUBLISH_WINDOW at a time; each one stored is no longer due."""
     due = list(follower.due.values())
-    acks = await asyncio.gather(*(bus.publish(js, d) for d in due), return_exceptions=True)
-    for detection, ack in zip(due, acks, strict=True):
-        if isinstance(ack, BaseException):
-            log.warning("publishing %s failed (%s); it stays due", detection.id, ack)
-        else:
+    for start in range(0, len(due), PUBLISH_WINDOW):
+        window = due[start:start + PUBLISH_WINDOW]
+        acks = await asyncio.gather(*(bus.publish(js, d) for d in window), return_exceptions=True)
+        for detection, ack in zip(window, acks, strict=True):
+            if isinstance(ack, BaseException):
+                log.warning("publishing %s failed (%s); it stays due", detection.id, ack)
+                continue
             follower.published(detection)
-            log.info("%s %s in %s (run %s)", type(detection).__name__, detection.series,
-                     f"{detection.size:+.1%}", detection.run_id)
+            log.info("%s %s: %+.3g (run %s, task %s)", type(detection).__name__, detection.series,
+                     detection.size, detection.run_id, detection.task_id)

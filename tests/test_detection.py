@@ -11,7 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dtf import events as ev
+from dtf import subjects
 from dtf.projections.detection import Detector, Settings, better_for
+from dtf.projections.detector import Follower
+from dtf.streams import topology
+from dtf.streams.bus import StoredMsg
+from test_detector_service import benchmark_runs, jump_at_20
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 SOME = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -172,3 +177,46 @@ def test_the_same_values_always_give_the_same_detections(values, at, factor):
     shifted = step(values, at, factor)
     first, second = detect(shifted), detect(shifted)
     assert [(n, msgspec.json.encode(d)) for n, d in first] == [(n, msgspec.json.encode(d)) for n, d in second]
+
+
+# --- the service's pure half: which results count, what is due ------------------------------------
+
+def stored(events: list[ev.Event]) -> list[StoredMsg]:
+    return [StoredMsg(topology.EVENTS, seq, subjects.subject_for(e), ev.encode(e)) for seq, e in enumerate(events, 1)]
+
+
+def follow(messages: list[StoredMsg], cuts=()) -> Follower:
+    follower, start = Follower(), 0
+    for end in [*sorted(set(cuts)), len(messages)]:
+        follower.apply(messages[start:end], {})
+        start = max(start, end)
+    return follower
+
+
+@SOME
+@given(st.lists(st.integers(0, 91), max_size=6))
+def test_batch_boundaries_do_not_change_what_the_follower_finds(cuts):
+    messages = stored(benchmark_runs(jump_at_20()))
+    assert list(follow(messages, cuts).due) == list(follow(messages).due)
+
+
+def test_a_log_that_holds_its_detections_leaves_nothing_due():
+    events = benchmark_runs(jump_at_20())
+    [regression] = follow(stored(events)).due.values()
+    assert follow(stored([*events, regression])).due == {}
+
+
+def test_a_detection_on_a_subject_that_is_not_the_detectors_does_not_count_as_published():
+    events = benchmark_runs(jump_at_20())
+    [regression] = follow(stored(events)).due.values()
+    forged = StoredMsg(topology.EVENTS, len(events) + 1,
+                       subjects.task(regression.run_id, regression.task_id, "regression", "mallory"),
+                       ev.encode(regression))
+    assert list(follow([*stored(events), forged]).due) == [regression.id]
+
+
+def test_only_the_current_attempts_result_from_its_worker_counts():
+    events = benchmark_runs(jump_at_20())
+    late = [msgspec.structs.replace(e, id=f"{e.id}-forged", worker_id="w2", metrics={"latency_ms": 1e6})
+            for e in events if isinstance(e, ev.ResultReported)]
+    assert list(follow(stored(events + late)).due) == list(follow(stored(events)).due)
