@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
 from dtf.cli.common import CliError, nats_options, parse_pairs, serve, serve_with_nats
+from dtf.cli.commands_metrics import metrics_endpoint, metrics_option
 from dtf import subjects
 from dtf.cli.up import System
 from dtf.streams import topology
@@ -39,12 +40,17 @@ log = logging.getLogger("dtf.cli")
               help="Address to bind; another address lets workers on other machines connect.")
 @click.option("--no-dashboard", is_flag=True, help="Do not start the dashboard.")
 @click.option("--dashboard-port", default=0, type=click.IntRange(0, 65535), help="Dashboard port (0 picks one).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="DTF_METRICS_PORT", default=None,
+              help="Serve Prometheus /metrics: the coordinator on this port, the projector on the next, then "
+                   "the workers (0: free ports; all are listed in DATA_DIR/context.json).")
 @click.option("--cluster", "cluster", default="1", show_default=True, type=click.Choice(["1", "3"]),
               help="nats-server nodes: 3 runs a loopback cluster (ports --nats-port+0..2) with R3 streams.")
 def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: bool, dashboard_port: int,
+       metrics_port: int | None,
        cluster: str) -> None:
     """Start a local dtf: nats-server, coordinator, projector and N workers, until SIGINT/SIGTERM."""
-    system = System(data_dir=data_dir, workers=workers, nats_port=nats_port, listen=listen, cluster=int(cluster))
+    system = System(data_dir=data_dir, workers=workers, metrics_port=metrics_port,
+                    nats_port=nats_port, listen=listen, cluster=int(cluster))
     if not no_dashboard:
         log.warning("the dashboard is not built yet (issue #6); starting without it")
 
@@ -56,6 +62,8 @@ def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: 
             raise CliError(f"could not start: {exc}") from None
         click.echo(f"export DTF_NATS_URL={system.url}")
         click.echo(f"dtf up: nats {system.url}, {workers} workers, data in {data_dir}; Ctrl-C stops", err=True)
+        if system.metrics_urls:
+            click.echo("dtf up: metrics " + ", ".join(f"{n} {u}" for n, u in system.metrics_urls.items()), err=True)
         await stop.wait()
         click.echo("dtf up: stopping (workers hand back unfinished work)...", err=True)
         await system.stop()
@@ -101,6 +109,7 @@ def demo(keep: bool, workers: int) -> None:
 
 @click.command()
 @nats_options
+@metrics_option
 @click.option("--id", "name", help="Replica name (default coord-HOST-PID).")
 @click.option("--heartbeat-timeout", default=HEARTBEAT_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0.1), help="Seconds without a heartbeat before a worker is lost.")
@@ -109,22 +118,28 @@ def demo(keep: bool, workers: int) -> None:
 @click.option("--retention-days", type=click.FloatRange(min=0), default=None,
               help="Keep the task history this long (0: forever). Default: leave it as configured.")
 def coordinator(nats_url: str | None, creds: str | None, name: str | None, heartbeat_timeout: float,
-                replicas: int, retention_days: float | None) -> None:
+                replicas: int, retention_days: float | None, metrics_address: tuple[str, int] | None) -> None:
     """Run a coordinator replica (any number may run at once)."""
     from dtf.cli.coordinator import Coordinator
+    from dtf.cli.coordinator_metrics import CoordinatorCollector
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         max_age = None if retention_days is None else retention_days * 86400
         await topology.provision(nc.jetstream(), replicas=replicas, max_age_s=max_age)
         policy = Policy(heartbeat_timeout=timedelta(seconds=heartbeat_timeout))
-        await Coordinator(nc, name, policy).run(stop)
+        coordinator = Coordinator(nc, name, policy)
+        if endpoint is not None:
+            endpoint.add(CoordinatorCollector(coordinator, asyncio.get_running_loop()))
+        await coordinator.run(stop)
 
-    serve_with_nats(nats_url, creds, "dtf-coordinator", body)
+    with metrics_endpoint(metrics_address, "coordinator") as endpoint:
+        serve_with_nats(nats_url, creds, "dtf-coordinator", body)
 
 
 @click.group(invoke_without_command=True)
 @click.pass_context
 @nats_options
+@metrics_option
 @click.option("--id", "worker_id", help="Worker id (default HOST-PID); reuse it to resume after a restart.")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 1024),
               help="Attempts run at once; more are handed back.")
@@ -134,12 +149,14 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None, heart
 @click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True,
               type=click.FloatRange(min=0.05), help="Seconds between heartbeats.")
 def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
-           capabilities: tuple[str, ...], cache_dir: Path | None, heartbeat_interval: float) -> None:
+           capabilities: tuple[str, ...], cache_dir: Path | None, heartbeat_interval: float,
+           metrics_address: tuple[str, int] | None) -> None:
     """Run a worker agent on this machine (or manage workers: `dtf worker drain ID`)."""
     if ctx.invoked_subcommand is not None:
         return
     from dtf.spec import TOKEN_RE
     from dtf.workers.agent import WorkerAgent
+    from dtf.workers.metrics import WorkerCollector
 
     tags = parse_pairs(capabilities, "--capability")
     worker_id = worker_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
@@ -150,25 +167,31 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
     async def body(nc: Client, stop: asyncio.Event) -> None:
         agent = WorkerAgent(nc, worker_id=worker_id, concurrency=concurrency, tags=tags, cache_dir=cache,
                             heartbeat_interval=heartbeat_interval)
+        if endpoint is not None:
+            endpoint.add(WorkerCollector(agent, asyncio.get_running_loop()))
         await agent.run(stop)
 
-    serve_with_nats(nats_url, creds, f"dtf-worker-{worker_id}", body)
+    with metrics_endpoint(metrics_address, f"worker {worker_id}") as endpoint:
+        serve_with_nats(nats_url, creds, f"dtf-worker-{worker_id}", body)
 
 
 @click.command()
 @nats_options
 @click.option("--db", "db_path", default=".dtf/readmodel.duckdb", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="DuckDB file this projector owns.")
+@metrics_option
 @click.option("--name", default="projector", show_default=True,
               help="Durable consumer name; each database (each projector) needs its own.")
-def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str) -> None:
+def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str,
+              metrics_address: tuple[str, int] | None) -> None:
     """Run the projector: fold events into the DuckDB read model and answer queries on it."""
     from dtf.projections.projector import run_projector
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await run_projector(nc, db_path, stop, name=name)
+        await run_projector(nc, db_path, stop, name=name, metrics=endpoint)
 
-    serve_with_nats(nats_url, creds, "dtf-projector", body)
+    with metrics_endpoint(metrics_address, "projector") as endpoint:
+        serve_with_nats(nats_url, creds, "dtf-projector", body)
 
 
 @worker.command()

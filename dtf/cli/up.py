@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dtf.cli.common import current_context_file
 from dtf.streams import bus, topology
-from dtf.streams.cluster import Cluster
+from dtf.streams.cluster import Cluster, free_port
 from dtf.streams.server import EmbeddedServer
 
 log = logging.getLogger("dtf.up")
@@ -44,10 +44,14 @@ class System:
     dashboard_url: str | None = None
     cluster: int = 1
     """nats-server nodes: 1 (EmbeddedServer, R1 streams) or 3 (a loopback Cluster, R3 streams)."""
+    metrics_port: int | None = None
+    """Prometheus /metrics for every child: the coordinator on this port, the projector on the next,
+    then the workers; 0 gives each a free port. None: no metrics."""
     server: EmbeddedServer | None = None
     nats_cluster: Cluster | None = None
     children: list[Child] = field(default_factory=list)
     _watchers: list[asyncio.Task] = field(default_factory=list)
+    _metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -94,6 +98,8 @@ class System:
 
     async def _spawn(self, child: Child) -> None:
         args = [self.url if a == "URL" else a for a in child.args]
+        if child.name in self.metrics_ports():
+            args += ["--metrics-port", f"{self.listen}:{self.metrics_ports()[child.name]}"]
         with child.log_path.open("ab") as out:
             child.process = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
@@ -115,8 +121,22 @@ class System:
             await asyncio.sleep(min(2 ** child.restarts * 0.25, 5))
             await self._spawn(child)
 
+    def metrics_ports(self) -> dict[str, int]:
+        """Child name -> its metrics port, chosen once (a restarted child keeps its port)."""
+        if self.metrics_port is not None and not self._metrics_ports:
+            names = ["coordinator", "projector", *(f"worker-{i}" for i in range(1, self.workers + 1))]
+            self._metrics_ports = {name: self.metrics_port + i if self.metrics_port else free_port(self.listen)
+                                   for i, name in enumerate(names)}
+        return self._metrics_ports
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        host = "127.0.0.1" if self.listen in ("0.0.0.0", "::") else self.listen
+        host = f"[{host}]" if ":" in host else host
+        return {name: f"http://{host}:{port}/metrics" for name, port in self.metrics_ports().items()}
+
     def _write_context(self) -> None:
-        context = {"nats_url": self.url, "pid": os.getpid(), "dashboard_url": self.dashboard_url,
+        context = {"nats_url": self.url, "metrics": self.metrics_urls, "pid": os.getpid(), "dashboard_url": self.dashboard_url,
                    "data_dir": str(self.data_dir.resolve())}
         path = self.data_dir / "context.json"
         path.write_text(json.dumps(context, indent=2) + "\n")
