@@ -5,10 +5,10 @@ window, as pure functions of a DuckDB cursor (the `aggregate` query; `dtf result
                "since"?, "until"?, "window_s"?, "offset"?, "limit"?}
               -> {"aggregate": [row, ...], "kind": ..., "next_offset"}
 
-Group keys: hardware (a worker's hardware kinds, sorted, joined by "+": `cpu+cuda`), worker, type (task type),
-test (node id), benchmark (task name), metric, commit, branch, run, labels (the whole label set, an
-object) and label.NAME (one label). Tests aggregate their durations and outcomes; metrics their
-values. A test's labels are its task's; a metric's are its result's (a benchmark's config plus the
+Group keys: hardware (a worker's hardware kinds, sorted, joined by "+": `cpu+cuda`), worker, type
+(task type), test (node id), benchmark (task name, else its command, else its id, as the detector
+names it), metric, commit, branch, run, labels (the whole label set, an object) and label.NAME (one
+label). Tests aggregate their durations and outcomes; metrics their values. A test's labels are its task's; a metric's are its result's (a benchmark's config plus the
 task's labels).
 
 A row is one group in one window: count, mean, median, p95, stddev, min and max of the values;
@@ -52,12 +52,14 @@ class AggregateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 _SOURCES = {
     "tests": (
         "SELECT r.time, r.outcome, r.duration_s AS value, r.run_id, r.worker_id, r.hardware,"
-        " r.nodeid AS test, NULL::VARCHAR AS metric, t.type, t.name, t.commit, t.branch, t.labels"
+        " r.nodeid AS test, NULL::VARCHAR AS metric, t.type, t.name, t.commit, t.branch, t.labels, t.state,"
+        " r.task_id"
         " FROM test_results r LEFT JOIN tasks t ON t.task_id = r.task_id"
     ),
     "metrics": (
         "SELECT m.time, NULL::VARCHAR AS outcome, m.value, m.run_id, m.worker_id, m.hardware,"
-        " NULL::VARCHAR AS test, m.name AS metric, t.type, t.name, t.commit, t.branch, m.labels"
+        " NULL::VARCHAR AS test, m.name AS metric, t.type, t.name, t.commit, t.branch, m.labels, t.state,"
+        " m.task_id"
         " FROM metrics m LEFT JOIN tasks t ON t.task_id = m.task_id"
     ),
 }
@@ -67,7 +69,7 @@ _EXPRESSIONS = {
     "worker": "worker_id",
     "type": "type",
     "test": "test",
-    "benchmark": "coalesce(nullif(name, ''), type)",
+    "benchmark": "coalesce(nullif(name, ''), nullif(json_extract_string(state, '$.spec.config.command'), ''), task_id)",
     "metric": "metric",
     "commit": "coalesce(commit, '')",
     "branch": "coalesce(branch, '')",

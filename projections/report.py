@@ -84,21 +84,37 @@ def task_outcome(task: dict) -> str:
     return "failed" if task["state"] in FAILED_STATES else "error"
 
 
+UNSETTLED = ("pending", "assigned", "running", "unschedulable")
+
+
+def task_case(task: dict, tests: list[dict]) -> str | None:
+    """The outcome of the task as a case of its own, when its tests do not tell it: a task without
+    tests, or one that ended badly although none of its tests failed (it timed out, or pytest failed
+    the session). None for a task still going or whose tests say it all."""
+    if task["state"] in UNSETTLED:
+        return None
+    outcome = task_outcome(task)
+    if not tests or (outcome != "passed" and not any(t["outcome"] in ("failed", "error") for t in tests)):
+        return outcome
+    return None
+
+
 def document(run_id: str, tasks: list[dict], results: list[dict], metrics: list[dict],
              anomalies: list[dict] | None) -> dict:
-    """The report of one run. `anomalies` None means detection did not answer: unknown, not none."""
+    """The report of one run. `anomalies` None means detection did not answer: unknown, not none.
+    Each task gets its last attempt's `tests`, their `counts` and its `task_case` (see there)."""
     by_task = _last_attempt_tests(results)
     entries = []
     totals = dict.fromkeys(COUNTS, 0)
     for task in tasks:
         tests = sorted(by_task.get(task["task_id"], []), key=lambda t: t["nodeid"])
         counts = test_counts(tests)
-        if not tests and task["state"] not in ("pending", "assigned", "running", "unschedulable"):
-            outcome = task_outcome(task)
-            counts["errors" if outcome == "error" else outcome] += 1
+        own = task_case(task, tests)
+        if own is not None:
+            counts["errors" if own == "error" else own] += 1
         for key in COUNTS:
             totals[key] += counts[key]
-        entries.append({**task, "tests": tests, "counts": counts})
+        entries.append({**task, "tests": tests, "counts": counts, "task_case": own})
     states = Counter(task["state"] for task in tasks)
     regressions = [a for a in anomalies or [] if a.get("kind") == "regression"]
     return {
@@ -111,6 +127,11 @@ def document(run_id: str, tasks: list[dict], results: list[dict], metrics: list[
         "metrics": metrics,
         "anomalies": anomalies,
     }
+
+
+def broken_tasks(doc: dict) -> list[dict]:
+    """Tasks that went wrong in a way no test of theirs shows."""
+    return [task for task in doc["tasks"] if task["task_case"] not in (None, "passed")]
 
 
 def regressions(doc: dict) -> list[dict]:
@@ -165,8 +186,7 @@ def to_markdown(doc: dict) -> str:
                      f"| {c['skipped']} | {c['errors']} |")
     lines.append("")
     failures = [(task, t) for task in doc["tasks"] for t in task["tests"] if t["outcome"] in ("failed", "error")]
-    broken = [task for task in doc["tasks"] if not task["tests"] and task_outcome(task) != "passed"
-              and task["state"] not in ("pending", "assigned", "running")]
+    broken = broken_tasks(doc)
     if failures or broken:
         lines += ["### Failures", ""]
         for task in broken:

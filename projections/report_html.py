@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from dtf.projections.report import regressions, task_outcome
+from dtf.projections.report import broken_tasks, regressions
 
 COLOURS = {"passed": "#2da44e", "failed": "#cf222e", "errors": "#bf8700", "skipped": "#8c959f"}
 SLOWEST = 15
@@ -103,8 +103,7 @@ def to_html(doc: dict) -> str:
         )
     out.append("</table>")
     problems = [t for task in doc["tasks"] for t in task["tests"] if t["outcome"] in ("failed", "error")]
-    broken = [task for task in doc["tasks"] if not task["tests"] and task_outcome(task) != "passed"
-              and task["state"] not in ("pending", "assigned", "running")]
+    broken = broken_tasks(doc)
     if problems or broken:
         out.append("<h2>Failures</h2>")
         out += [f"<p><b>{_cell(task['name'] or task['task_id'])}</b> {_cell(task['state'])}: "

@@ -3,8 +3,9 @@ which tests/test_report.py checks).
 
 One <testsuite> per task (named after it, its worker as hostname, its metrics as properties), one
 <testcase> per test of the task's last attempt, with <failure>, <error> or <skipped>. A task that
-reported no tests (a command or benchmark task, or a test task that broke before its tests ran) is
-one testcase of its own, so a run that went wrong never reads as an empty success.
+reported no tests (a command or benchmark task, or a test task that broke before its tests ran), or
+that ended badly though none of its tests failed (a timeout), is a testcase of its own too
+(`report.task_case`), so a run that went wrong never reads as a success.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 
-from dtf.projections.report import task_outcome
 
 _NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 """Characters XML 1.0 cannot hold at all (not even escaped): ANSI colour codes in test output, say."""
@@ -74,11 +74,10 @@ def _testcase(suite: ET.Element, test: dict) -> str:
     return outcome
 
 
-def _task_case(suite: ET.Element, task: dict) -> str:
+def _task_case(suite: ET.Element, task: dict, outcome: str) -> str:
     case = ET.SubElement(suite, "testcase")
     _set(case, classname=f"dtf.{task['type'] or 'task'}", name=task["name"] or task["task_id"],
          time=_time(task["duration_s"]))
-    outcome = task_outcome(task)
     if outcome != "passed":
         _problem(case, "failure" if outcome == "failed" else "error",
                  task["reason"] or f"task {task['state']}", task["state"])
@@ -86,8 +85,7 @@ def _task_case(suite: ET.Element, task: dict) -> str:
 
 
 def _metrics_for(doc: dict, task: dict) -> list[dict]:
-    name = task["name"] or task["type"]
-    return [m for m in doc["metrics"] if m.get("benchmark") == name]
+    return [m for m in doc["metrics"] if m.get("benchmark") in (task["name"], task["task_id"])]
 
 
 def to_junit(doc: dict) -> bytes:
@@ -102,12 +100,9 @@ def to_junit(doc: dict) -> bytes:
             _set(ET.SubElement(properties, "property"), name=key, value=value if value is not None else "")
         for metric in _metrics_for(doc, task):
             _set(ET.SubElement(properties, "property"), name=f"metric.{metric['series']}", value=metric["mean"])
-        if task["tests"]:
-            outcomes = [_testcase(suite, test) for test in task["tests"]]
-        elif task["state"] in ("pending", "assigned", "running", "unschedulable"):
-            outcomes = []  # not finished: nothing to say yet
-        else:
-            outcomes = [_task_case(suite, task)]
+        outcomes = [_testcase(suite, test) for test in task["tests"]]
+        if task["task_case"] is not None:
+            outcomes.append(_task_case(suite, task, task["task_case"]))
         counts = {"tests": len(outcomes), "failures": outcomes.count("failed"),
                   "errors": outcomes.count("error")}
         _set(suite, name=task["name"] or task["task_id"], **counts, skipped=outcomes.count("skipped"),

@@ -143,3 +143,27 @@ def test_fail_on_regression_exits_4_only_for_a_regression(found, flag, code):
 def test_fail_on_regression_without_a_detector_is_an_error():
     with pytest.raises(commands_results.CliError, match="no detector"):
         commands_results.regression_exit({"anomalies": None}, True)
+
+
+task_outcomes = st.lists(st.sampled_from(["passed", "failed", "skipped", "error"]), max_size=4)
+task_states = st.sampled_from(["passed", "failed", "error", "timed_out", "cancelled", "running", "pending"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(task_states, task_outcomes), max_size=6))
+def test_the_junit_totals_are_the_report_s_counts_and_nothing_that_went_wrong_reads_green(tasks):
+    task_rows, results = [], []
+    for i, (state, outcomes) in enumerate(tasks):
+        task_rows.append({"task_id": f"t{i}", "name": f"task {i}", "type": "test", "state": state, "worker_id": "w",
+                          "attempts": 1, "duration_s": 1.0, "reason": "", "finished_at": None})
+        results += [{"task_id": f"t{i}", "attempt": 1, "nodeid": f"f.py::t{j}", "outcome": o, "duration_s": 0.1,
+                     "message": ""} for j, o in enumerate(outcomes)]
+    doc = report.document("r", task_rows, results, [], [])
+    parsed = JUnitXml.fromstring(report_junit.to_junit(doc).decode())
+    s = doc["summary"]
+    assert sum(suite.tests for suite in parsed) == s["passed"] + s["failed"] + s["skipped"] + s["errors"]
+    assert (sum(suite.failures for suite in parsed), sum(suite.errors for suite in parsed),
+            sum(suite.skipped for suite in parsed)) == (s["failed"], s["errors"], s["skipped"])
+    settled = [state for state, _ in tasks if state not in ("running", "pending")]
+    if any(state != "passed" for state in settled):
+        assert s["failed"] + s["errors"] > 0
