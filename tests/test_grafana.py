@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from itertools import combinations
 
 import promql_parser
@@ -105,3 +106,9 @@ def test_every_metric_a_panel_queries_is_served_by_a_running_system(dashboard, t
         assert wanted - served == set()
     finally:
         assert up.stop() == 0
+
+
+def test_the_operations_guide_lists_every_metric():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS.md").read_text()
+    missing = [m.name for _, metrics in groups() for m in metrics if f"`{m.name}" not in guide]
+    assert missing == []
