@@ -9,13 +9,15 @@ import io
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
+import click
+import polars as pl
 import pytest
 from junitparser import JUnitXml
 
+from dtf.cli.commands_results import parse_duration, parse_group_by, parse_time
 from test_end_to_end import Up
-
-pytestmark = pytest.mark.slow
 
 SUITE = '''
 import pathlib
@@ -82,6 +84,7 @@ def up(tmp_path):
         assert system.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_suite_s_junit_results_flaky_tests_and_reports_read_back_right(up, checkout, tmp_path):
     junit = tmp_path / "junit.xml"
     first = up.dtf("submit", str(checkout / "tests"), "--wait", "--json", "--label", "model=bert",
@@ -111,6 +114,9 @@ def test_a_suite_s_junit_results_flaky_tests_and_reports_read_back_right(up, che
     per_test = up.dtf("results", "--group-by", "test", "--since", "1d", "--csv")
     rows = {row["test"]: row for row in csv.DictReader(io.StringIO(per_test.stdout))}
     assert rows["test_suite.py::test_racy"]["pass_rate"] == "0.5" and rows["test_suite.py::test_passes"]["count"] == "2"
+    parquet = tmp_path / "by-test.parquet"
+    assert up.dtf("results", "--group-by", "test", "--parquet", str(parquet)).returncode == 0
+    assert pl.read_parquet(parquet).sort("test")["passed"].to_list() == [0, 0, 2, 2, 1, 0]
     listed = json.loads(up.dtf("results", "--run", run_id, "--json").stdout)["results"]
     assert len(listed) == 6  # without --group-by: the per-test listing, as before
 
@@ -122,3 +128,35 @@ def test_a_suite_s_junit_results_flaky_tests_and_reports_read_back_right(up, che
                                 text=True, env={**up.env, "GITHUB_STEP_SUMMARY": str(summary)}, timeout=120)
     assert "did not pass" in in_actions.stdout and in_actions.stdout == summary.read_text()
     assert json.loads(up.dtf("report", "--run", run_id, "--format", "json").stdout)["summary"]["failed"] == 1
+
+
+NOW = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("7d", NOW - timedelta(days=7)), ("12h", NOW - timedelta(hours=12)), ("2w", NOW - timedelta(weeks=2)),
+    ("2026-01-01T00:00:00Z", datetime(2026, 1, 1, tzinfo=UTC)),
+    ("2026-01-01T01:00:00+01:00", datetime(2026, 1, 1, tzinfo=UTC)),
+    ("2026-01-01", datetime(2026, 1, 1, tzinfo=UTC)),
+])
+def test_since_takes_an_iso_time_or_a_duration_back_from_now(text, expected):
+    assert parse_time(text, NOW, "--since") == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "7 days", "-3d", ""])
+def test_a_time_that_is_neither_is_a_usage_error(text):
+    with pytest.raises(click.BadParameter):
+        parse_time(text, NOW, "--since")
+
+
+def test_windows_are_durations():
+    assert parse_duration("1d", "--window") == 86400 and parse_duration("90s", "--window") == 90
+    with pytest.raises(click.BadParameter):
+        parse_duration("daily", "--window")
+
+
+def test_group_keys_are_comma_separated_and_repeatable_and_unknown_ones_are_refused():
+    assert parse_group_by(("hardware,label.model", "commit")) == ["hardware", "label.model", "commit"]
+    for bad in ("colour", "label.", 'label.a"b'):
+        with pytest.raises(click.BadParameter, match="group by"):
+            parse_group_by((bad,))
