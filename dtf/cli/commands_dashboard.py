@@ -1,7 +1,39 @@
-"""The live dashboard (#6): `dtf dashboard`."""
+"""The live Panel dashboard (#6): `dtf dashboard`."""
 
 from __future__ import annotations
 
-import click
+import asyncio
+import logging
 
-COMMANDS: list[click.Command] = []
+import click
+from nats.aio.client import Client
+
+from dtf.cli.common import nats_options, serve_with_nats
+from dtf.streams.cluster import free_port
+
+DEFAULT_PORT = 8050
+
+
+@click.command()
+@nats_options
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
+              help="HTTP port (0 picks a free one).")
+@click.option("--listen", default="127.0.0.1", show_default=True, metavar="HOST", help="Address to bind.")
+@click.option("--allow-origin", "origins", multiple=True, metavar="HOST:PORT",
+              help="Host a browser may reach the page under (default: the --listen address and localhost).")
+def dashboard(nats_url: str | None, creds: str | None, port: int, listen: str, origins: tuple[str, ...]) -> None:
+    """Serve the live dashboard: workers, queue, timeline, results, trends, alerts, replay."""
+    from dtf.ui.app import serve
+
+    port = port or free_port(listen)
+    for noisy in ("tornado.access", "bokeh.server"):  # a line per HTTP request and per tab otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    click.echo(f"dtf dashboard: http://{listen}:{port}/", err=True)
+
+    async def body(nc: Client, stop: asyncio.Event) -> None:
+        await serve(nc, stop, port=port, address=listen, origins=list(origins))
+
+    serve_with_nats(nats_url, creds, "dtf-dashboard", body)
+
+
+COMMANDS = [dashboard]

@@ -1,0 +1,137 @@
+"""The dashboard's one live feed: an ordered consumer over DTF_EVENTS from sequence 1 and one over
+DTF_HEARTBEATS (the newest per worker), folded into a `Board`.
+
+One `Feed` serves every open tab of a dashboard process: a tab only reads the board (and the view
+rows the app caches per board version), so ten tabs cost NATS and DuckDB what one does. A page
+opened late sees everything, because the board is folded from the first event; the detector's
+findings are events in the same log. Only a drill-down someone asks for goes further: a task's
+stored test list from the projector's read model, its full log from the artifacts store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NotFoundError
+
+from dtf import subjects
+from dtf.streams import bus, topology
+from dtf.ui.board import Board
+
+log = logging.getLogger("dtf.dashboard")
+
+YIELD_EVERY = 500
+"""Messages folded between yields to the loop while catching up (buffered messages do not yield)."""
+RETRY_S = 1.0
+ASK_TIMEOUT_S = 3.0
+
+
+class Feed:
+    """Follows the streams into `board` between `run()` and its stop; never raises on bad input."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.board = Board()
+        self.heartbeats: dict[str, bytes] = {}
+        """Each worker's newest heartbeat message, for replays (subject -> data)."""
+        self.caught_up = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._follow_events(), name="dashboard-events"),
+            asyncio.create_task(self._follow_heartbeats(), name="dashboard-heartbeats"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow(self, stream: str, filters: list[str], where: Callable[[], dict]) -> AsyncIterator[bus.StoredMsg]:
+        """Follow `stream`; when the follow fails (a reconnect, a node loss), follow it anew from `where()`."""
+        while True:
+            messages = bus.read(self.js, stream, filters, follow=True, **where())
+            try:
+                async for message in messages:
+                    yield message
+            except (NatsError, JetStreamError, TimeoutError) as exc:
+                log.warning("following %s failed (%s); following it anew", stream, exc)
+                await asyncio.sleep(RETRY_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await messages.aclose()
+
+    async def _follow_events(self) -> None:
+        tail = await self._tail(topology.EVENTS)
+        if tail == 0:
+            self.caught_up.set()
+        folded = 0
+        where = lambda: {"start_seq": self.board.last_seq + 1}  # noqa: E731 - resume where we are
+        async for message in self._follow(topology.EVENTS, [subjects.TASKS, subjects.WORKERS], where):
+            self.board.apply(message.subject, message.seq, message.data)
+            if message.seq >= tail and message.pending == 0:
+                self.caught_up.set()
+            folded += 1
+            if folded % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+
+    async def _follow_heartbeats(self) -> None:
+        where = lambda: {"last_per_subject": True}  # noqa: E731
+        async for message in self._follow(topology.HEARTBEATS, [subjects.HEARTBEATS], where):
+            self.heartbeats[message.subject] = message.data
+            self.board.apply_heartbeat(message.subject, message.data)
+
+    async def _tail(self, stream: str) -> int:
+        while True:
+            try:
+                return (await self.js.stream_info(stream)).state.last_seq
+            except (NatsError, JetStreamError, TimeoutError) as exc:
+                log.warning("cannot read %s yet (%s); retrying", stream, exc)
+                await asyncio.sleep(RETRY_S)
+
+    async def ask(self, name: str, request: dict) -> dict:
+        """One read-model query's reply; LookupError saying why when there is none."""
+        try:
+            reply = await self.nc.request(subjects.query(name), json.dumps(request).encode(), timeout=ASK_TIMEOUT_S)
+        except NoRespondersError:
+            raise LookupError(f"nothing answers dtf.query.{name}") from None
+        except (NatsError, TimeoutError) as exc:
+            raise LookupError(f"dtf.query.{name} did not answer ({type(exc).__name__})") from None
+        try:
+            body = json.loads(reply.data)
+        except ValueError:
+            raise LookupError(f"dtf.query.{name} answered something that is not JSON") from None
+        if not isinstance(body, dict) or "error" in body:
+            raise LookupError(str(body.get("error") if isinstance(body, dict) else body))
+        return body
+
+    async def tests_of(self, task_id: str) -> list[dict]:
+        """A task's per-test results from the read model (which also has those kept in the store)."""
+        body = await self.ask("results", {"task_id": task_id, "limit": 1000})
+        return [row for row in body.get("results", []) if isinstance(row, dict)]
+
+    async def output_of(self, task_id: str) -> str:
+        """A finished task's output, as `dtf logs` prints it: the stored log, else the result's tail."""
+        detail = self.board.results.get(task_id)
+        if detail is None:
+            return ""
+        if detail.log_ref is None:
+            return detail.output_tail
+        try:
+            store = await self.js.object_store(topology.ARTIFACTS_BUCKET)
+            found = await store.get(detail.log_ref)
+        except NotFoundError:
+            return f"(log {detail.log_ref} is gone from {topology.ARTIFACTS_BUCKET})\n{detail.output_tail}"
+        except (NatsError, JetStreamError, TimeoutError) as exc:
+            return f"(cannot fetch {detail.log_ref}: {type(exc).__name__})\n{detail.output_tail}"
+        return (found.data or b"").decode("utf-8", "replace")

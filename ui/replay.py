@@ -1,0 +1,91 @@
+"""Replay in the UI: the board as it was after stream sequence N or at time T, and one task's history.
+
+The same cut-off as `dtf replay` and `dtf replay --db` (dtf.projections.rebuild): stop after
+sequence N, or before the first event later than T; a worker's newest heartbeat counts only if it is
+not later than the cut (the heartbeat stream keeps nothing older). The feed already holds every
+DTF_EVENTS message, so a replay here reads nothing from NATS: it folds a prefix of what is in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+
+from dtf import events as ev
+from dtf import subjects
+from dtf.ui.board import Board, Stored
+
+
+class _Time(msgspec.Struct):
+    time: datetime | None = None
+
+
+_time_decoder = msgspec.json.Decoder(_Time)
+
+
+def event_time(data: bytes) -> datetime | None:
+    """An event's time, or None for bytes that are not an event (those never end a replay)."""
+    try:
+        return _time_decoder.decode(data).time
+    except msgspec.DecodeError:
+        return None
+
+
+def cut(messages: Iterable[Stored], upto_seq: int | None = None, until: datetime | None = None) -> Iterator[Stored]:
+    """The messages up to the cut-off, in stream order."""
+    for message in messages:
+        if upto_seq is not None and message.seq > upto_seq:
+            return
+        moment = event_time(message.data)
+        if until is not None and moment is not None and moment > until:
+            return
+        yield message
+
+
+def board_at(messages: Iterable[Stored], heartbeats: Mapping[str, bytes], *, upto_seq: int | None = None,
+             until: datetime | None = None) -> Board:
+    """A fresh board folded from the log up to the cut-off (with the heartbeats not later than it)."""
+    board = Board()
+    last_time: datetime | None = None
+    for message in cut(messages, upto_seq, until):
+        board.apply(message.subject, message.seq, message.data)
+        moment = event_time(message.data)
+        if moment is not None:
+            last_time = moment if last_time is None else max(last_time, moment)
+    limit = until if until is not None else (last_time if upto_seq is not None else None)
+    for subject, data in heartbeats.items():
+        moment = event_time(data)
+        if limit is None or (moment is not None and moment <= limit):
+            board.apply_heartbeat(subject, data)
+    return board
+
+
+@dataclass(frozen=True)
+class HistoryLine:
+    seq: int
+    time: datetime | None
+    type: str
+    detail: str
+
+
+_DETAIL_FIELDS = ("worker_id", "attempt", "outcome", "category", "reason", "submitter", "status", "by")
+
+
+def task_history(messages: Iterable[Stored], task_id: str) -> list[HistoryLine]:
+    """Every message on the task's subjects, as `dtf replay --task` lists them."""
+    lines = []
+    for message in messages:
+        if subjects.parse(message.subject).task_id != task_id:
+            continue
+        try:
+            event = ev.decode(message.data)
+        except ev.DecodeError as exc:
+            lines.append(HistoryLine(message.seq, None, "Invalid", str(exc)))
+            continue
+        body = msgspec.to_builtins(event)
+        detail = " ".join(f"{k}={body[k]}" for k in _DETAIL_FIELDS if body.get(k) not in (None, "", 0))
+        lines.append(HistoryLine(message.seq, event.time, type(event).__name__, detail))
+    return lines

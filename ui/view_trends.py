@@ -1,0 +1,54 @@
+"""Benchmark trends: one metric series over time, with the anomaly detector's findings marked."""
+
+from __future__ import annotations
+
+import panel as pn
+from bokeh.models import ColumnDataSource, HoverTool
+
+from dtf.ui import model
+from dtf.ui.charts import themed_figure, value_ticks
+from dtf.ui.session import Session
+from dtf.ui.theme import STATUS_COLORS
+
+
+class TrendsView:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.series = pn.widgets.Select(name="series", options=[], width=420)
+        self.points = ColumnDataSource({"time": [], "value": [], "task": [], "run": []})
+        self.flagged = ColumnDataSource({"time": [], "value": [], "task": []})
+        fig = themed_figure(session.theme, height=280, x_axis_type="datetime")
+        fig.line("time", "value", source=self.points, line_width=2, color=STATUS_COLORS["running"])
+        fig.scatter("time", "value", source=self.points, size=7, color=STATUS_COLORS["running"])
+        fig.scatter("time", "value", source=self.flagged, size=16, marker="x", line_width=3,
+                    color=STATUS_COLORS["failed"], legend_label="anomaly")
+        fig.legend.visible = False
+        fig.yaxis.formatter = value_ticks()
+        fig.add_tools(HoverTool(tooltips=[("value", "@value{0.000}"), ("task", "@task"), ("time", "@time{%T}")],
+                                formatters={"@time": "datetime"}))
+        self.figure = fig
+        self.empty = pn.pane.HTML("", stylesheets=[session.stylesheet])
+        self.panel = pn.Card(self.series, self.empty, pn.pane.Bokeh(fig, sizing_mode="stretch_width"),
+                             title="Benchmark trends", collapsible=False, sizing_mode="stretch_width")
+        self._drawn: tuple = ()
+
+    def refresh(self) -> None:
+        board = self.session.feed.board
+        names = sorted(board.series)
+        if names != self.series.options:
+            self.series.options = names
+        if names and self.series.value not in names:
+            self.series.value = names[0]
+        self.empty.object = "" if names else '<span class="dtf-empty">no benchmark results yet</span>'
+        key = self.series.value
+        stamp = (key, board.version)
+        if key is None or stamp == self._drawn:
+            return
+        self._drawn = stamp
+        trend = model.trend(board, key)
+        self.figure.title.text = key
+        self.points.data = {"time": trend.times, "value": trend.values, "task": trend.tasks, "run": trend.runs}
+        flagged = trend.flagged
+        self.flagged.data = {"time": [trend.times[i] for i in flagged], "value": [trend.values[i] for i in flagged],
+                             "task": [trend.tasks[i] for i in flagged]}
+        self.figure.legend.visible = bool(flagged)
