@@ -63,22 +63,23 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return result[0]
 
 
-async def _connect_once(url: str):
-    """One bounded connection attempt. (nats-py retries a refused first server forever, even with
-    allow_reconnect=False and max_reconnect_attempts=0, so the bound is a wait_for.)"""
+async def _connect_once(url: str, options: dict | None = None):
+    """One bounded connection attempt (`options`: credentials, TLS). (nats-py retries a refused first
+    server forever, even with allow_reconnect=False and max_reconnect_attempts=0, so the bound is a
+    wait_for.)"""
     return await asyncio.wait_for(
         nats.connect(url, allow_reconnect=False, connect_timeout=1, max_reconnect_attempts=1,
-                     error_cb=_quiet), 3.0)
+                     error_cb=_quiet, **(options or {})), 3.0)
 
 
 async def _quiet(exc: Exception) -> None:
     """Connection errors while polling are expected; the poll reports the last one if it times out."""
 
 
-async def _jetstream_answers(url: str) -> str | None:
+async def _jetstream_answers(url: str, options: dict | None = None) -> str | None:
     """None when JetStream answers through the node at `url`, else why not."""
     try:
-        nc = await _connect_once(url)
+        nc = await _connect_once(url, options)
     except Exception as exc:  # noqa: BLE001 - nats-py raises many types for "could not connect"
         return f"connect: {exc or type(exc).__name__}"
     try:
@@ -91,11 +92,11 @@ async def _jetstream_answers(url: str) -> str | None:
             await nc.close()
 
 
-async def _streams_without_leader(url: str) -> list[str]:
+async def _streams_without_leader(url: str, options: dict | None = None) -> list[str]:
     """Streams that have not elected a leader yet (after a whole-cluster restart each stream's Raft
     group elects its own, after the meta leader), as seen through the node at `url`."""
     try:
-        nc = await _connect_once(url)
+        nc = await _connect_once(url, options)
     except Exception as exc:  # noqa: BLE001
         return [f"(connect: {exc or type(exc).__name__})"]
     try:
@@ -114,10 +115,13 @@ class Cluster:
     `base_port` 0 picks free client ports; otherwise node i listens on base_port + i. Route ports are
     always free ports. Both are kept in `<data_dir>/cluster.json` after the first start.
     `sync_interval` sets JetStream's fsync policy (None: the server default, "always", "1s", ...).
+    `extra_config(node_dir)` adds config text to each node (authorization, TLS), and `connect_options`
+    are what the readiness probes connect with (credentials, TLS context).
     """
 
     def __init__(self, data_dir: Path, size: int = 3, *, host: str = "127.0.0.1", base_port: int = 0,
-                 name: str = "dtf", sync_interval: str | None = None) -> None:
+                 name: str = "dtf", sync_interval: str | None = None,
+                 extra_config: Callable[[Path], str] | None = None, connect_options: dict | None = None) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.data_dir = Path(data_dir)
@@ -126,6 +130,8 @@ class Cluster:
         self.base_port = base_port
         self.name = name
         self.sync_interval = sync_interval
+        self.extra_config = extra_config
+        self.connect_options = connect_options or {}
         self.nodes: list[EmbeddedServer] = []
         self.layout: list[dict] = []
 
@@ -205,6 +211,8 @@ class Cluster:
         if self.sync_interval:
             lines.append(f"  sync_interval: {self.sync_interval}")
         lines += ["}", ""]
+        if self.extra_config is not None:
+            lines.append(self.extra_config(node_dir))
         config = node_dir / "nats-server.conf"
         config.write_text("\n".join(lines))
         return config
@@ -243,13 +251,14 @@ class Cluster:
                     if process is None or process.poll() is not None:
                         raise ServerError(f"node {self.server_name(i)} is not running "
                                           f"(log {self.nodes[i].log_file})")
-                    problem = await _jetstream_answers(self.nodes[i].url)
+                    problem = await _jetstream_answers(self.nodes[i].url, self.connect_options)
                     if problem is None:
                         del waiting[i]
                     else:
                         waiting[i] = problem
                 if not waiting:
-                    leaderless = await _streams_without_leader(self.nodes[targets[0]].url)
+                    leaderless = await _streams_without_leader(
+                        self.nodes[targets[0]].url, self.connect_options)
                     if not leaderless:
                         return
                     waiting[targets[0]] = f"streams without a leader yet: {', '.join(leaderless)}"

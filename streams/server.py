@@ -45,6 +45,8 @@ class EmbeddedServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_file = self.data_dir / "nats-server.log"
         self.ports_dir = self.data_dir / "ports"
+        self.pid_file = self.data_dir / "nats-server.pid"
+        """Where `dtf creds add` finds the pid to signal a config reload to."""
 
     @property
     def url(self) -> str:
@@ -58,7 +60,7 @@ class EmbeddedServer:
         args = [
             binary(), "-js", "-sd", str(self.data_dir / "jetstream"), "-a", self.host,
             "-p", str(self.port or -1), "-l", str(self.log_file), "--ports_file_dir", str(self.ports_dir),
-            *self.extra_args,
+            "-P", str(self.pid_file), *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         self.port = self._wait_ready()

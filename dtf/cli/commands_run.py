@@ -45,14 +45,25 @@ log = logging.getLogger("dtf.cli")
                    "the workers (0: free ports; all are listed in DATA_DIR/context.json).")
 @click.option("--cluster", "cluster", default="1", show_default=True, type=click.Choice(["1", "3"]),
               help="nats-server nodes: 3 runs a loopback cluster (ports --nats-port+0..2) with R3 streams.")
+@click.option("--no-auth", is_flag=True, help="No users or permissions (anyone who reaches the port may do anything).")
+@click.option("--tls", "use_tls", is_flag=True,
+              help="Serve TLS; with no --tls-cert a throwaway CA and certificate are made in the data dir.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Server certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Its private key (PEM).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The CA that signed --tls-cert, for the clients to verify it.")
 def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: bool, dashboard_port: int,
        metrics_port: int | None,
-       cluster: str) -> None:
+       cluster: str, no_auth: bool, use_tls: bool, tls_cert: Path | None, tls_key: Path | None,
+       tls_ca: Path | None) -> None:
     """Start a local dtf: nats-server, coordinator, projector and N workers, until SIGINT/SIGTERM."""
+    given = [tls_cert, tls_key, tls_ca]
+    if any(given) and not all(given):
+        raise click.UsageError("--tls-cert, --tls-key and --tls-ca go together")
     system = System(data_dir=data_dir, workers=workers, metrics_port=metrics_port,
-                    nats_port=nats_port, listen=listen, cluster=int(cluster))
-    if not no_dashboard:
-        log.warning("the dashboard is not built yet (issue #6); starting without it")
+                    nats_port=nats_port, listen=listen, cluster=int(cluster),
+                    auth=not no_auth, tls=use_tls or all(given), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+    system.dashboard_port = None if no_dashboard else dashboard_port
 
     async def main(stop: asyncio.Event) -> None:
         try:
@@ -61,7 +72,13 @@ def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: 
             await system.stop()
             raise CliError(f"could not start: {exc}") from None
         click.echo(f"export DTF_NATS_URL={system.url}")
+        if system.admin_creds is not None:
+            click.echo(f"export DTF_CREDS={system.admin_creds.resolve()}")
+        if system.ca is not None:
+            click.echo(f"export DTF_CA={system.ca.resolve()}")
         click.echo(f"dtf up: nats {system.url}, {workers} workers, data in {data_dir}; Ctrl-C stops", err=True)
+        if system.dashboard_url:
+            click.echo(f"dtf up: dashboard {system.dashboard_url}", err=True)
         if system.metrics_urls:
             click.echo("dtf up: metrics " + ", ".join(f"{n} {u}" for n, u in system.metrics_urls.items()), err=True)
         await stop.wait()
@@ -82,7 +99,8 @@ def demo(keep: bool, workers: int) -> None:
     if not (examples / "suite").is_dir():
         raise CliError(f"the example suite is not at {examples}/suite (run dtf demo from a source checkout)")
     data_dir = Path(tempfile.mkdtemp(prefix="dtf-demo-"))
-    system = System(data_dir=data_dir, workers=workers, nats_port=0)
+    # A throwaway system on a free loopback port, gone when the demo ends: no users to set up.
+    system = System(data_dir=data_dir, workers=workers, nats_port=0, auth=False, dashboard_port=0 if keep else None)
     logging.getLogger("dtf.up").setLevel(logging.WARNING)  # the newcomer wants the run, not the plumbing
     exit_code = 0
 
@@ -91,7 +109,8 @@ def demo(keep: bool, workers: int) -> None:
         await system.start()
         try:
             click.echo(f"dtf demo: nats {system.url}, {workers} workers, data in {data_dir}", err=True)
-            click.echo("dtf demo: dashboard: not started (the dashboard is issue #6)", err=True)
+            if system.dashboard_url:
+                click.echo(f"dtf demo: dashboard {system.dashboard_url}", err=True)
             run_id, tasks = await submit_and_wait_demo(system.url, examples)
             exit_code = report_run(run_id, tasks, as_json=False)
             if keep:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 import click
 from nats.aio.client import Client
 
-from dtf.streams import bus
+from dtf.streams import auth, bus
 
 
 EXIT_FAILED = 1
@@ -54,15 +55,25 @@ def read_context(path: Path) -> dict:
 
 def resolve_url(flag: str | None) -> str:
     """--nats, then $DTF_NATS_URL, then the current context written by `dtf up`."""
-    if flag:
-        return flag
-    if os.environ.get("DTF_NATS_URL"):
-        return os.environ["DTF_NATS_URL"]
-    pointer = current_context_file()
-    if pointer.exists():
+    return resolve_connection(flag, None)[0]
+
+
+def resolve_connection(flag: str | None, creds: str | None) -> tuple[str, dict]:
+    """Where NATS is and how to connect to it (credentials, CA). A URL from --nats or $DTF_NATS_URL
+    takes its credentials from --creds/$DTF_CREDS only; without one, the current context written by
+    `dtf up` gives the URL, its credentials (unless --creds) and its CA ($DTF_CA overrides the CA)."""
+    url = flag or os.environ.get("DTF_NATS_URL")
+    ca = os.environ.get("DTF_CA") or None
+    if not url:
+        pointer = current_context_file()
+        if not pointer.exists():
+            raise CliError("no NATS server given: pass --nats URL, set DTF_NATS_URL, or start one with `dtf up`")
         context = read_context(Path(read_context(pointer)["context"]))
-        return context["nats_url"]
-    raise CliError("no NATS server given: pass --nats URL, set DTF_NATS_URL, or start one with `dtf up`")
+        url, creds, ca = context["nats_url"], creds or context.get("creds"), ca or context.get("ca")
+    try:
+        return url, auth.client_options(creds, ca)
+    except (auth.AuthError, OSError, ssl.SSLError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def nats_options(func: Callable) -> Callable:
@@ -72,16 +83,47 @@ def nats_options(func: Callable) -> Callable:
                         help="NATS server URL (default $DTF_NATS_URL, then the current `dtf up` context).")(func)
 
 
+def is_permission_error(exc: BaseException) -> bool:
+    """The server refused: a permissions violation (publish/subscribe) or a rejected login."""
+    text = str(exc).lower()
+    return "permissions violation" in text or "authorization violation" in text
+
+
 @contextlib.asynccontextmanager
 async def connected(nats_url: str | None, creds: str | None, name: str) -> AsyncIterator[Client]:
-    url = resolve_url(nats_url)
+    """A connection for one CLI action. A permissions violation the server reports (asynchronously:
+    a refused publish would otherwise just time out) ends the action at once with exit code 3."""
+    url, options = resolve_connection(nats_url, creds)
+    action = asyncio.current_task()
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        if is_permission_error(exc) and not refused:
+            refused.append(str(exc).removeprefix("nats: "))
+            if action is not None:
+                action.cancel()
+
     try:
         await _probe(url)
-        nc = await bus.connect(url, name=name, creds=creds)
-    except Exception as exc:  # nats-py raises a zoo of types for "could not connect"
+        nc = await bus.connect(url, name=name, error_cb=on_error, **options)
+    except (Exception, asyncio.CancelledError) as exc:  # nats-py raises a zoo of types for "could not connect"
+        if refused or is_permission_error(exc):  # a refused login: nats-py would retry it forever
+            given = "nkeys_seed_str" in options or "user_credentials" in options
+            which = "these credentials" if given else "a client without credentials (--creds, $DTF_CREDS)"
+            raise CliError(f"NATS at {url} refused {which}", EXIT_PERMISSION) from None
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         raise CliError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
     try:
         yield nc
+    except asyncio.CancelledError:
+        if refused:
+            raise CliError(f"permission denied by the server: {refused[0]}", EXIT_PERMISSION) from None
+        raise
+    except Exception:
+        if refused:  # the refusal surfaced as some other failure first (a timeout, no responders)
+            raise CliError(f"permission denied by the server: {refused[0]}", EXIT_PERMISSION) from None
+        raise
     finally:
         with contextlib.suppress(Exception):
             await nc.drain()
@@ -130,10 +172,10 @@ def serve_with_nats(
     body: Callable[[Client, asyncio.Event], Awaitable[None]],
 ) -> None:
     """A service process: connect (reconnecting forever), run `body` until a signal, drain."""
-    url = resolve_url(nats_url)
+    url, options = resolve_connection(nats_url, creds)
 
     async def main(stop: asyncio.Event) -> None:
-        nc = await bus.connect(url, name=name, creds=creds)
+        nc = await bus.connect(url, name=name, **options)
         try:
             await body(nc, stop)
         finally:
