@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.projections.detection import better_for
+from dtf.projections.detection import Settings, better_for
 from dtf.projections.detector import Follower, run_detector
 from dtf.spec import TaskSpec
 from dtf.streams import bus, topology
@@ -213,7 +213,8 @@ def main() -> None:
     flagged = sum(len(v) for v in anomalies.values())
 
     print(f"{len(all_series)} series x {args.runs} runs (seed {args.seed}); "
-          f"{sum(s.change is not None for s in all_series)} shifted, {injected} outliers injected")
+          f"{sum(s.change is not None for s in all_series)} shifted, {injected} outliers injected; "
+          f"detector {Settings().shift_detector}")
     print("| method                 | r 5 % | r10 % | r20 % | false-alarm | median delay | precision |  F1   |")
     print("|------------------------|-------|-------|-------|-------------|--------------|-----------|-------|")
     print(river.row("river (dtf detector)", all_series))

@@ -63,11 +63,12 @@ def test_a_20_percent_slowdown_is_one_regression_within_ten_runs_for_every_noise
 
 
 def test_the_regression_names_its_series_and_takes_its_id_and_time_from_the_triggering_result():
-    [(n, regression)] = detect(step(noisy(30, 1), 20, 1.2))
+    [(_, regression)] = detect(step(noisy(30, 1), 20, 1.2))
+    trigger = int(regression.result_ids[-1].removeprefix("res"))
     assert regression.series == "bench:latency_ms{model=bert}@cpu+cuda"
     assert regression.hardware == ["cpu", "cuda"] and regression.labels == {"model": "bert"}
-    assert regression.id.startswith("regression-") and regression.id.endswith(f"-res{n}")
-    assert regression.time == T0 + timedelta(hours=n)
+    assert regression.id.startswith("regression-") and regression.id.endswith(f"-res{trigger}")
+    assert regression.time == T0 + timedelta(hours=trigger)
     assert regression.better == "lower" and 0.99 < regression.confidence <= 1.0
 
 
