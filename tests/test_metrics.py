@@ -5,6 +5,9 @@ held against the read model (`dtf tasks|workers --json`) once the system is idle
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -191,3 +194,15 @@ def test_each_process_serves_metrics_that_match_the_read_model_once_idle(metered
         assert by(mine, "dtf_worker_pending_assignments", "worker_id") == {worker["worker_id"]: 0}
     assert sum(total(scraped[w], "dtf_worker_attempt_seconds_count") for w in urls if w.startswith("worker")) \
         == sum(t["attempts"] for t in tasks) == 2
+
+
+def test_a_taken_metrics_port_is_a_one_line_usage_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "dtf", "coordinator", "--nats", "nats://127.0.0.1:1", "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"dtf: cannot serve metrics on 127.0.0.1:{port}")

