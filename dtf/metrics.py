@@ -88,13 +88,15 @@ class Metric:
 def on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]]) -> T | None:
     """Run a coroutine on the process's loop from a scrape thread and wait for it; None when the
     loop does not answer in LOOP_TIMEOUT_S (stopping, or the bus is away) or the call fails."""
-    if loop.is_closed():
-        return None
-
     async def call() -> T:
         return await make()
 
-    future = asyncio.run_coroutine_threadsafe(call(), loop)
+    coroutine = call()
+    try:
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    except RuntimeError:  # the loop closed meanwhile: the process is stopping
+        coroutine.close()
+        return None
     try:
         return future.result(LOOP_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - a scrape leaves out what it cannot get, and says why

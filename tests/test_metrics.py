@@ -4,10 +4,12 @@ held against the read model (`dtf tasks|workers --json`) once the system is idle
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -20,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from dtf import events as ev
 from dtf.cli.coordinator_metrics import TASK_STATES, WORKER_STATES, fold_families, requirement_class
-from dtf.metrics import Endpoint, parse_address
+from dtf.metrics import Endpoint, on_loop, parse_address
 from dtf.projections.metrics import DETECTION_TYPES
 from dtf.spec import Requirements, TaskSpec
 from dtf.state import Fold
@@ -100,6 +102,28 @@ def test_an_address_is_a_port_or_host_and_port():
     for bad in ("", "host:", "x:99999", "nine"):
         with pytest.raises(ValueError):
             parse_address(bad)
+
+
+async def forty_two() -> int:
+    return 42
+
+
+async def broken() -> int:
+    raise ConnectionError("the bus is away")
+
+
+def test_a_scrape_thread_asks_the_running_loop_and_gets_none_from_a_failing_or_closed_one():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        assert on_loop(loop, forty_two) == 42
+        assert on_loop(loop, broken) is None
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+    assert on_loop(loop, forty_two) is None
 
 
 class Constant(Collector):
