@@ -77,7 +77,9 @@ class Settings:
     threshold: float = 7.0
     """PageHinkley alarm level, in robust standard deviations."""
     clip: float = 3.0
+    """Standardized values go to PageHinkley clipped to ±clip, so no single one crosses the threshold."""
     outlier_z: float = 6.0
+    """Robust deviations from the median beyond which a value is held as a possible outlier."""
     outlier_min_effect: float = 0.1
     """Smallest relative deviation held as a possible outlier (a young regime's scale is uncertain)."""
     min_effect: float = 0.03

@@ -153,7 +153,7 @@ async def _follow(js: JetStreamContext, follower: Follower, batch: int) -> None:
             await asyncio.sleep(RETRY_DELAY_S)
 
 
-async def _in_thread(func, *args) -> None:  # noqa: ANN001
+async def _in_thread(func, *args) -> None:
     """Run `func` in a thread; a cancel waits for it, so the follower is never left half-applied."""
     future = asyncio.ensure_future(asyncio.to_thread(func, *args))
     try:

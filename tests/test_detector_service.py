@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -207,3 +208,23 @@ async def test_dtf_forecast_names_the_series_it_knows_when_asked_for_another(nat
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and SERIES in done.stderr
+
+
+async def test_dtf_detector_runs_as_a_process_and_stops_cleanly_on_sigterm(nats_server, js):
+    await bus.publish_many(js, benchmark_runs(jump_at_20()))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dtf", "detector", "--nats", nats_server.url, "--better", "latency_ms=higher",
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Told that higher latency is better, it sees the jump as an improvement: one more run that
+        # drops back 20 % is its regression.
+        await bus.publish_many(js, benchmark_runs([0.0] * 30 + [100.0] * 8)[1 + 3 * 30:])
+        while not await detections(js):
+            await asyncio.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await process.communicate()
+    [(_, regression)] = await detections(js)
+    assert (regression.better, regression.change_run_id) == ("higher", "run30")
+    assert process.returncode == 0, stderr.decode()

@@ -13,18 +13,28 @@ from rich.table import Table
 
 from dtf import subjects
 from dtf.cli.commands_query import ask, cell
-from dtf.cli.common import CliError, connected, nats_options, serve_with_nats
+from dtf.cli.common import CliError, connected, nats_options, parse_pairs, serve_with_nats
 from dtf.streams import bus, topology
 
 
 @click.command()
+@click.option("--better", "better", multiple=True, metavar="METRIC=lower|higher",
+              help="Which way is better for a metric, overriding its name's look (times and latencies: "
+                   "lower; throughput-like names: higher). Repeatable.")
 @nats_options
-def detector(nats_url: str | None, creds: str | None) -> None:
+def detector(better: tuple[str, ...], nats_url: str | None, creds: str | None) -> None:
     """Run the detector: follow results, publish RegressionDetected / AnomalyDetected events."""
+    from dtf.projections.detection import Settings
     from dtf.projections.detector import run_detector
 
+    overrides = parse_pairs(better, "--better")
+    for metric, way in overrides.items():
+        if way not in ("lower", "higher"):
+            raise click.BadParameter(f"{metric}={way}: say lower or higher", param_hint="--better")
+    settings = Settings(better=overrides)  # type: ignore[arg-type]
+
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await run_detector(nc, stop)
+        await run_detector(nc, stop, settings=settings)
 
     serve_with_nats(nats_url, creds, "dtf-detector", body)
 
