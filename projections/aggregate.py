@@ -8,8 +8,8 @@ window, as pure functions of a DuckDB cursor (the `aggregate` query; `dtf result
 Group keys: hardware (a worker's hardware kinds, sorted, joined by "+": `cpu+cuda`), worker, type
 (task type), test (node id), benchmark (task name, else its command, else its id, as the detector
 names it), metric, commit, branch, run, labels (the whole label set, an object) and label.NAME (one
-label). Tests aggregate their durations and outcomes; metrics their values. A test's labels are its task's; a metric's are its result's (a benchmark's config plus the
-task's labels).
+label). Tests aggregate their durations and outcomes; metrics their values. A test's labels are its
+task's; a metric's are its result's (a benchmark's config plus the task's labels).
 
 A row is one group in one window: count, mean, median, p95, stddev, min and max of the values;
 for tests also passed/failed/skipped/errors and the pass rate (passed over those that ran, skips left
@@ -69,7 +69,8 @@ _EXPRESSIONS = {
     "worker": "worker_id",
     "type": "type",
     "test": "test",
-    "benchmark": "coalesce(nullif(name, ''), nullif(json_extract_string(state, '$.spec.config.command'), ''), task_id)",
+    "benchmark": ("coalesce(nullif(name, ''),"
+                  " nullif(json_extract_string(state, '$.spec.config.command'), ''), task_id)"),
     "metric": "metric",
     "commit": "coalesce(commit, '')",
     "branch": "coalesce(branch, '')",
@@ -89,7 +90,9 @@ def kind_of(request: AggregateRequest) -> str:
     return "metrics" if request.metric or {"benchmark", "metric"} & set(request.group_by) else "tests"
 
 
-def series_name(benchmark: str | None, metric: str | None, labels: dict[str, Any], hardware: str | None) -> str:
+def series_name(
+    benchmark: str | None, metric: str | None, labels: dict[str, Any], hardware: str | None,
+) -> str:
     """`BENCHMARK:METRIC{k=v,...}@HARDWARE` (keys sorted; `*` for a part the group does not fix), the
     names the detector gives its series (`dtf.projections.detection.SeriesKey`)."""
     inner = ",".join(f"{k}={'' if v is None else v}" for k, v in sorted(labels.items()))
@@ -172,21 +175,25 @@ def _sql(request: AggregateRequest, kind: str, keys: list[str], now: datetime) -
 
 
 def aggregate(cur: duckdb.DuckDBPyConnection, request: AggregateRequest, now: datetime | None = None) -> dict:
-    kind = kind_of(request)
-    keys = list(dict.fromkeys(request.group_by))
     from dtf.projections.queries import _page  # here, not at the top: queries imports this module
 
+    kind = kind_of(request)
+    keys = list(dict.fromkeys(request.group_by))
     now = now or datetime.now(UTC)
     sql, params = _sql(request, kind, keys, now)
     origin, width = _windows(request, now)
     columns = [*(f"k{i}" for i in range(len(keys))), "bucket", "n", *_TEST_COUNTS, "pass_rate", *_STATS,
                "change", "pass_rate_change"]
-    page, next_offset = _page(cur, sql, params, request,
-                              lambda r: _item(dict(zip(columns, r)), keys, kind, origin, width))
+    page, next_offset = _page(
+        cur, sql, params, request,
+        lambda r: _item(dict(zip(columns, r)), keys, kind, (origin, width), request.metric))
     return {"aggregate": page, "kind": kind, "next_offset": next_offset}
 
 
-def _item(row: dict, keys: list[str], kind: str, origin: int | None, width: int | None) -> dict:
+def _item(
+    row: dict, keys: list[str], kind: str, windows: tuple[int | None, int | None], metric: str | None,
+) -> dict:
+    origin, width = windows
     item: dict[str, Any] = {key: row[f"k{i}"] for i, key in enumerate(keys)}
     if "labels" in item:
         item["labels"] = {pair["k"]: pair["v"] for pair in item["labels"] or []}
@@ -203,8 +210,9 @@ def _item(row: dict, keys: list[str], kind: str, origin: int | None, width: int 
         item["pass_rate_change"] = row["pass_rate_change"]
     else:
         fixed = ("benchmark", "metric", "labels", "hardware")
-        labels = {**item.get("labels", {}), **{k.removeprefix("label."): item[k] for k in keys if k not in fixed}}
-        item["series"] = series_name(item.get("benchmark"), item.get("metric"), labels, item.get("hardware"))
+        named = {k.removeprefix("label."): item[k] for k in keys if k not in fixed}
+        item["series"] = series_name(item.get("benchmark"), item.get("metric") or metric,
+                                     {**item.get("labels", {}), **named}, item.get("hardware"))
     return item
 
 

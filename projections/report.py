@@ -169,7 +169,8 @@ def to_markdown(doc: dict) -> str:
     lines = [
         f"## {icon} dtf run `{doc['run_id']}` {verdict}", "",
         "| tasks | passed | failed | skipped | errors | task time |", "|---|---|---|---|---|---|",
-        f"| {s['tasks']} | {s['passed']} | {s['failed']} | {s['skipped']} | {s['errors']} | {s['duration_s']:.1f}s |",
+        f"| {s['tasks']} | {s['passed']} | {s['failed']} | {s['skipped']} | {s['errors']} "
+        f"| {s['duration_s']:.1f}s |",
         "",
     ]
     if s["regressions"]:
@@ -185,13 +186,14 @@ def to_markdown(doc: dict) -> str:
                      f"| {_md(task['worker_id'])} | {task['attempts']} | {c['passed']} | {c['failed']} "
                      f"| {c['skipped']} | {c['errors']} |")
     lines.append("")
-    failures = [(task, t) for task in doc["tasks"] for t in task["tests"] if t["outcome"] in ("failed", "error")]
+    failures = [t for task in doc["tasks"] for t in task["tests"] if t["outcome"] in ("failed", "error")]
     broken = broken_tasks(doc)
     if failures or broken:
         lines += ["### Failures", ""]
         for task in broken:
-            lines.append(f"- **{_md(task['name'] or task['task_id'])}** {task['state']}: {_md(task['reason'])}")
-        for _, test in failures[:MAX_FAILURES]:
+            name = _md(task["name"] or task["task_id"])
+            lines.append(f"- **{name}** {task['state']}: {_md(task['reason'])}")
+        for test in failures[:MAX_FAILURES]:
             message = "\n".join((test["message"] or "").splitlines()[-_MESSAGE_LINES:]).replace("```", "'''")
             lines += [f"<details><summary><code>{html.escape(test['nodeid'])}</code> {test['outcome']}"
                       "</summary>", "", "```", message, "```", "</details>", ""]

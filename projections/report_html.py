@@ -78,8 +78,8 @@ def to_html(doc: dict) -> str:
     out = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>dtf run {escape(doc['run_id'])}</title><style>{_STYLE}</style></head><body>",
-        f'<h1>dtf run <code>{escape(doc["run_id"])}</code> <span class="{"passed" if doc["ok"] else "failed"}">'
-        f"{verdict}</span></h1>",
+        f'<h1>dtf run <code>{escape(doc["run_id"])}</code> '
+        f'<span class="{"passed" if doc["ok"] else "failed"}">{verdict}</span></h1>',
         f"<p>{s['tasks']} tasks, {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped, "
         f"{s['errors']} errors; {s['duration_s']:.1f} s of task time.</p>",
         _outcome_bar(s),
@@ -92,12 +92,14 @@ def to_html(doc: dict) -> str:
                 + "</td></tr>" for a in found]
         out.append("</table>")
     out.append("<h2>Tasks</h2><table><tr><th>task</th><th>type</th><th>state</th><th>worker</th>"
-               "<th>attempts</th><th>duration</th><th>passed</th><th>failed</th><th>skipped</th><th>errors</th></tr>")
+               "<th>attempts</th><th>duration</th><th>passed</th><th>failed</th><th>skipped</th>"
+               "<th>errors</th></tr>")
     for task in doc["tasks"]:
         c = task["counts"]
         out.append(
             f"<tr><td>{_cell(task['name'] or task['task_id'])}</td><td>{_cell(task['type'])}</td>"
-            f'<td class="{escape(task["state"])}">{_cell(task["state"])}</td><td>{_cell(task["worker_id"])}</td>'
+            f'<td class="{escape(task["state"])}">{_cell(task["state"])}</td>'
+            f'<td>{_cell(task["worker_id"])}</td>'
             f"<td>{task['attempts']}</td><td>{_cell(task['duration_s'])}</td>"
             + "".join(f"<td>{c[k]}</td>" for k in ("passed", "failed", "skipped", "errors")) + "</tr>"
         )
@@ -113,7 +115,8 @@ def to_html(doc: dict) -> str:
                 for t in problems]
     tests = sorted((t for task in doc["tasks"] for t in task["tests"]), key=lambda t: -(t["duration_s"] or 0))
     if tests:
-        out.append(f"<h2>Slowest tests</h2>{_bars([(t['nodeid'], t['duration_s'] or 0.0) for t in tests[:SLOWEST]], ' s')}")
+        slowest = [(t["nodeid"], t["duration_s"] or 0.0) for t in tests[:SLOWEST]]
+        out.append(f"<h2>Slowest tests</h2>{_bars(slowest, ' s')}")
     if doc["metrics"]:
         out.append("<h2>Benchmarks</h2>")
         out.append(_bars([(m["series"], m["mean"]) for m in doc["metrics"] if m["mean"] is not None], ""))

@@ -99,7 +99,8 @@ def to_junit(doc: dict) -> bytes:
                            ("dtf.attempts", task["attempts"])):
             _set(ET.SubElement(properties, "property"), name=key, value=value if value is not None else "")
         for metric in _metrics_for(doc, task):
-            _set(ET.SubElement(properties, "property"), name=f"metric.{metric['series']}", value=metric["mean"])
+            _set(ET.SubElement(properties, "property"), name=f"metric.{metric['series']}",
+                 value=metric["mean"])
         outcomes = [_testcase(suite, test) for test in task["tests"]]
         if task["task_case"] is not None:
             outcomes.append(_task_case(suite, task, task["task_case"]))

@@ -83,12 +83,22 @@ def write_rows(rows: list[dict], csv: bool, parquet: Path | None) -> None:
         click.echo(frame.write_csv(), nl=False)
 
 
+PERCENT = ("pass_rate", "change", "pass_rate_change", "flip_rate")
+
+
+def show_cell(row: dict, column: str) -> str:
+    value = row.get(column)
+    if column in PERCENT and isinstance(value, float):
+        return f"{value:+.1%}" if column.endswith("change") else f"{value:.1%}"
+    return cell(value)
+
+
 def show_table(title: str, columns: list[str], rows: list[dict]) -> None:
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(cell(row.get(column)) for column in columns))
+        table.add_row(*(show_cell(row, column) for column in columns))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
@@ -103,8 +113,8 @@ def aggregate_columns(keys: list[str], kind: str, rows: list[dict]) -> list[str]
 @click.command()
 @click.option("--run", "run_id", metavar="RUN_ID", help="Only this run.")
 @click.option("--group-by", "group_by", multiple=True, metavar="KEYS",
-              help="Aggregate, grouped by these comma-separated keys: hardware, worker, type, test, benchmark, "
-                   "metric, commit, branch, run, labels, label.NAME.")
+              help="Aggregate, grouped by these comma-separated keys: hardware, worker, type, test, "
+                   "benchmark, metric, commit, branch, run, labels, label.NAME.")
 @click.option("--metric", metavar="NAME", help="Aggregate this benchmark metric.")
 @click.option("--kind", type=click.Choice(["tests", "metrics"]),
               help="Aggregate tests or metrics (default: metrics when a metric or benchmark is involved).")
@@ -161,7 +171,8 @@ def results(run_id: str | None, group_by: tuple[str, ...], metric: str | None, k
 @click.option("--branch", metavar="NAME", help="Only runs submitted from this branch.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"flaky": [...]} on stdout.')
 @nats_options
-def flaky(since: str | None, branch: str | None, as_json: bool, nats_url: str | None, creds: str | None) -> None:
+def flaky(since: str | None, branch: str | None, as_json: bool, nats_url: str | None,
+          creds: str | None) -> None:
     """Tests that both passed and failed on the same commit and hardware, most flip-prone first."""
     request = {k: v for k, v in (("since", parse_time(since, datetime.now(UTC), "--since").isoformat()
                                   if since else None), ("branch", branch)) if v is not None}
@@ -175,8 +186,8 @@ def flaky(since: str | None, branch: str | None, as_json: bool, nats_url: str | 
         click.echo(json.dumps({"flaky": rows}))
         return
     shown = [{**row, "commit": row["commit"][:12]} for row in rows]
-    show_table("flaky tests", ["test", "commit", "hardware", "runs", "passed", "failed", "flips", "flip_rate"],
-               shown)
+    columns = ["test", "commit", "hardware", "runs", "passed", "failed", "flips", "flip_rate"]
+    show_table("flaky tests", columns, shown)
 
 
 # --- reports ----------------------------------------------------------------------------------------
@@ -213,12 +224,14 @@ async def run_document(nc, run_id: str, settled: dict[str, str] | None, wait_reg
     log), first wait for the projector to hold them; with `wait_regressions`, give the detector
     REGRESSION_WAIT_S to find a regression before saying there is none."""
     if settled is not None and not await caught_up(nc, run_id, settled):
-        click.echo(f"dtf: the read model has not caught up with run {run_id}; reporting what it has", err=True)
+        click.echo(f"dtf: the read model has not caught up with run {run_id}; reporting what it has",
+                   err=True)
     tasks = await ask(nc, "tasks", {"run_id": run_id})
     if not tasks:
         raise CliError(f"no run {run_id} in the read model")
     results_rows = await ask(nc, "results", {"run_id": run_id})
-    metrics = await ask(nc, "aggregate", {"run_id": run_id, "kind": "metrics", "group_by": report.METRIC_GROUPS})
+    metrics = await ask(nc, "aggregate",
+                        {"run_id": run_id, "kind": "metrics", "group_by": report.METRIC_GROUPS})
     found = await detections(nc, run_id)
     deadline = asyncio.get_running_loop().time() + REGRESSION_WAIT_S
     while (wait_regressions and found is not None and asyncio.get_running_loop().time() < deadline
@@ -286,7 +299,8 @@ FAIL_ON_REGRESSION = click.option(
 @click.option("--run", "run_id", metavar="RUN_ID", help="The run (default: the latest).")
 @click.option("--format", "fmt", type=click.Choice(["junit", "json", "md", "html"]), default="md",
               show_default=True)
-@click.option("--out", default="-", metavar="FILE", show_default=True, help="Where to write it (- is stdout).")
+@click.option("--out", default="-", metavar="FILE", show_default=True,
+              help="Where to write it (- is stdout).")
 @FAIL_ON_REGRESSION
 @nats_options
 @click.pass_context
