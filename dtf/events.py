@@ -236,7 +236,7 @@ class WorkerDrainRequested(Event, tag=True, kw_only=True):
 
 class Detection(TaskEvent, kw_only=True):
     """What the detector found in one series, published on the subject of the task whose result
-    triggered it (`run_id`, `task_id`: the last result it needed). A series is one benchmark metric
+    completed the finding (`run_id`, `task_id`; for an anomaly, the outlier's own result). A series is one benchmark metric
     (or one test's failure rate) under one set of labels on one kind of hardware, named
     `BENCHMARK:METRIC{k=v,...}@HARDWARE` (see `dtf.projections.detection`). Ids are
     `<kind>-<series hash>-<triggering result id>`, so a restarted or rebuilt detector publishes the
@@ -262,7 +262,8 @@ class Detection(TaskEvent, kw_only=True):
 class RegressionDetected(Detection, tag=True, kw_only=True):
     """A level shift for the worse: the series moved from `before` to `after` (medians of the runs
     either side of the estimated change) and stayed there. `result_ids` are the results since the
-    change; `change_run_id` is the run of the first of them."""
+    change, the last one the result that completed the detection; `change_run_id` is the run of the
+    first of them."""
 
     before: float
     after: float

@@ -215,6 +215,8 @@ class MetricSeries(_Series):
         super().__init__(key, settings, better_for(key.metric, settings.better))
         self.held: Point | None = None
         """A value far out of line, waiting for the next one to say outlier or shift."""
+        self.current: Point | None = None
+        """The value being observed: a detection it completes is its result's."""
         self.detector = _page_hinkley(settings.delta, settings.threshold)
 
     def observe(self, point: Point) -> list[ev.Detection]:
@@ -224,6 +226,7 @@ class MetricSeries(_Series):
             self.regime.append(point)
             return []
         found: list[ev.Detection] = []
+        self.current = point
         median, scale = self._scale()
         z = (point.value - median) / scale
         held, self.held = self.held, None
@@ -270,9 +273,13 @@ class MetricSeries(_Series):
         self.regime = deque(points[at:], maxlen=self.settings.window)
         if not worse:
             return []
-        since = points[at:]
+        # The result that completed the detection triggers it, so the run whose result told us is
+        # the run that "brought" the regression (a held value may be the regime's last point).
+        current = self.current
+        assert current is not None  # set by observe, which alone gets here
+        since = points[at:] + ([current] if current is not points[-1] else [])
         return self._event(
-            ev.RegressionDetected, "regression", points[-1], size, z, self.settings.shift_detector, since,
+            ev.RegressionDetected, "regression", current, size, z, self.settings.shift_detector, since,
             before=before, after=after, change_run_id=since[0].run_id,
         )
 
