@@ -84,6 +84,7 @@ def issue(directory: Path, ca_pem: Path, ca_key_pem: Path, hosts: list[str], ste
                        critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
+    directory.mkdir(parents=True, exist_ok=True)
     cert_path = directory / f"{stem}.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return TlsFiles(cert_path, write_private(directory / f"{stem}-key.pem", _key_pem(key)), ca_pem)

@@ -96,12 +96,17 @@ async def connected(nats_url: str | None, creds: str | None, name: str) -> Async
     url, options = resolve_connection(nats_url, creds)
     action = asyncio.current_task()
     refused: list[str] = []
+    untrusted: list[ssl.SSLError] = []
 
     async def on_error(exc: Exception) -> None:
         if is_permission_error(exc) and not refused:
             refused.append(str(exc).removeprefix("nats: "))
-            if action is not None:
-                action.cancel()
+        elif isinstance(exc, ssl.SSLError) and not untrusted:  # nats-py would retry it forever
+            untrusted.append(exc)
+        else:
+            return
+        if action is not None:
+            action.cancel()
 
     try:
         await _probe(url)
@@ -111,6 +116,8 @@ async def connected(nats_url: str | None, creds: str | None, name: str) -> Async
             given = "nkeys_seed_str" in options or "user_credentials" in options
             which = "these credentials" if given else "a client without credentials (--creds, $DTF_CREDS)"
             raise CliError(f"NATS at {url} refused {which}", EXIT_PERMISSION) from None
+        if untrusted:
+            raise CliError(f"cannot reach NATS at {url}: TLS: {untrusted[0]} (is its CA in $DTF_CA?)") from None
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise CliError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
