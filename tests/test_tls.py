@@ -12,7 +12,6 @@ import sys
 
 import nats
 import pytest
-
 from conftest import SecuredServer
 from dtf.streams import auth, tls, topology
 
@@ -42,7 +41,7 @@ async def test_a_client_that_trusts_the_ca_connects_over_tls(tls_server):
 
 
 async def _refused(url: str, **options) -> BaseException:
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - nats-py reports TLS failures in several types
+    with pytest.raises(Exception) as raised:
         await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=3, **options)
     return raised.value
 
