@@ -100,8 +100,11 @@ def test_a_suite_s_junit_results_flaky_tests_and_reports_read_back_right(up, che
     assert outcomes["test_racy"].is_passed and outcomes["test_passes"].is_passed
 
     # The same commit again: test_racy fails this time, so it is flaky on this commit and hardware.
-    second = up.dtf("submit", str(checkout / "tests"), "--wait", "--json", "--label", "model=bert", check_json=True)
-    assert second.returncode == 1
+    second = up.dtf("submit", str(checkout / "tests"), "--json", "--label", "model=bert", check_json=True)
+    waited = up.dtf("wait", json.loads(second.stdout)["run_id"], "--json", "--junit", str(junit))
+    assert waited.returncode == 1, waited.stderr
+    [suite] = list(JUnitXml.fromfile(str(junit)))
+    assert [case.name for case in suite if case.is_failure] == ["test_fails", "test_racy"]
     commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
                             text=True, check=True).stdout.strip()
     flaky = json.loads(up.dtf("flaky", "--json").stdout)["flaky"]

@@ -341,10 +341,17 @@ def ci_options(command):
     `after_wait` reads them back."""
     command = click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
                            expose_value=False, callback=_remember,
-                           help="With --wait: write the run's JUnit XML report here.")(command)
+                           help="Once the run settled, write its JUnit XML report here.")(command)
     return click.option("--fail-on-regression", is_flag=True, expose_value=False, callback=_remember,
-                        help=f"With --wait: exit {EXIT_REGRESSION} when the run brought a regression and "
+                        help=f"Once the run settled, exit {EXIT_REGRESSION} if it brought a regression and "
                              "nothing failed.")(command)
+
+
+def require_wait(ctx: click.Context, wait: bool) -> None:
+    """`submit` without --wait has no settled run to report on."""
+    for name, flag in (("junit", "--junit"), ("fail_on_regression", "--fail-on-regression")):
+        if ctx.meta.get(f"dtf.ci.{name}") and not wait:
+            raise click.UsageError(f"{flag} needs --wait")
 
 
 async def after_wait(ctx: click.Context, nc, run_id: str, tasks: list[TaskState], exit_code: int) -> int:

@@ -211,6 +211,7 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
         raise click.UsageError(f"give one of --command, --benchmark, --spec, --rerun-failed (got {', '.join(kinds)})")
     if not paths and not kinds:
         raise click.UsageError("nothing to submit: give test PATHS, --command, --benchmark, --spec or --rerun-failed")
+    ci.require_wait(ctx, wait)
     if rerun_failed is not None and paths:
         raise click.UsageError("--rerun-failed takes no PATHS: the run's tasks keep their own workspace")
     if split_into is not None and (kinds or not paths):
@@ -309,6 +310,7 @@ def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:
 @click.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@ci.ci_options
 @WAIT_TIMEOUT
 @nats_options
 @click.pass_context
@@ -318,19 +320,20 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
     if not subjects.is_token(run_id):
         raise click.BadParameter("not a run id", param_hint="RUN_ID")
 
-    async def main() -> list[TaskState]:
+    async def main() -> int:
         async with connected(nats_url, creds, "dtf-wait") as nc:
             js = nc.jetstream()
             if not await sub.run_exists(js, run_id):
                 raise CliError(f"no run {run_id} in the event log")
-            return await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty(),
-                                              timeout=wait_timeout)
+            tasks = await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty(),
+                                               timeout=wait_timeout)
+            return await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json))
 
     try:
-        tasks = asyncio.run(main())
+        code = asyncio.run(main())
     except sub.WaitTimeout as out:
         ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
-    ctx.exit(report_run(run_id, tasks, as_json))
+    ctx.exit(code)
 
 
 @click.command()
