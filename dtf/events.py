@@ -238,8 +238,7 @@ class Detection(TaskEvent, kw_only=True):
     """What the detector found in one series, published on the subject of the task whose result
     completed the finding (`run_id`, `task_id`; for an anomaly, the outlier's own result). A series
     is one benchmark metric (or one test's failure rate) under one set of labels on one kind of
-    hardware, named
-    `BENCHMARK:METRIC{k=v,...}@HARDWARE` (see `dtf.projections.detection`). Ids are
+    hardware, named `BENCHMARK:METRIC{k=v,...}@HARDWARE` (see `dtf.projections.detection`). Ids are
     `<kind>-<series hash>-<triggering result id>`, so a restarted or rebuilt detector publishes the
     same event with the same id."""
 
