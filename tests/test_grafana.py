@@ -1,12 +1,17 @@
 """`dtf grafana`: a dashboard model Grafana can import, whose every query (parsed as PromQL) names a
-metric that a running system's /metrics endpoints really serve."""
+metric that a running system's /metrics endpoints really serve, and that a real Prometheus scraping
+that system answers with data."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
-from pathlib import Path
+import urllib.parse
+import urllib.request
 from itertools import combinations
+from pathlib import Path
 
 import promql_parser
 import pytest
@@ -15,10 +20,11 @@ from click.testing import CliRunner
 from dtf.cli import main
 from dtf.cli.commands_metrics import groups
 
-from test_end_to_end import Up
+from test_end_to_end import Up, free_port
 from test_metrics import metrics_urls, scrape
 
-SCRAPE_WAIT_S = 120
+SETTLE_WAIT_S = 120
+PROMETHEUS = shutil.which("prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +94,79 @@ def test_every_query_parses_and_names_only_declared_metrics_and_every_metric_has
             assert shown & set(metric.sample_names), f"{metric.name} has no panel"
 
 
-@pytest.mark.slow
-def test_every_metric_a_panel_queries_is_served_by_a_running_system(dashboard, tmp_path):
-    up = Up(tmp_path / "d", tmp_path / "state", workers=1)
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """A `dtf up` with metrics on, that has run one task and holds one it cannot place."""
+    base = tmp_path_factory.mktemp("system")
+    up = Up(base / "d", base / "state", workers=1)
     up.env["DTF_METRICS_PORT"] = "0"
     up.start()
     try:
         assert up.dtf("submit", "--command", "true", "--wait").returncode == 0
         assert up.dtf("submit", "--command", "true", "--requires", "hardware=cuda").returncode == 0
-        wanted = referenced(dashboard)
-        deadline = time.monotonic() + SCRAPE_WAIT_S
-        while True:  # the projector may not have projected the result yet
-            served = {name for url in metrics_urls(up).values() for name, series in scrape(url).items() if series}
-            if wanted <= served or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert wanted - served == set()
+        yield up
     finally:
         assert up.stop() == 0
+
+
+def until(check, what: str) -> None:
+    """Poll `check` (the system settles: the projector projects, Prometheus scrapes) for a while."""
+    deadline = time.monotonic() + SETTLE_WAIT_S
+    while not check():
+        assert time.monotonic() < deadline, f"{what} after {SETTLE_WAIT_S}s"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_every_metric_a_panel_queries_is_served_by_a_running_system(dashboard, running):
+    wanted = referenced(dashboard)
+
+    def missing() -> set[str]:
+        served = {name for url in metrics_urls(running).values() for name, series in scrape(url).items() if series}
+        return wanted - served
+
+    until(lambda: not missing(), f"not served: {missing()}")
+
+
+def prometheus_query(port: int, expr: str) -> list[dict]:
+    query = urllib.parse.urlencode({"query": expr.replace("$__rate_interval", "1m")})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=10) as reply:
+        body = json.load(reply)
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="needs a prometheus binary (Debian's prometheus package)")
+def test_a_real_prometheus_scraping_dtf_answers_every_dashboard_query_with_data(dashboard, running, tmp_path):
+    targets = [url.split("//", 1)[1].split("/", 1)[0] for url in metrics_urls(running).values()]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "dtf", "static_configs": [{"targets": targets}]}],
+    }))
+    port = free_port()
+    server = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    try:
+        until(lambda: _answers(port), "Prometheus is not answering")
+        until(lambda: len(prometheus_query(port, 'up{job="dtf"} == 1')) == len(targets), "not every target is up")
+        queries = [t["expr"] for p in panels(dashboard) for t in p["targets"]]
+        until(lambda: all(prometheus_query(port, expr) for expr in queries),
+              f"queries without data: {[e for e in queries if not prometheus_query(port, e)]}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 def test_the_operations_guide_lists_every_metric():
