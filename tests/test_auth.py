@@ -301,3 +301,32 @@ def test_dtf_up_runs_with_auth_and_hands_its_starter_the_admin_credentials(tmp_p
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
+
+
+# --- integrity: a result only counts from the worker the attempt was assigned to ---------------------
+
+
+def test_a_result_from_a_worker_that_was_not_assigned_the_attempt_changes_nothing():
+    from dtf.state import Fold
+
+    fold = Fold()
+    submitted = ev.TaskSubmitted(id="s", run_id="run-a", task_id="run-a-1", submitter="alice", spec=SPEC)
+    assigned = ev.TaskAssigned(id="a", run_id="run-a", task_id="run-a-1", attempt=1, worker_id="w1",
+                               coordinator="c", spec=SPEC)
+    for seq, event in enumerate((submitted, assigned), 1):
+        assert fold.apply(subjects.subject_for(event), seq, ev.encode(event)).event is not None
+    # w2 may publish under its own id (the server allows it), but the attempt is w1's
+    intruder = ev.ResultReported(id="r2", run_id="run-a", task_id="run-a-1", attempt=1, worker_id="w2",
+                                 outcome="passed")
+    fold.apply(subjects.subject_for(intruder), 3, ev.encode(intruder))
+    assert fold.tasks["run-a-1"].status == "assigned" and fold.ignored == 1
+    # a result whose payload names w1 but that arrives under w2's subject is set aside as a forgery
+    forged = ev.ResultReported(id="r3", run_id="run-a", task_id="run-a-1", attempt=1, worker_id="w1",
+                               outcome="passed")
+    applied = fold.apply("dtf.task.run-a.run-a-1.result.w2", 4, ev.encode(forged))
+    assert applied.event is None and "belongs on dtf.task.run-a.run-a-1.result.w1" in applied.invalid_reason
+    assert fold.tasks["run-a-1"].status == "assigned"
+    real = ev.ResultReported(id="r1", run_id="run-a", task_id="run-a-1", attempt=1, worker_id="w1",
+                             outcome="passed")
+    fold.apply(subjects.subject_for(real), 5, ev.encode(real))
+    assert fold.tasks["run-a-1"].status == "passed"
