@@ -75,8 +75,7 @@ _EXPRESSIONS = {
     "commit": "coalesce(commit, '')",
     "branch": "coalesce(branch, '')",
     "run": "run_id",
-    "labels": ("list_transform(list_sort(json_keys(labels)),"
-               " lambda k: struct_pack(k := k, v := json_extract_string(labels, '$.\"' || k || '\"')))"),
+    "labels": "list_sort(map_entries(json_transform(labels, '\"MAP(VARCHAR, VARCHAR)\"')))",
 }
 """Group key -> its SQL over one observation (a row of a `_SOURCES` query)."""
 
@@ -196,7 +195,7 @@ def _item(
     origin, width = windows
     item: dict[str, Any] = {key: row[f"k{i}"] for i, key in enumerate(keys)}
     if "labels" in item:
-        item["labels"] = {pair["k"]: pair["v"] for pair in item["labels"] or []}
+        item["labels"] = {pair["key"]: pair["value"] for pair in item["labels"] or []}
     if width is not None and origin is not None:
         start = origin + row["bucket"] * width
         item["window_start"] = _iso(start)
