@@ -14,6 +14,7 @@ from dtf import events as ev
 from dtf import subjects
 from dtf.projections.detection import Detector, Settings, better_for
 from dtf.projections.detector import Follower
+from dtf.spec import TaskSpec
 from dtf.streams import topology
 from dtf.streams.bus import StoredMsg
 from test_detector_service import benchmark_runs, jump_at_20
@@ -219,3 +220,26 @@ def test_only_the_current_attempts_result_from_its_worker_counts():
     late = [msgspec.structs.replace(e, id=f"{e.id}-forged", worker_id="w2", metrics={"latency_ms": 1e6})
             for e in events if isinstance(e, ev.ResultReported)]
     assert list(follow(stored(events + late)).due) == list(follow(stored(events)).due)
+
+
+def test_a_test_list_kept_in_the_artifacts_store_counts_like_an_inline_one():
+    spec = TaskSpec(type="test", name="unit", config={"paths": ["tests"]})
+    events: list[ev.Event] = [ev.WorkerRegistered(id="w1-registered", time=T0, worker_id="w1", host="h", pid=1)]
+    lists = {}
+    for n in range(20):
+        run, task, at = f"run{n}", f"unit-{n}", T0 + timedelta(hours=n)
+        outcome = "failed" if n >= 10 else "passed"
+        lists[f"results/{task}/1.json"] = [ev.TestOutcome(nodeid="tests/test_a.py::test_x", outcome=outcome)]
+        events += [
+            ev.TaskSubmitted(id=f"{task}-s", time=at, run_id=run, task_id=task, submitter="ci", spec=spec),
+            ev.TaskAssigned(id=f"{task}-a", time=at, run_id=run, task_id=task, attempt=1, worker_id="w1",
+                            coordinator="c1", spec=spec),
+            ev.ResultReported(id=f"{task}-r", time=at, run_id=run, task_id=task, attempt=1, worker_id="w1",
+                              outcome=outcome, tests_ref=f"results/{task}/1.json"),
+        ]
+    follower = Follower()
+    follower.apply(stored(events), lists)
+    [regression] = follower.due.values()
+    assert regression.series == "tests/test_a.py::test_x:failure_rate@cpu"
+    assert (regression.change_run_id, regression.before, regression.after) == ("run10", 0.0, 1.0)
+    assert Follower().results.apply(stored(events)[-1], {})[1] is None  # a result alone counts for nothing
