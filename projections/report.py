@@ -192,7 +192,7 @@ def to_markdown(doc: dict) -> str:
         lines += ["### Failures", ""]
         for task in broken:
             name = _md(task["name"] or task["task_id"])
-            lines.append(f"- **{name}** {task['state']}: {_md(task['reason'])}")
+            lines.append(f"- **{name}** {task['state']}: {_md(task['reason'] or None)}")
         for test in failures[:MAX_FAILURES]:
             message = "\n".join((test["message"] or "").splitlines()[-_MESSAGE_LINES:]).replace("```", "'''")
             lines += [f"<details><summary><code>{html.escape(test['nodeid'])}</code> {test['outcome']}"

@@ -109,7 +109,7 @@ def to_html(doc: dict) -> str:
     if problems or broken:
         out.append("<h2>Failures</h2>")
         out += [f"<p><b>{_cell(task['name'] or task['task_id'])}</b> {_cell(task['state'])}: "
-                f"{_cell(task['reason'])}</p>" for task in broken]
+                f"{_cell(task['reason'] or None)}</p>" for task in broken]
         out += [f'<details><summary><code>{escape(t["nodeid"])}</code> <span class="{t["outcome"]}">'
                 f'{t["outcome"]}</span></summary><pre>{escape(t["message"] or "")}</pre></details>'
                 for t in problems]
