@@ -68,13 +68,15 @@ def load_spec_file(path: Path) -> list[TaskSpec]:
     """A seeds-style spec: one JSON object, or a list of them."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting (fuzzing)
         raise CliError(f"cannot read spec {path}: {exc}") from None
     items = data if isinstance(data, list) else [data]
+    if not items:
+        raise CliError(f"{path}: an empty list holds no task spec")
     try:
         return [spec_from_json(json.dumps(item)) for item in items]
-    except SpecError as exc:
-        raise CliError(f"{path}: {exc}") from None
+    except SpecError as exc:  # one line: the reason may quote a key or value with a newline in it
+        raise CliError(f"{path}: {' '.join(str(exc).split())}") from None
 
 
 def render_report(report: dict) -> None:
