@@ -66,7 +66,7 @@ class Metric:
                    total: float) -> None:
         """One histogram series from the counts at or below each of `buckets`, the count and the sum."""
         assert len(cumulative) == len(self.buckets), self.name
-        pairs = [(repr(float(b)), n) for b, n in zip(self.buckets, cumulative)]
+        pairs = [(repr(float(b)), n) for b, n in zip(self.buckets, cumulative, strict=True)]
         family.add_metric(labels, [*pairs, ("+Inf", count)], total)
 
     def live_histogram(self) -> Histogram:

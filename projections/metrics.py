@@ -16,32 +16,37 @@ import asyncio
 import threading
 from collections.abc import Iterator
 
+from dtf.projections.projection import Projection
+from dtf.streams.topology import EVENTS, HEARTBEATS
 from nats.js import JetStreamContext
 from prometheus_client.core import Metric as Family
 from prometheus_client.registry import Collector
 
 from dtf import events as ev
 from dtf.metrics import Endpoint, Metric, on_loop
-from dtf.projections.projection import Projection
-from dtf.streams.topology import EVENTS, HEARTBEATS
 
 EVENTS_CONSUMED = Metric(
     "dtf_projector_events", "counter", "DTF_EVENTS events in the read model's ledger, by type.", ("type",))
 INVALID = Metric(
-    "dtf_projector_invalid_events", "counter", "Messages the read model could not accept, by stream.", ("stream",))
+    "dtf_projector_invalid_events", "counter", "Messages the read model could not accept, by stream.",
+    ("stream",))
 CHECKPOINT = Metric("dtf_projector_checkpoint", "gauge", "Last stream sequence committed to the read model.",
                     ("stream",))
 LAG = Metric("dtf_projector_lag_events", "gauge",
              "Stream messages not yet in the read model (consumer lag), by stream.", ("stream",))
-DETECTIONS = Metric("dtf_detections", "counter", "Anomalies and regressions detected, by event type.", ("type",))
+DETECTIONS = Metric(
+    "dtf_detections", "counter", "Anomalies and regressions detected, by event type.", ("type",))
 WAIT_SECONDS = Metric(
-    "dtf_task_wait_seconds", "histogram", "Seconds from a task's submission to the start of its first attempt.",
+    "dtf_task_wait_seconds", "histogram",
+    "Seconds from a task's submission to the start of its first attempt.",
     ("type",), unit="s")
 RUN_SECONDS = Metric(
     "dtf_attempt_run_seconds", "histogram", "Seconds an attempt ran, as its result reports, by task type.",
     ("type",), unit="s")
 
-METRICS: tuple[Metric, ...] = (EVENTS_CONSUMED, INVALID, CHECKPOINT, LAG, DETECTIONS, WAIT_SECONDS, RUN_SECONDS)
+METRICS: tuple[Metric, ...] = (
+    EVENTS_CONSUMED, INVALID, CHECKPOINT, LAG, DETECTIONS, WAIT_SECONDS, RUN_SECONDS,
+)
 
 DETECTION_TYPES: tuple[str, ...] = tuple(sorted(name for name in ev.EVENT_TYPES if name.endswith("Detected")))
 STREAMS = (EVENTS, HEARTBEATS)
@@ -117,7 +122,8 @@ class ProjectorCollector(Collector):
 
         for metric, observations in ((WAIT_SECONDS, _WAITS), (RUN_SECONDS, _RUNS)):
             family = metric.histogram()
-            for task_type, *cumulative, count, total in cur.execute(_histogram_sql(metric, observations)).fetchall():
+            rows = cur.execute(_histogram_sql(metric, observations)).fetchall()
+            for task_type, *cumulative, count, total in rows:
                 metric.add_series(family, [task_type], cumulative, count, total or 0.0)
             yield family
 

@@ -16,12 +16,14 @@ from pathlib import Path
 import promql_parser
 import pytest
 from click.testing import CliRunner
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as sdk_dashboard
+from grafana_foundation_sdk.models import prometheus, timeseries
+from test_end_to_end import Up, free_port
+from test_metrics import metrics_urls, scrape
 
 from dtf.cli import main
 from dtf.cli.commands_metrics import groups
-
-from test_end_to_end import Up, free_port
-from test_metrics import metrics_urls, scrape
 
 SETTLE_WAIT_S = 120
 PROMETHEUS = shutil.which("prometheus")
@@ -61,10 +63,12 @@ def test_the_dashboard_is_an_importable_grafana_model_with_a_prometheus_datasour
     assert isinstance(dashboard["schemaVersion"], int) and dashboard["schemaVersion"] >= 36
     assert dashboard["uid"] and dashboard["title"] and "id" not in dashboard  # import gives it an id
     [variable] = dashboard["templating"]["list"]
-    assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+    assert (variable["name"], variable["type"], variable["query"]) == \
+        ("datasource", "datasource", "prometheus")
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-    assert [p["title"] for p in dashboard["panels"] if p["type"] == "row"] == ["Coordinator", "Projector", "Workers"]
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert rows == ["Coordinator", "Projector", "Workers"]
     for panel in panels(dashboard):
         assert panel["type"] == "timeseries" and panel["title"]
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
@@ -72,6 +76,36 @@ def test_the_dashboard_is_an_importable_grafana_model_with_a_prometheus_datasour
         assert refs and len(refs) == len(set(refs))
         for target in panel["targets"]:
             assert target["datasource"] == panel["datasource"] and target["expr"]
+
+
+def kept(ours, theirs, path: str = "") -> list[str]:
+    """Where `theirs` (ours decoded into Grafana's types and encoded again) lost or changed something
+    of ours: a key Grafana's schema does not know is dropped on decoding."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [
+            lost for key, value in ours.items()
+            for lost in (kept(value, theirs[key], f"{path}.{key}") if key in theirs else [f"{path}.{key}"])
+        ]
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        pairs = enumerate(zip(ours, theirs, strict=True))
+        return [lost for i, (a, b) in pairs for lost in kept(a, b, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {ours!r} became {theirs!r}"]
+
+
+def round_trip(model, data: dict) -> dict:  # noqa: ANN001 - a grafana_foundation_sdk model class
+    return json.loads(JSONEncoder().encode(model.from_json(data)))
+
+
+def test_the_dashboard_round_trips_through_grafanas_own_schema_types(dashboard):
+    """grafana-foundation-sdk's types are generated from Grafana's schemas (dashboard, the timeseries
+    panel's options, the Prometheus query)."""
+    assert kept(dashboard, round_trip(sdk_dashboard.Dashboard, dashboard)) == []
+    for panel in panels(dashboard):
+        assert kept(panel["options"], round_trip(timeseries.Options, panel["options"])) == []
+        for target in panel["targets"]:
+            assert kept(target, round_trip(prometheus.Dataquery, target)) == []
+    misspelled = {**dashboard, "schemaversion": 39}
+    assert kept(misspelled, round_trip(sdk_dashboard.Dashboard, misspelled)) == [".schemaversion"]
 
 
 def test_panels_sit_on_the_24_column_grid_without_overlapping(dashboard):
@@ -122,7 +156,9 @@ def test_every_metric_a_panel_queries_is_served_by_a_running_system(dashboard, r
     wanted = referenced(dashboard)
 
     def missing() -> set[str]:
-        served = {name for url in metrics_urls(running).values() for name, series in scrape(url).items() if series}
+        served = {
+            name for url in metrics_urls(running).values() for name, series in scrape(url).items() if series
+        }
         return wanted - served
 
     until(lambda: not missing(), f"not served: {missing()}")
@@ -152,7 +188,8 @@ def test_a_real_prometheus_scraping_dtf_answers_every_dashboard_query_with_data(
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
     try:
         until(lambda: _answers(port), "Prometheus is not answering")
-        until(lambda: len(prometheus_query(port, 'up{job="dtf"} == 1')) == len(targets), "not every target is up")
+        until(lambda: len(prometheus_query(port, 'up{job="dtf"} == 1')) == len(targets),
+              "not every target is up")
         queries = [t["expr"] for p in panels(dashboard) for t in p["targets"]]
         until(lambda: all(prometheus_query(port, expr) for expr in queries),
               f"queries without data: {[e for e in queries if not prometheus_query(port, e)]}")

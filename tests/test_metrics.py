@@ -16,18 +16,17 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from dtf.projections.metrics import DETECTION_TYPES
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from test_end_to_end import EXAMPLES, Up
 
 from dtf import events as ev
 from dtf.cli.coordinator_metrics import TASK_STATES, WORKER_STATES, fold_families, requirement_class
 from dtf.metrics import Endpoint, on_loop, parse_address
-from dtf.projections.metrics import DETECTION_TYPES
 from dtf.spec import Requirements, TaskSpec
 from dtf.state import Fold
-
-from test_end_to_end import EXAMPLES, Up
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 IDLE_WAIT_S = 120
@@ -64,8 +63,8 @@ def test_a_requirement_class_names_equal_requirements_alike_and_no_requirements_
     assert requirement_class(Requirements(tags={"rack": "b"}, gpu_count=2)) == "gpus>=2,rack=b"
 
 
-def submitted(task_id: str, requirements: Requirements = Requirements()) -> ev.TaskSubmitted:
-    spec = TaskSpec(type="command", config={"command": "true"}, requirements=requirements)
+def submitted(task_id: str, requirements: Requirements | None = None) -> ev.TaskSubmitted:
+    spec = TaskSpec(type="command", config={"command": "true"}, requirements=requirements or Requirements())
     return ev.TaskSubmitted(run_id="r", task_id=task_id, submitter="me", spec=spec, time=NOW)
 
 
@@ -83,12 +82,14 @@ def test_fold_metrics_count_every_state_queue_only_waiting_tasks_and_busy_slots_
     ]:
         fold.apply_event(event)
     busy = {worker: len(ids) for worker, ids in fold.active.items()}
-    families = {f.name: f for f in fold_families(list(fold.tasks.values()), list(fold.workers.values()), busy, NOW)}
+    tasks, workers = list(fold.tasks.values()), list(fold.workers.values())
+    families = {f.name: f for f in fold_families(tasks, workers, busy, NOW)}
 
     def values(name: str) -> dict[tuple, float]:
         return {tuple(s.labels.values()): s.value for s in families[name].samples}
 
-    assert values("dtf_tasks") == {(state,): {"pending": 3, "assigned": 1}.get(state, 0) for state in TASK_STATES}
+    expected = {"pending": 3, "assigned": 1}
+    assert values("dtf_tasks") == {(state,): expected.get(state, 0) for state in TASK_STATES}
     assert values("dtf_queue_depth") == {("any",): 1, ("hardware=cuda",): 2}
     assert values("dtf_slots") == {("busy",): 1, ("free",): 2}  # the draining worker's slots are not offered
     assert values("dtf_workers")[("online",)] == 2
@@ -169,7 +170,8 @@ def scrape_when_idle(up: Up, urls: dict[str, str]) -> dict[str, dict[str, dict[t
         scraped = {name: scrape(url) for name, url in urls.items()}
         coordinator, projector = scraped["coordinator"], scraped["projector"]
         idle = (
-            total(coordinator, "dtf_coordinator_lag_events") == 0 and "dtf_coordinator_lag_events" in coordinator
+            "dtf_coordinator_lag_events" in coordinator
+            and total(coordinator, "dtf_coordinator_lag_events") == 0
             and by(projector, "dtf_projector_lag_events", "stream") == {"DTF_EVENTS": 0, "DTF_HEARTBEATS": 0}
             and by(projector, "dtf_projector_checkpoint", "stream")["DTF_EVENTS"]
             == total(coordinator, "dtf_coordinator_folded_seq")
@@ -199,7 +201,8 @@ def test_each_process_serves_metrics_that_match_the_read_model_once_idle(metered
     assert by(coordinator, "dtf_queue_depth", "requirements") == {"hardware=cuda": 1}
     worker_states = Counter(w["state"] for w in workers)
     assert by(coordinator, "dtf_workers", "state") == {s: worker_states[s] for s in WORKER_STATES}
-    assert by(coordinator, "dtf_slots", "state") == {"busy": 0, "free": sum(w["concurrency"] for w in workers)}
+    slots = sum(w["concurrency"] for w in workers)
+    assert by(coordinator, "dtf_slots", "state") == {"busy": 0, "free": slots}
     assert total(coordinator, "dtf_coordinator_decisions_total") >= 3  # two assignments, one unschedulable
 
     ran = [t for t in tasks if t["duration_s"] is not None]
@@ -216,8 +219,8 @@ def test_each_process_serves_metrics_that_match_the_read_model_once_idle(metered
         mine = scraped[name]
         assert by(mine, "dtf_worker_concurrency", "worker_id") == {worker["worker_id"]: worker["concurrency"]}
         assert by(mine, "dtf_worker_pending_assignments", "worker_id") == {worker["worker_id"]: 0}
-    assert sum(total(scraped[w], "dtf_worker_attempt_seconds_count") for w in urls if w.startswith("worker")) \
-        == sum(t["attempts"] for t in tasks) == 2
+    attempts = [total(scraped[w], "dtf_worker_attempt_seconds_count") for w in urls if w.startswith("worker")]
+    assert sum(attempts) == sum(t["attempts"] for t in tasks) == 2
 
 
 def test_a_taken_metrics_port_is_a_one_line_usage_error(tmp_path):
@@ -226,7 +229,8 @@ def test_a_taken_metrics_port_is_a_one_line_usage_error(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "dtf", "coordinator", "--nats", "nats://127.0.0.1:1", "--metrics-port", str(port)],
+            [sys.executable, "-m", "dtf", "coordinator", "--nats", "nats://127.0.0.1:1",
+             "--metrics-port", str(port)],
             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"dtf: cannot serve metrics on 127.0.0.1:{port}")

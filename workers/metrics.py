@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+from dtf.streams import topology
+from dtf.workers.agent import WorkerAgent
 from prometheus_client.core import Metric as Family
 from prometheus_client.registry import Collector
 
 from dtf.metrics import Metric, on_loop
-from dtf.streams import topology
-from dtf.workers.agent import WorkerAgent
 
 CONCURRENCY = Metric(
-    "dtf_worker_concurrency", "gauge", "Attempts the worker runs at once (its slots).", ("worker_id",), aggregate="sum")
+    "dtf_worker_concurrency", "gauge", "Attempts the worker runs at once (its slots).", ("worker_id",),
+    aggregate="sum")
 RUNNING = Metric(
     "dtf_worker_running", "gauge", "Attempts holding a slot on the worker.", ("worker_id",), aggregate="sum")
 PENDING = Metric(

@@ -147,14 +147,16 @@ def dashboard() -> dict:
             })
         y += (len(shown) + 1) // 2 * PANEL_H
     return {
-        "uid": DASHBOARD_UID, "title": "dtf", "description": "dtf: tasks, workers, the read model (dtf grafana)",
+        "uid": DASHBOARD_UID, "title": "dtf",
+        "description": "dtf: tasks, workers, the read model (dtf grafana)",
         "tags": ["dtf"], "timezone": "browser", "editable": True, "graphTooltip": 1,
         "schemaVersion": SCHEMA_VERSION, "version": 1, "refresh": "10s",
         "time": {"from": "now-1h", "to": "now"}, "timepicker": {},
         "annotations": {"list": []}, "links": [],
         "templating": {"list": [{
             "name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-            "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [], "includeAll": False, "multi": False,
+            "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
+            "includeAll": False, "multi": False,
         }]},
         "panels": panels,
     }

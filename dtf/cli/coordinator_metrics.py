@@ -31,9 +31,11 @@ QUEUE_DEPTH = Metric(
     "dtf_queue_depth", "gauge",
     "Tasks waiting for a worker (pending or unschedulable), by requirement class.", ("requirements",))
 DEADLINES_MISSED = Metric("dtf_tasks_deadline_missed", "gauge", "Tasks that missed their deadline.")
-WORKERS = Metric("dtf_workers", "gauge", "Workers by state (online, quarantined, lost, left, ...).", ("state",))
+WORKERS = Metric(
+    "dtf_workers", "gauge", "Workers by state (online, quarantined, lost, left, ...).", ("state",))
 SLOTS = Metric(
-    "dtf_slots", "gauge", "Slots of online, undrained workers: busy (assigned or running) or free.", ("state",))
+    "dtf_slots", "gauge", "Slots of online, undrained workers: busy (assigned or running) or free.",
+    ("state",))
 HEARTBEAT_AGE = Metric(
     "dtf_worker_heartbeat_age_seconds", "gauge",
     "Seconds since each online or quarantined worker's last heartbeat (on the worker's clock).",
@@ -41,12 +43,15 @@ HEARTBEAT_AGE = Metric(
 FOLDED_SEQ = Metric("dtf_coordinator_folded_seq", "gauge", "Last DTF_EVENTS sequence the coordinator folded.")
 LAG = Metric(
     "dtf_coordinator_lag_events", "gauge", "DTF_EVENTS messages stored but not folded yet (consumer lag).")
-DECISIONS = Metric("dtf_coordinator_decisions", "counter", "Decisions this replica published and the log stored.")
+DECISIONS = Metric(
+    "dtf_coordinator_decisions", "counter", "Decisions this replica published and the log stored.")
 CONFLICTS = Metric(
-    "dtf_coordinator_conflicts", "counter", "Decisions this replica lost to another replica's (expected-sequence race).")
+    "dtf_coordinator_conflicts", "counter",
+    "Decisions this replica lost to another replica's (expected-sequence race).")
 
 METRICS: tuple[Metric, ...] = (
-    TASKS, QUEUE_DEPTH, DEADLINES_MISSED, WORKERS, SLOTS, HEARTBEAT_AGE, FOLDED_SEQ, LAG, DECISIONS, CONFLICTS,
+    TASKS, QUEUE_DEPTH, DEADLINES_MISSED, WORKERS, SLOTS, HEARTBEAT_AGE,
+    FOLDED_SEQ, LAG, DECISIONS, CONFLICTS,
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -149,7 +154,8 @@ class CoordinatorCollector(Collector):
             family = LAG.gauge()
             family.add_metric([], max(0, tail - folded))
             yield family
-        for metric, value in ((DECISIONS, self.coordinator.published), (CONFLICTS, self.coordinator.conflicts)):
+        counts = ((DECISIONS, self.coordinator.published), (CONFLICTS, self.coordinator.conflicts))
+        for metric, value in counts:
             family = metric.counter()
             family.add_metric([], value)
             yield family
