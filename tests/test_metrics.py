@@ -24,6 +24,7 @@ from test_end_to_end import EXAMPLES, Up
 
 from dtf import events as ev
 from dtf.cli.coordinator_metrics import TASK_STATES, WORKER_STATES, fold_families, requirement_class
+from dtf.cli.up import System
 from dtf.metrics import Endpoint, on_loop, parse_address
 from dtf.spec import Requirements, TaskSpec
 from dtf.state import Fold
@@ -143,6 +144,18 @@ def test_an_endpoint_on_port_0_serves_its_collectors_and_the_process_over_http()
         endpoint.close()
     assert samples["dtf_test_answer"] == {(("kind", "x"),): 42}
     assert total(samples, "process_resident_memory_bytes") > 0
+
+
+def test_dtf_up_gives_each_child_its_own_metrics_port_and_keeps_it(tmp_path):
+    system = System(data_dir=tmp_path, workers=2, metrics_port=9100)
+    assert system.metrics_ports() == {
+        "coordinator": 9100, "projector": 9101, "worker-1": 9102, "worker-2": 9103}
+    assert system.metrics_urls["worker-2"] == "http://127.0.0.1:9103/metrics"
+    free = System(data_dir=tmp_path, workers=2, metrics_port=0)
+    ports = free.metrics_ports()
+    assert len(set(ports.values())) == 4 and 0 not in ports.values()
+    assert free.metrics_ports() == ports  # a restarted child gets the port it had
+    assert System(data_dir=tmp_path).metrics_urls == {}
 
 
 # --- the whole system -----------------------------------------------------------------------------
