@@ -229,6 +229,8 @@ def plan_assignments(
 
     def next_runnable(project: str) -> TaskState | None:
         for key in lanes[project]:
+            if not free:  # the round is over: do not read on through the lane
+                return None
             task = fold.tasks[key[-1]]
             assert task.spec is not None
             if task.task_id in skip or (task.not_before is not None and task.not_before > now):
@@ -301,12 +303,16 @@ def preemptions(
     least_urgent = max(t.spec.priority for t in victims if t.spec is not None)
     urgent = heapq.merge(*(lane.islice(0, lane.bisect_left((least_urgent,))) for lane in fold.queues.lanes.values()))
     decisions = []
+    able_for: dict[bytes, set[str]] = {}
     for key in urgent:
         task = fold.tasks[key[-1]]
         assert task.spec is not None
         if task.task_id in planned or task.task_id in skip or (task.not_before is not None and task.not_before > now):
             continue
-        able = {wid for wid, w in accepting.items() if capable(w, task.spec.requirements)}
+        req = msgspec.json.encode(task.spec.requirements)
+        if req not in able_for:
+            able_for[req] = {wid for wid, w in accepting.items() if capable(w, task.spec.requirements)}
+        able = able_for[req]
         if any(free.get(wid) for wid in able):
             continue
         reserved = next((wid for wid in sorted(able) if incoming.get(wid)), None)
