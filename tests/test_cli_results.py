@@ -17,6 +17,7 @@ import pytest
 from junitparser import JUnitXml
 
 from dtf.cli.commands_results import parse_duration, parse_group_by, parse_time
+from dtf.cli.submit import git_source
 from test_end_to_end import Up
 
 SUITE = '''
@@ -163,3 +164,15 @@ def test_group_keys_are_comma_separated_and_repeatable_and_unknown_ones_are_refu
     for bad in ("colour", "label.", 'label.a"b'):
         with pytest.raises(click.BadParameter, match="group by"):
             parse_group_by((bad,))
+
+
+def test_submit_knows_the_commit_and_branch_of_a_checkout_and_nothing_outside_one(checkout, tmp_path, monkeypatch):
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert git_source(checkout / "tests" / "test_suite.py") == (head, "main")
+    git(checkout, "checkout", "-q", "--detach")
+    monkeypatch.setenv("GITHUB_HEAD_REF", "feature-x")  # what Actions says of a detached pull request
+    assert git_source(checkout) == (head, "feature-x")
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    assert git_source(outside) == ("", "")

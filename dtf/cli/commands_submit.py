@@ -265,7 +265,9 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                     click.echo(f"dtf: every task of {rerun_failed} passed; nothing to rerun", err=True)
                     return
             elif spec_file is not None:
-                specs = [_place(s, ref, root) for s in load_spec_file(spec_file)]
+                specs = [_place(msgspec.structs.replace(s, commit=s.commit or base.commit,
+                                                        branch=s.branch or base.branch), ref, root)
+                         for s in load_spec_file(spec_file)]
             elif command or benchmark:
                 kind = "command" if command else "benchmark"
                 specs = sub.task_specs(kind=kind, paths=[], command=command or benchmark, base=base,
