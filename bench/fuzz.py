@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dtf import events as ev  # noqa: E402
-from dtf import subjects  # noqa: E402
-from dtf.cli.common import CliError  # noqa: E402
-from dtf.spec import RetryPolicy, SpecError, TaskSpec, spec_from_json, validate  # noqa: E402
-from dtf.state import Fold  # noqa: E402
+from dtf import events as ev
+from dtf import subjects
+from dtf.cli.common import CliError
+from dtf.spec import RetryPolicy, SpecError, TaskSpec, spec_from_json, validate
+from dtf.state import Fold
 
 HANG_S = 1.0
 

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import fuzz  # noqa: E402
-from dtf import events as ev  # noqa: E402
-from dtf.state import Fold  # noqa: E402
+from bench import fuzz
+from dtf import events as ev
+from dtf.state import Fold
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

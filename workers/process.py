@@ -10,6 +10,12 @@ stdout and stderr go through one pipe into `log_path`; each chunk is also handed
 (for the live log). Past `max_log_bytes` the file stops growing and says so; the last `tail_bytes`
 are always kept in memory for the result's `output_tail`. `note` lines the worker adds (why a task
 was killed, why it errored) go to the log even past the cap.
+
+The child starts under `Limits` (set between fork and exec, so they bind the task and everything it
+starts, and it cannot raise them again): open files always, address space when configured
+(`dtf worker --task-max-memory-mb`). RLIMIT_AS is off by default because CUDA, JVMs and sanitizers
+reserve far more address space than they use, and a limit would break them rather than protect.
+Where the OS refuses a limit (a hard limit below the wish, no such resource) the task runs without it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +41,34 @@ PIPE_DRAIN_S = 5.0
 READ_CHUNK = 64 * 1024
 
 OutputCallback = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits a task's process starts with; None leaves the worker's own."""
+
+    memory_bytes: int | None = None
+    """RLIMIT_AS: the task's address space (a malloc past it fails with MemoryError / ENOMEM)."""
+    open_files: int | None = 65536
+    """RLIMIT_NOFILE."""
+
+    def apply(self) -> None:
+        """In the child, between fork and exec: soft and hard limit both, so the task cannot raise
+        them. Never raises (an exception here would abort the exec with an unclear error)."""
+        for which, wanted in ((resource.RLIMIT_AS, self.memory_bytes), (resource.RLIMIT_NOFILE, self.open_files)):
+            if wanted is None:
+                continue
+            try:
+                _, hard = resource.getrlimit(which)
+                value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+                resource.setrlimit(which, (value, value))
+            except (ValueError, OSError):
+                pass  # the OS does not allow it here: run without
+
+
+DEFAULT_LIMITS = Limits()
+task_limits = DEFAULT_LIMITS
+"""The limits every task of this worker process gets; `dtf worker` sets them from its options."""
 
 
 class LogSink:
@@ -140,15 +175,17 @@ async def _open_output_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTr
 
 async def run_process(
     argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], sink: LogSink, timeout: float,
-    cancel: asyncio.Event, kill_grace: float = KILL_GRACE_S,
+    cancel: asyncio.Event, kill_grace: float = KILL_GRACE_S, limits: Limits | None = None,
 ) -> ProcessResult:
-    """Run argv to its end, its timeout or its cancellation; never blocks the event loop."""
+    """Run argv to its end, its timeout or its cancellation; never blocks the event loop. `limits`
+    default to this worker's `task_limits`."""
     started = time.monotonic()
     write_fd, reader, transport = await _open_output_pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
             stdout=write_fd, stderr=write_fd, start_new_session=True,
+            preexec_fn=(limits or task_limits).apply,
         )
     except BaseException:
         transport.close()

@@ -167,15 +167,25 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None, heart
               help="Worker cache: workspaces and attempt scratch (default ~/.cache/dtf/worker).")
 @click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True,
               type=click.FloatRange(min=0.05), help="Seconds between heartbeats.")
+@click.option("--task-max-memory-mb", type=click.IntRange(min=16), metavar="MB",
+              help="Address-space limit of each task process (RLIMIT_AS; default none: it breaks CUDA/JVMs).")
+@click.option("--task-max-open-files", default=65536, show_default=True, type=click.IntRange(min=16), metavar="N",
+              help="Open-file limit of each task process (RLIMIT_NOFILE).")
 def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
            capabilities: tuple[str, ...], cache_dir: Path | None, heartbeat_interval: float,
-           metrics_address: tuple[str, int] | None) -> None:
+           metrics_address: tuple[str, int] | None, task_max_memory_mb: int | None,
+           task_max_open_files: int) -> None:
     """Run a worker agent on this machine (or manage workers: `dtf worker drain ID`)."""
     if ctx.invoked_subcommand is not None:
         return
     from dtf.spec import TOKEN_RE
+    from dtf.workers import process
     from dtf.workers.agent import WorkerAgent
     from dtf.workers.metrics import WorkerCollector
+
+    process.task_limits = process.Limits(
+        memory_bytes=task_max_memory_mb * 1024 * 1024 if task_max_memory_mb else None,
+        open_files=task_max_open_files)
 
     tags = parse_pairs(capabilities, "--capability")
     worker_id = worker_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
