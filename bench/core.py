@@ -110,7 +110,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="dtf-bench-"))
     env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
     up = start(["up", "--workers", "0", "--data-dir", str(scratch / "d"), "--nats-port", str(free_port()),
-                "--no-dashboard"], scratch / "up.log", env)
+                "--no-dashboard", "--no-auth"], scratch / "up.log", env)
     url = up.stdout.readline().strip().split("=", 1)[1]
     workers = [start(["worker", "--nats", url, "--id", f"bench-{i}", "--concurrency", str(opts.concurrency),
                       "--cache-dir", str(scratch / "cache")], scratch / f"worker{i}.log", env)

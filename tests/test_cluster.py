@@ -146,7 +146,7 @@ def test_dtf_up_cluster_3_runs_a_task_and_stops_cleanly(tmp_path):
     log = (tmp_path / "up.log").open("ab")
     up = subprocess.Popen(
         [sys.executable, "-m", "dtf", "up", "--cluster", "3", "--workers", "1", "--data-dir", str(data),
-         "--nats-port", "0", "--no-dashboard"],
+         "--nats-port", "0", "--no-dashboard", "--no-auth"],
         stdout=subprocess.PIPE, stderr=log, env=env, text=True,
     )
     try:

@@ -47,7 +47,7 @@ class Up:
     def start(self) -> Up:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dtf", "up", "--workers", str(self.workers), "--data-dir", str(self.data_dir),
-             "--nats-port", str(self.port), "--no-dashboard"],
+             "--nats-port", str(self.port), "--no-dashboard", "--no-auth"],  # auth: tests/test_auth.py
             stdout=subprocess.PIPE, stderr=open(self.data_dir.parent / f"up-{self.port}.log", "ab"),
             env=self.env, text=True,
         )
