@@ -8,7 +8,7 @@
 
 Inputs mix random bytes, arbitrary JSON, valid events and specs with fields replaced, dropped or
 added, truncated or bit-flipped encodings, and deeply nested documents. An accepted input must
-round-trip (encode, decode, equal). Each call is timed: a call over HANG_S counts as a hang.
+round-trip (encode, decode, equal). Each call is timed: a call over HANG_S twice counts as a hang.
 
     .venv/bin/python bench/fuzz.py [--examples 10000] [--seed N]
 
@@ -19,6 +19,7 @@ hung, and the slowest call. tests/test_fuzz.py runs the same checks with fewer e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -225,9 +226,15 @@ def run(name: str, examples: int, random_seed: int) -> dict:
             if len(crashes) < 5:
                 crashes.append(f"{type(exc).__name__}: {exc} <- {value!r:.200}")
         elapsed = time.perf_counter() - started
+        if elapsed > HANG_S:  # timed again: on a shared machine a pause is not yet a hang
+            started = time.perf_counter()
+            with contextlib.suppress(Exception):
+                check(value)
+            elapsed = min(elapsed, time.perf_counter() - started)
+            if elapsed > HANG_S:
+                outcomes["HANG"] += 1
+                crashes.append(f"HANG {elapsed:.1f}s <- {value!r:.200}")
         slowest = max(slowest, elapsed)
-        if elapsed > HANG_S:
-            outcomes["HANG"] += 1
 
     one()
     total = sum(v for k, v in outcomes.items() if k != "HANG")

@@ -20,6 +20,7 @@ user may publish only under its own name:
                  dtf.log.*, artifacts into the object store          the task history, workspaces
     coordinator  dtf.task.>, dtf.worker.> (its verdicts), provisions everything
     projector    nothing on dtf.*; answers dtf.query.> (replies only) both streams, artifacts
+    detector     dtf.task.*.*.{regression,anomaly}.detector          the task history, artifacts
     viewer       nothing on dtf.* but queries                        both streams, artifacts, live logs
     admin        everything                                          everything
 
@@ -45,7 +46,7 @@ import nkeys
 
 from dtf.spec import TOKEN_RE
 
-ROLES = ("submitter", "worker", "coordinator", "projector", "viewer", "admin")
+ROLES = ("submitter", "worker", "coordinator", "projector", "detector", "viewer", "admin")
 EVENTS = "DTF_EVENTS"
 HEARTBEATS = "DTF_HEARTBEATS"
 WORKSPACES = "dtf-workspaces"
@@ -126,6 +127,9 @@ def permissions(role: str, name: str, public_key: str) -> dict:
             publish += _durable(stream, "*")
         subscribe.append("dtf.query.>")
         extra = {"allow_responses": True}  # it answers queries, and may publish nothing else
+    elif role == "detector":
+        publish += ["dtf.task.*.*.regression.detector", "dtf.task.*.*.anomaly.detector",
+                    *_stream_read(EVENTS), *_bucket_read(ARTIFACTS)]
     elif role == "viewer":
         publish += ["dtf.query.>", *_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_bucket_read(ARTIFACTS)]
         subscribe.append("dtf.log.>")

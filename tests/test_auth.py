@@ -101,7 +101,7 @@ def test_a_worker_may_publish_events_only_under_its_own_id():
 
 
 def test_no_role_but_admin_and_coordinator_may_publish_a_coordinator_verdict():
-    for role in ("submitter", "worker", "projector", "viewer"):
+    for role in ("submitter", "worker", "projector", "detector", "viewer"):
         allowed = auth.permissions(role, "x", "UKEY")["publish"]["allow"]
         assert not any(s in ("dtf.task.>", ">") or ".assigned" in s or ".rejected" in s for s in allowed), role
 
