@@ -44,6 +44,7 @@ def css(theme: str) -> str:
 .tile .label {{ color: {p['muted']}; font-size: 12px; }}
 .dtf-pre {{ background: {p['head']}; color: {p['fg']}; padding: 8px; max-height: 320px; overflow: auto;
   white-space: pre-wrap; font-size: 12px; border-radius: 4px; margin: 0; }}
+h4 {{ font-size: 15px; margin: 14px 0 6px; color: {p['fg']}; }}
 .muted {{ color: {p['muted']}; }}
 {badges}
 """

@@ -29,26 +29,29 @@ class ResultsView:
             title="Run results", collapsible=False, sizing_mode="stretch_width",
         )
         self._shown = (None, -1)
+        self._following: dict[str, object] = {"run": None, "task": None}
+        """The value each picker was last moved to by the view: while it still shows that, the
+        picker follows the newest run (or its first task); once someone picks, it stays put."""
+
+    def _follow(self, name: str, picker: pn.widgets.Select, choices: list[str]) -> None:
+        if choices != picker.options:
+            picker.options = choices
+        if choices and (picker.value not in choices or self._following[name] in (None, picker.value)):
+            if picker.value != choices[0]:
+                picker.value = choices[0]
+            self._following[name] = choices[0]
 
     def refresh(self) -> None:
         s = self.session
         rows = s.shared("runs", lambda: model.run_rows(s.feed.board))
         self.runs.object = s.shared("runs-html", lambda: html.table(rows, "runs", key="run", empty="no runs yet"))
-        runs = [row["run"] for row in rows]
-        if runs != self.run.options:
-            self.run.options = runs
-        if runs and self.run.value not in runs:
-            self.run.value = runs[0]
+        self._follow("run", self.run, [row["run"] for row in rows])
         if self.run.value is None:
             return
         run_id = self.run.value
         task_rows = model.task_rows(s.feed.board, run_id)
         self.tasks.object = html.table(task_rows, "run-tasks", key="task")
-        tasks = [row["task"] for row in task_rows]
-        if tasks != self.task.options:
-            self.task.options = tasks
-        if tasks and self.task.value not in tasks:
-            self.task.value = tasks[0]
+        self._follow("task", self.task, [row["task"] for row in task_rows])
         detail = s.feed.board.results.get(self.task.value) if self.task.value else None
         if detail is not None and self._shown != (self.task.value, detail.attempt):
             self._shown = (self.task.value, detail.attempt)
@@ -57,6 +60,7 @@ class ResultsView:
     def _drill_down(self, _event=None) -> None:
         """Another task picked: the next refresh loads its tests and output."""
         self._shown = (None, -1)
+        self.tests.object = self.output.object = ""
 
     async def _load_detail(self) -> None:
         feed, task_id = self.session.feed, self.task.value

@@ -24,11 +24,15 @@ class TrendsView:
                     color=STATUS_COLORS["failed"], legend_label="anomaly")
         fig.legend.visible = False
         fig.yaxis.formatter = value_ticks()
+        fig.y_range.range_padding = 0.15
+        fig.y_range.start = 0  # a benchmark's level reads against zero, and one point still gets a scale
+        fig.x_range.min_interval = 60_000  # ms: a lone point gets a minute around it, not microseconds
         fig.add_tools(HoverTool(tooltips=[("value", "@value{0.000}"), ("task", "@task"), ("time", "@time{%T}")],
                                 formatters={"@time": "datetime"}))
         self.figure = fig
         self.empty = pn.pane.HTML("", stylesheets=[session.stylesheet])
-        self.panel = pn.Card(self.series, self.empty, pn.pane.Bokeh(fig, sizing_mode="stretch_width"),
+        self.chart = pn.pane.Bokeh(fig, sizing_mode="stretch_width")
+        self.panel = pn.Card(self.series, self.empty, self.chart,
                              title="Benchmark trends", collapsible=False, sizing_mode="stretch_width")
         self._drawn: tuple = ()
 
