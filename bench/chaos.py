@@ -15,8 +15,9 @@ coordinator replica SIGKILLed (and restarted), a NATS follower node SIGKILLed th
 DTF_EVENTS stream leader node SIGKILLed then restarted, the projector SIGKILLed then restarted.
 The worker faults target a "marker" task (`sleep`, priority 1) seen running on the worker, so the
 fault is certainly mid-task. A plain nats-py publisher publishes with retries to a scratch R3
-stream (led by the same node as DTF_EVENTS) all along: its gaps are the floor the dispatch gaps are
-compared with. Times come from the server's store timestamps and the harness's wall clock (one
+stream (led by the same node as DTF_EVENTS) all along: its gaps are what the dispatch gaps are
+compared with; and an events probe times DTF_EVENTS' own answers (a publish the stream always
+refuses, so nothing is stored): the floor, since each Raft group's election has its own random timer. Times come from the server's store timestamps and the harness's wall clock (one
 machine, one clock). Prints the figures and a final JSON line. `tests/test_chaos.py` runs the short
 version of this harness in CI.
 """
@@ -135,6 +136,35 @@ async def _tail(js) -> int:
         return 0
 
 
+class EventsProbe:
+    """When DTF_EVENTS itself answers: a publish that the stream leader always refuses (its expected
+    last subject sequence can never match) and so never stores, sent in a loop. Each refusal is the
+    stream answering; the gaps between them are DTF_EVENTS' own election gaps, the floor for dtf's
+    dispatch gaps (the scratch stream's election is another Raft group with its own random timer)."""
+
+    def __init__(self, js) -> None:
+        self.js = js
+        self.answers: list[float] = []
+
+    async def run(self, stop: asyncio.Event, interval: float = 0.02) -> None:
+        subject = subjects.task("chaos-probe", "never", "submitted", "probe")
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(2**62)}
+        while not stop.is_set():
+            try:
+                await self.js.publish(subject, b"{}", timeout=1.0, headers=headers)
+                raise ChaosError("DTF_EVENTS stored the events probe's message")
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != bus.WRONG_LAST_SEQUENCE:
+                    await asyncio.sleep(0.05)
+                    continue
+                self.answers.append(now())
+                await asyncio.sleep(interval)
+            except ChaosError:
+                raise
+            except Exception:  # noqa: BLE001 - no answer: the stream is electing or we reconnect
+                await asyncio.sleep(0.05)
+
+
 class Probe:
     """A plain nats-py publisher (default client settings but reconnecting forever) publishing to a
     scratch R3 stream in a loop, retrying every failure; records each ack's wall-clock time."""
@@ -216,6 +246,7 @@ class Harness:
         self.js = None
         self.view: LiveView | None = None
         self.probe: Probe | None = None
+        self.events_probe: EventsProbe | None = None
         self._background: list[asyncio.Task] = []
         self._probe_stop = asyncio.Event()
         self.feeding = True
@@ -280,9 +311,11 @@ class Harness:
         await topology.provision(self.js, replicas=3)
         self.probe = Probe(self.cluster.urls)
         await self.probe.setup()
+        self.events_probe = EventsProbe(self.js)
         self.view = LiveView(self.js)
         self._background = [asyncio.create_task(self.view.run(), name="live-view"),
-                            asyncio.create_task(self.probe.run(self._probe_stop), name="probe")]
+                            asyncio.create_task(self.probe.run(self._probe_stop), name="probe"),
+                            asyncio.create_task(self.events_probe.run(self._probe_stop), name="events-probe")]
         for i in range(1, self.n_coordinators + 1):
             self.spawn_coordinator(i)
         for _ in range(self.n_workers):
@@ -586,6 +619,8 @@ def analyse(h: Harness, stored: list[Stored]) -> dict:
             f.detail["dispatch_gap_s"] = round(gap, 3) if gap is not None else None
             gap = longest_gap(h.probe.acks, at, after=until)
             f.detail["probe_publish_gap_s"] = round(gap, 3) if gap is not None else None
+            gap = longest_gap(h.events_probe.answers, at, after=until)
+            f.detail["events_stream_gap_s"] = round(gap, 3) if gap is not None else None
     figures["faults"] = [{"kind": f.kind, "target": f.target, "at_s": round(f.at - h.t0, 2), **f.detail}
                          for f in h.faults]
 
@@ -598,6 +633,8 @@ def analyse(h: Harness, stored: list[Stored]) -> dict:
     figures["follower_kill_probe_publish_gap_s"] = pick("nats_follower_sigkill", "probe_publish_gap_s")
     figures["leader_kill_dispatch_gap_s"] = pick("nats_leader_sigkill", "dispatch_gap_s")
     figures["leader_kill_probe_publish_gap_s"] = pick("nats_leader_sigkill", "probe_publish_gap_s")
+    figures["follower_kill_events_stream_gap_s"] = pick("nats_follower_sigkill", "events_stream_gap_s")
+    figures["leader_kill_events_stream_gap_s"] = pick("nats_leader_sigkill", "events_stream_gap_s")
     figures["late_results"] = late_results
 
     # Throughput: accepted passing results per second, before the first fault vs from it to the end
@@ -708,9 +745,11 @@ def report(figures: dict, say: Callable[[str], None] = print) -> None:
         + ", ".join(f"stored={d['late_result_stored']} settled={d['late_result_settled']}"
                     for d in figures['late_results']))
     say(f"follower kill: longest dispatch gap {figures['follower_kill_dispatch_gap_s']} s, "
-        f"plain publisher gap {figures['follower_kill_probe_publish_gap_s']} s")
+        f"plain publisher gap {figures['follower_kill_probe_publish_gap_s']} s, "
+        f"DTF_EVENTS answering gap {figures['follower_kill_events_stream_gap_s']} s")
     say(f"leader kill:   longest dispatch gap {figures['leader_kill_dispatch_gap_s']} s, "
-        f"plain publisher gap {figures['leader_kill_probe_publish_gap_s']} s")
+        f"plain publisher gap {figures['leader_kill_probe_publish_gap_s']} s, "
+        f"DTF_EVENTS answering gap {figures['leader_kill_events_stream_gap_s']} s")
     say(f"throughput: fault-free {figures.get('throughput_fault_free_tasks_per_s')} tasks/s "
         f"({figures.get('fault_free_s')} s), during faults {figures.get('throughput_during_faults_tasks_per_s')} "
         f"tasks/s ({figures.get('faults_s')} s)")

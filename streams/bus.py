@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import nats
@@ -18,8 +18,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.api import ConsumerConfig, ConsumerInfo, DeliverPolicy, PubAck
 from nats.js.errors import APIError
+from nats.js.errors import Error as JetStreamError
 
 from dtf import events as ev
 from dtf import subjects
@@ -103,22 +104,19 @@ class StoredMsg:
 
 async def read(
     js: JetStreamContext, stream: str, filters: list[str], *, start_seq: int = 1,
-    follow: bool = False, last_per_subject: bool = False,
+    follow: bool = False, last_per_subject: bool = False, near_leader: bool = False,
 ) -> AsyncIterator[StoredMsg]:
     """Stored messages in stream order through an ordered consumer. Without `follow` it stops once it
-    has delivered everything that was in the stream when it started."""
+    has delivered everything that was in the stream when it started. With `near_leader`, on a cluster
+    the consumer is placed on the stream leader's node (see `subscribe_ordered`)."""
     config = ConsumerConfig(filter_subjects=filters, inactive_threshold=60.0)
     if last_per_subject:
         config.deliver_policy = DeliverPolicy.LAST_PER_SUBJECT
     elif start_seq > 1:
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = start_seq
-    sub = await js.subscribe(
-        filters[0], stream=stream, ordered_consumer=True, config=config, idle_heartbeat=2.0,
-        pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024,
-    )
+    sub, info = await subscribe_ordered(js, stream, filters, config, near_leader)
     try:
-        info = await sub.consumer_info()
         # Messages may already sit in our buffer (delivered) when we ask, so "nothing to read" is
         # only when none is pending on the server and none was delivered yet.
         remaining = info.num_pending + info.delivered.consumer_seq
@@ -131,3 +129,75 @@ async def read(
         # The caller may stop early and close the connection before this generator is finalised.
         with contextlib.suppress(NatsError):
             await sub.unsubscribe()
+
+
+PLACEMENT_TRIES = 8
+"""Ordered consumers created before giving up on placing one beside the stream leader."""
+
+
+async def subscribe_ordered(js: JetStreamContext, stream: str, filters: list[str], config: ConsumerConfig,
+                     near_leader: bool) -> tuple[JetStreamContext.PushSubscription, ConsumerInfo]:
+    """An ordered consumer and its first info. An ordered consumer is an R1 consumer the server puts
+    on a random peer of the stream, where it dies with that node even when the client and the
+    stream leader live on; one that follows for long is worth placing beside the stream leader
+    (which dtf.streams.placement keeps every other group beside): a try or two on three nodes."""
+    for tries_left in reversed(range(PLACEMENT_TRIES)):
+        sub = await js.subscribe(
+            filters[0], stream=stream, ordered_consumer=True, config=config, idle_heartbeat=2.0,
+            pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024,
+        )
+        try:
+            info = await sub.consumer_info()
+            if not near_leader or tries_left == 0 or await _beside_leader(js, stream, info):
+                return sub, info
+        except BaseException:
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()
+            raise
+        with contextlib.suppress(NatsError):
+            await sub.unsubscribe()
+    raise AssertionError("unreachable")
+
+
+async def _beside_leader(js: JetStreamContext, stream: str, info: ConsumerInfo) -> bool:
+    if info.cluster is None or not info.cluster.leader:
+        return True  # a single server
+    leader = (await js.stream_info(stream)).cluster
+    return leader is None or not leader.leader or leader.leader == info.cluster.leader
+
+
+async def follow(
+    js: JetStreamContext, stream: str, filters: list[str], where: Callable[[], dict],
+    stalled: Callable[[], Awaitable[bool]], *, check_s: float = 1.0, setup_s: float = 5.0,
+) -> AsyncIterator[StoredMsg]:
+    """Follow `stream` for as long as the caller iterates, through bus trouble: a new ordered consumer
+    (from `where()`, e.g. the sequence after the last one seen) whenever the follow fails, or goes
+    quiet for `check_s` while `stalled()` says it should not be. After a node's loss, nats-py's
+    ordered consumer may stop delivering without an error (nats.py #510). Setting up a consumer may
+    take longer than `check_s` (up to `setup_s` is not counted as quiet), or a slow setup would be
+    abandoned again and again."""
+    while True:
+        messages = read(js, stream, filters, follow=True, near_leader=True, **where())
+        pending: asyncio.Future | None = None
+        window = setup_s
+        try:
+            while True:
+                pending = pending or asyncio.ensure_future(anext(messages))
+                done, _ = await asyncio.wait({pending}, timeout=window)
+                window = check_s
+                if not done:
+                    if await stalled():
+                        log.warning("following %s stalled; following it anew", stream)
+                        break
+                    continue
+                msg, pending = pending.result(), None
+                yield msg
+        except (NatsError, JetStreamError, TimeoutError, StopAsyncIteration) as exc:
+            log.warning("following %s failed (%s); following it anew", stream, exc)
+            await asyncio.sleep(check_s / 5)
+        finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await messages.aclose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from hypothesis import given
+from nats.js.api import ConsumerConfig
 from hypothesis import strategies as st
 
 from dtf.streams import bus, placement, topology
@@ -63,5 +64,22 @@ async def test_colocate_brings_every_replicated_group_to_the_events_leader(tmp_p
                 "DTF_EVENTS/projector", "DTF_HEARTBEATS/projector-hb",
             }
             assert {g.leader for g in groups} == {leader}
+        finally:
+            await nc.close()
+
+
+async def test_an_ordered_consumer_near_the_leader_is_placed_on_the_stream_leaders_node(tmp_path):
+    with Cluster(tmp_path / "cluster", 3) as cluster:
+        nc = await bus.connect(cluster.url, name="placement-test")
+        try:
+            js = nc.jetstream()
+            await topology.provision(js, replicas=3)
+            leader = (await js.stream_info(topology.EVENTS)).cluster.leader
+            for _ in range(4):  # several: a random placement would miss sooner or later
+                sub, info = await bus.subscribe_ordered(
+                    js, topology.EVENTS, ["dtf.worker.>"], ConsumerConfig(filter_subjects=["dtf.worker.>"]),
+                    near_leader=True)
+                assert info.cluster.leader == leader
+                await sub.unsubscribe()
         finally:
             await nc.close()

@@ -11,12 +11,10 @@ count once they come back through the log, like everyone else's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
 import socket
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from nats.aio.client import Client
@@ -32,9 +30,6 @@ from dtf.streams import bus, placement, topology
 log = logging.getLogger("dtf.coordinator")
 
 TICK_S = 1.0
-FOLLOW_CHECK_S = 1.0
-"""A follow quiet this long is checked for a stall (see `_follow`): one stream-info request per quiet
-second, so after a stream leader election the fold resumes within a second of the stream answering."""
 PUBLISH_TIMEOUT_S = 2.0
 """A decision not acked by then is retried next round (same id: deduplicated if it was stored)."""
 PLACEMENT_CHECK_S = 3.0
@@ -94,7 +89,10 @@ class Coordinator:
         async def stalled() -> bool:
             return await self._tail(topology.EVENTS) > self.fold.last_seq
 
-        async for msg in self._follow(topology.EVENTS, lambda: {"start_seq": self.fold.last_seq + 1}, stalled):
+        def where() -> dict:
+            return {"start_seq": self.fold.last_seq + 1}
+
+        async for msg in bus.follow(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS], where, stalled):
             self.fold.apply(msg.subject, msg.seq, msg.data)
             if msg.seq >= start_tail and msg.pending == 0:
                 self.caught_up.set()
@@ -104,7 +102,8 @@ class Coordinator:
         async def stalled() -> bool:  # workers beat every few seconds: this long a silence is ours
             return datetime.now(UTC) - self.heartbeat_seen > 3 * self.policy.heartbeat_timeout
 
-        async for msg in self._follow(topology.HEARTBEATS, lambda: {"last_per_subject": True}, stalled):
+        async for msg in bus.follow(self.js, topology.HEARTBEATS, [subjects.HEARTBEATS],
+                                    lambda: {"last_per_subject": True}, stalled):
             try:
                 event = ev.decode(msg.data)
             except ev.DecodeError as exc:
@@ -123,35 +122,6 @@ class Coordinator:
             return (await asyncio.wait_for(self.js.stream_info(stream), 2.0)).state.last_seq
         except (NatsError, JetStreamError, TimeoutError):
             return 0
-
-    async def _follow(self, stream: str, where, stalled) -> AsyncIterator[bus.StoredMsg]:
-        """Follow `stream` through an ordered consumer and start a new one (from `where()`) when the
-        follow fails or goes quiet for FOLLOW_CHECK_S while `stalled()` says it should not be: after a
-        node's loss, nats-py's ordered consumer may stop delivering without an error (nats.py #510)."""
-        filters = [subjects.TASKS, subjects.WORKERS] if stream == topology.EVENTS else [subjects.HEARTBEATS]
-        while True:
-            messages = bus.read(self.js, stream, filters, follow=True, **where())
-            pending: asyncio.Future | None = None
-            try:
-                while True:
-                    pending = pending or asyncio.ensure_future(anext(messages))
-                    done, _ = await asyncio.wait({pending}, timeout=FOLLOW_CHECK_S)
-                    if not done:
-                        if await stalled():
-                            log.warning("following %s stalled; following it anew", stream)
-                            break
-                        continue
-                    msg, pending = pending.result(), None
-                    yield msg
-            except (NatsError, JetStreamError, TimeoutError, StopAsyncIteration) as exc:
-                log.warning("following %s failed (%s); following it anew", stream, exc)
-                await asyncio.sleep(FOLLOW_CHECK_S / 5)
-            finally:
-                if pending is not None:
-                    pending.cancel()
-                    await asyncio.gather(pending, return_exceptions=True)
-                with contextlib.suppress(Exception):
-                    await messages.aclose()
 
     async def _keep_leaders_together(self) -> None:
         """On a cluster, keep every Raft group dtf needs led by the DTF_EVENTS leader (see
