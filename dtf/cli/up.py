@@ -1,5 +1,5 @@
 """`dtf up`: a whole local system from one command — the embedded nats-server with JetStream under the
-data dir, the streams provisioned, then a coordinator, the projector and N workers as child processes
+data dir, the streams provisioned, then a coordinator, the projector, the detector and N workers as child processes
 of this one (each its own `dtf ...` command, exactly as on separate machines). It writes the context
 that lets every other command find the server, restarts a child that crashes, and on SIGINT/SIGTERM
 stops the workers first (so they hand back unfinished work while NATS is still up), then the rest."""
@@ -114,6 +114,7 @@ class System:
             self._child("coordinator", ["coordinator"], ("coordinator", "coordinator")),
             self._child("projector", ["projector", "--db", str(self.data_dir / "readmodel.duckdb")],
                         ("projector", "projector")),
+            self._child("detector", ["detector"], ("detector", "detector")),
             *(
                 self._child(f"worker-{i}", [
                     "worker", "--id", f"{host}-{i}", "--cache-dir", str(self.data_dir / "cache"),
