@@ -80,9 +80,12 @@ def _bucket_read(bucket: str) -> list[str]:
     return _stream_read(f"OBJ_{bucket}")
 
 
-def _bucket_write(bucket: str) -> list[str]:
-    """Put objects: chunks and metadata, and the purge of an overwritten object's old chunks."""
-    return [*_bucket_read(bucket), f"$O.{bucket}.>", f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]
+def _bucket_write(bucket: str, overwrite: bool) -> list[str]:
+    """Put objects (chunks and metadata). Overwriting one purges its old chunks, and a purge can take
+    any object's chunks, so only a role whose uploads may repeat (a worker's log) gets it; workspaces
+    are named by content and uploaded once, and the worker checks the hash of what it fetches."""
+    purge = [f"$JS.API.STREAM.PURGE.OBJ_{bucket}"] if overwrite else []
+    return [*_bucket_read(bucket), f"$O.{bucket}.>", *purge]
 
 
 def _durable(stream: str, name: str) -> list[str]:
@@ -112,12 +115,12 @@ def permissions(role: str, name: str, public_key: str) -> dict:
     publish, subscribe, extra = list(COMMON_PUBLISH), [inbox], {}
     if role == "submitter":
         publish += [f"dtf.task.*.*.submitted.{name}", f"dtf.task.*.*.cancelled.{name}", f"dtf.query.*.{name}",
-                    *_bucket_write(WORKSPACES)]
+                    *_bucket_write(WORKSPACES, overwrite=False)]
     elif role == "worker":
         publish += [f"dtf.task.*.*.{kind}.{name}" for kind in WORKER_PUBLISHES]
         publish += [f"dtf.worker.{name}.registered", f"dtf.worker.{name}.left", f"dtf.hb.{name}", "dtf.log.*",
                     *_durable(EVENTS, f"worker-{name}"), *_stream_read(EVENTS),  # is an assignment stale?
-                    *_bucket_read(WORKSPACES), *_bucket_write(ARTIFACTS)]
+                    *_bucket_read(WORKSPACES), *_bucket_write(ARTIFACTS, overwrite=True)]
         subscribe += ["dtf.task.*.*.cancelled.*", f"dtf.task.*.*.preempted.{name}"]
     elif role == "coordinator":
         publish += ["dtf.task.>", "dtf.worker.>", "$JS.API.>", "$JS.ACK.>", "$O.>"]

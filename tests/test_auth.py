@@ -140,6 +140,8 @@ async def test_a_submitter_cannot_publish_an_assignment_or_a_result_and_the_log_
         own = ev.TaskSubmitted(id="own", run_id="run-b", task_id="run-b-1", submitter="bob",
                                spec=SPEC)
         await bus.publish(bob.nc.jetstream(), own)  # its own submission is stored
+        await bob.nc.publish("$JS.API.STREAM.PURGE.OBJ_dtf-workspaces", b"{}", reply=bob.nc.new_inbox())
+        assert "purge" in (await bob.refusal()).lower()  # nor wipe the workspaces others depend on
     finally:
         await bob.nc.close()
     messages, last_seq = await stream_state(log_state)
@@ -256,7 +258,7 @@ async def test_refusals_in_the_cli_exit_3_with_the_reason_and_change_nothing(sec
     nobody = await run(None, "tasks")
     assert nobody.returncode == 3 and "without credentials" in nobody.stderr
     assert await stream_state(log_state) == before
-    own = await run(bob, "submit", "--command", "true", user="bob")
+    own = await run(bob, "submit", "examples/mixed", user="bob")  # ships a workspace, too
     assert own.returncode == 0, own.stderr
     assert (await stream_state(log_state))[0] == before[0] + 1
 
