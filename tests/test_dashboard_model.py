@@ -228,3 +228,12 @@ def test_ages_read_in_the_largest_whole_unit(seconds):
     size = {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
     assert number * size <= seconds < (number + 1) * size
     assert unit == "d" or number < {"s": 60, "m": 60, "h": 24}[unit]
+
+
+def test_flaky_tests_from_the_read_model_join_the_alerts_by_their_last_flip():
+    flaky = [{"test": "t.py::racy", "commit": "0123456789abcdef", "hardware": "cpu", "runs": 5, "passed": 3,
+              "failed": 2, "flips": 3, "flip_rate": 0.75, "first_seen": at(1).isoformat(),
+              "last_seen": at(45).isoformat()}]
+    rows = model.alert_rows(folded(A_DAY), now=at(50), flaky=flaky)
+    assert [(r["kind"], r["about"]) for r in rows] == [("flaky", "t.py::racy"), ("quarantined", "w1"), ("lost", "w2")]
+    assert rows[0]["what"] == "passed 3, failed 2 of 5 runs on commit 0123456789 (cpu): 3 flips"

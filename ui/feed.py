@@ -4,8 +4,9 @@ DTF_HEARTBEATS (the newest per worker), folded into a `Board`.
 One `Feed` serves every open tab of a dashboard process: a tab only reads the board (and the view
 rows the app caches per board version), so ten tabs cost NATS and DuckDB what one does. A page
 opened late sees everything, because the board is folded from the first event; the detector's
-findings are events in the same log. Only a drill-down someone asks for goes further: a task's
-stored test list from the projector's read model, its full log from the artifacts store.
+findings are events in the same log. Beyond the log it asks the projector's read model for the
+flaky tests (a question about many runs' results), at most every few seconds and only after new
+results, and, when someone drills down, for a task's stored test list and its full log.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ YIELD_EVERY = 500
 """Messages folded between yields to the loop while catching up (buffered messages do not yield)."""
 RETRY_S = 1.0
 ASK_TIMEOUT_S = 3.0
+FLAKY_EVERY_S = 10.0
+FLAKY_LIMIT = 20
 
 
 class Feed:
@@ -44,11 +47,14 @@ class Feed:
         self.heartbeats: dict[str, bytes] = {}
         """Each worker's newest heartbeat message, for replays (subject -> data)."""
         self.caught_up = asyncio.Event()
+        self.flaky: list[dict] = []
+        """The read model's flaky tests (passed and failed on one commit), for the alerts."""
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [
             asyncio.create_task(self._follow_events(), name="dashboard-events"),
             asyncio.create_task(self._follow_heartbeats(), name="dashboard-heartbeats"),
+            asyncio.create_task(self._watch_flaky(), name="dashboard-flaky"),
         ]
         try:
             await stop.wait()
@@ -98,6 +104,20 @@ class Feed:
             except (NatsError, JetStreamError, TimeoutError) as exc:
                 log.warning("cannot read %s yet (%s); retrying", stream, exc)
                 await asyncio.sleep(RETRY_S)
+
+    async def _watch_flaky(self) -> None:
+        """Ask for flaky tests again after new results came in, at most every FLAKY_EVERY_S: one
+        question per dashboard process, whatever the number of tabs. No projector: no flaky alerts."""
+        asked_at_results = -1
+        while True:
+            if len(self.board.results) != asked_at_results:
+                asked_at_results = len(self.board.results)
+                try:
+                    body = await self.ask("flaky", {"limit": FLAKY_LIMIT})
+                    self.flaky = [row for row in body.get("flaky", []) if isinstance(row, dict)]
+                except LookupError as exc:
+                    log.debug("flaky tests: %s", exc)
+            await asyncio.sleep(FLAKY_EVERY_S)
 
     async def ask(self, name: str, request: dict) -> dict:
         """One read-model query's reply; LookupError saying why when there is none."""

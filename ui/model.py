@@ -7,6 +7,7 @@ computes them once per board version, not once per tab).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -14,7 +15,7 @@ from dtf import events as ev
 from dtf.schedule import queue_order
 from dtf.spec import command_line, test_paths
 from dtf.state import QUEUED, TERMINAL, TaskState, WorkerState
-from dtf.ui.board import Board, ResultDetail
+from dtf.ui.board import Alert, Board, ResultDetail
 
 EPOCH = datetime.min.replace(tzinfo=UTC)
 """Sorts before any real time (a rejected garbage submission may have none)."""
@@ -214,10 +215,23 @@ def status_counts(board: Board) -> dict[str, int]:
     return {s: states[s] for s in STATUS_ORDER if states[s]}
 
 
-def alert_rows(board: Board, now: datetime, limit: int = 50) -> list[dict]:
-    """The newest alerts first."""
+def alert_rows(board: Board, now: datetime, flaky: Sequence[dict] = (), limit: int = 50) -> list[dict]:
+    """The newest alerts first: the board's, and the read model's flaky tests (as of their last flip)."""
+    alerts = [*board.alerts, *(flaky_alert(row) for row in flaky)]
     return [{"when": age(a.time, now) + " ago", "severity": a.severity, "kind": a.kind, "about": a.subject,
-             "what": a.message} for a in sorted(board.alerts, key=lambda a: a.time, reverse=True)[:limit]]
+             "what": a.message} for a in sorted(alerts, key=lambda a: a.time, reverse=True)[:limit]]
+
+
+def flaky_alert(row: dict) -> Alert:
+    """One row of the `flaky` query: a test that passed and failed on the same commit and hardware."""
+    try:
+        seen = datetime.fromisoformat(str(row.get("last_seen")))
+    except ValueError:
+        seen = EPOCH
+    commit = str(row.get("commit") or "")[:10]
+    what = (f"passed {row.get('passed')}, failed {row.get('failed')} of {row.get('runs')} runs on commit {commit}"
+            f" ({row.get('hardware')}): {row.get('flips')} flips")
+    return Alert(seen if seen.tzinfo else seen.replace(tzinfo=UTC), "warning", "flaky", str(row.get("test")), what)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Alerts: lost and quarantined workers, missed deadlines, rejected and errored tasks, and the
-regressions and anomalies the detector reported."""
+"""Alerts: lost and quarantined workers, missed deadlines, rejected and errored tasks, the
+regressions and anomalies the detector reported, and flaky tests."""
 
 from __future__ import annotations
 
@@ -19,4 +19,4 @@ class AlertsView:
     def refresh(self) -> None:
         s = self.session
         self.table.object = s.shared("alerts", lambda: html.table(
-            model.alert_rows(s.feed.board, s.now), "alerts", empty="all quiet"), per_second=True)
+            model.alert_rows(s.feed.board, s.now, s.feed.flaky), "alerts", empty="all quiet"), per_second=True)
