@@ -46,7 +46,7 @@ from dtf.projections.rebuild import rebuild, tables_equal
 from dtf.streams import bus, topology
 from dtf.streams.cluster import Cluster
 from nats.errors import NoRespondersError
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
 from dtf import events as ev
 from dtf import subjects
@@ -87,46 +87,20 @@ class Fault:
 
 class LiveView:
     """The harness's own fold of DTF_EVENTS, followed live (to find markers running, workers lost,
-    tasks settled). A follow that goes quiet while the stream grows is restarted after the last
-    sequence folded; restarts are counted (they would mean an ordered consumer stalled)."""
+    tasks settled) the way the coordinator follows it (`bus.follow`), so the feeder never waits on a
+    stalled view."""
 
     def __init__(self, js) -> None:
         self.js = js
         self.fold = Fold()
-        self.restarts = 0
-        self.changed = asyncio.Event()
 
     async def run(self) -> None:
-        while True:
-            sub = None
-            try:
-                sub = await self.js.subscribe(
-                    subjects.TASKS, stream=topology.EVENTS, ordered_consumer=True, idle_heartbeat=2.0,
-                    config=ConsumerConfig(filter_subjects=[subjects.TASKS, subjects.WORKERS],
-                                          deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                          opt_start_seq=self.fold.last_seq + 1, inactive_threshold=60.0),
-                    pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30)
-                stalled = False
-                while not stalled:
-                    if (me := asyncio.current_task()) is not None and me.cancelling():
-                        raise asyncio.CancelledError  # 3.11: nats' wait_for may turn a cancel into a timeout
-                    try:
-                        msg = await sub.next_msg(timeout=1.0)
-                    except nats.errors.TimeoutError:
-                        # Quiet for a second while the stream grew: the follow stalled (as the
-                        # coordinator judges it); start a new one, so the feeder never waits on us.
-                        stalled = await _tail(self.js) > self.fold.last_seq
-                        continue
-                    self.fold.apply(msg.subject, msg.metadata.sequence.stream, msg.data)
-                self.restarts += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - bus trouble: follow again from where we are
-                await asyncio.sleep(0.5)
-            finally:
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+        async def stalled() -> bool:
+            return await _tail(self.js) > self.fold.last_seq
+
+        async for msg in bus.follow(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS],
+                                    lambda: {"start_seq": self.fold.last_seq + 1}, stalled):
+            self.fold.apply(msg.subject, msg.seq, msg.data)
 
 
 async def _tail(js) -> int:
@@ -365,7 +339,7 @@ class Harness:
         for t in tasks:
             key = t.status if t is not None else "unseen"
             states[key] = states.get(key, 0) + 1
-        return f"tasks {states}, folded to seq {self.view.fold.last_seq}, view restarts {self.view.restarts}"
+        return f"tasks {states}, folded to seq {self.view.fold.last_seq}"
 
     def online(self, wid: str) -> bool:
         w = self.view.fold.workers.get(wid)
@@ -586,7 +560,7 @@ def analyse(h: Harness, stored: list[Stored]) -> dict:
         "tasks": len(ours), "tasks_lost": len(lost), "tasks_completed_twice": len(twice),
         "tasks_not_passed": len(not_passed), "tasks_with_more_than_one_passed_result_stored": len(ran_twice),
         "heartbeat_timeout_s": h.heartbeat_timeout, "heartbeat_interval_s": h.heartbeat_interval,
-        "live_view_restarts": h.view.restarts, "probe_publish_failures": h.probe.failures,
+        "probe_publish_failures": h.probe.failures,
     }
     problems = [f"task {t} never passed (state {fold.tasks[t].status if t in fold.tasks else 'unseen'})"
                 for t in lost[:10]]
