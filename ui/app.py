@@ -3,13 +3,12 @@
 Each tab gets a periodic callback (TICK_MS) that looks at the board's version and re-renders its
 views only when the board moved (or a second passed, for the ages): the feed pushes events into
 the board as they arrive, the tab picks them up within a tick, and nothing in a tab talks to NATS
-except a drill-down or a replay someone asked for.
+except a drill-down someone asked for (a replay folds messages the feed already holds).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import UTC, datetime
 
 import panel as pn
@@ -25,8 +24,6 @@ from dtf.ui.view_results import ResultsView
 from dtf.ui.view_tasks import TasksView
 from dtf.ui.view_trends import TrendsView
 from dtf.ui.view_workers import WorkersView
-
-log = logging.getLogger("dtf.dashboard")
 
 TICK_MS = 300
 
