@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from core import free_port, start
 from nats.js.api import StreamConfig
 
@@ -148,6 +149,22 @@ async def measure(url: str, opts) -> dict[str, float]:
     return results
 
 
+def cpu_seconds(processes: list) -> dict[str, float]:
+    """CPU time so far of each process we started and theirs (coordinator, projector, nats-server)."""
+    spent: dict[str, float] = {}
+    for process in processes:
+        parent = psutil.Process(process.pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            try:
+                args = p.cmdline()
+                times = p.cpu_times()
+            except psutil.Error:
+                continue
+            name = next((a for a in args if a in ("up", "worker", "coordinator", "projector", "dashboard")), p.name())
+            spent[name] = spent.get(name, 0.0) + times.user + times.system
+    return spent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000)
@@ -166,6 +183,7 @@ def main() -> None:
                for i in range(opts.workers)]
     try:
         results = asyncio.run(measure(url, opts))
+        cpu = cpu_seconds([up, *workers])
     finally:
         for process in [*workers, up]:
             process.send_signal(signal.SIGTERM)
@@ -177,6 +195,7 @@ def main() -> None:
     width = max(map(len, results))
     for name, value in results.items():
         print(f"{name:<{width}}  {value:>12,.3f}" if value < 10 else f"{name:<{width}}  {value:>12,.0f}")
+    print("CPU seconds by process (the whole run): " + ", ".join(f"{name} {sec:.1f}" for name, sec in cpu.items()))
     print(f"(logs in {scratch}; {opts.workers} workers x {opts.concurrency} slots; python {sys.version.split()[0]})")
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
