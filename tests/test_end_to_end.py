@@ -229,7 +229,7 @@ def test_a_task_on_a_sigkilled_worker_is_reassigned_and_finishes_once(tmp_path):
     doomed = spawn("worker", "--id", "doomed", "--heartbeat-interval", "0.2", "--cache-dir", str(tmp_path / "c1"))
     survivor = None
     try:
-        done = system.dtf("submit", "--command", "sleep 2; echo finished", "--json", check_json=True)
+        done = system.dtf("submit", "--command", "sleep 5; echo finished", "--json", check_json=True)
         report = json.loads(done.stdout)
         task_id = report["tasks"][0]
         while "TaskStarted" not in system.dtf("replay", "--task", task_id).stdout:
@@ -247,6 +247,18 @@ def test_a_task_on_a_sigkilled_worker_is_reassigned_and_finishes_once(tmp_path):
         assert [e["worker_id"] for e in lost] == ["doomed"]
         outcomes = [e for e in history if e["type"] in ("ResultReported", "TaskFailed") and e.get("task_id") == task_id]
         assert [(e["type"], e["attempt"]) for e in outcomes] == [("TaskFailed", 1), ("ResultReported", 2)]
+        # The task's own timeline shows the lost attempt and its reassignment; `workers` says why.
+        timeline = [(e["type"], e.get("attempt"), e.get("worker_id"), e.get("category"))
+                    for e in (x["event"] for x in replay_events(system, task_id)) if e["type"] != "TaskStarted"]
+        assert timeline == [("TaskSubmitted", None, None, None), ("TaskAssigned", 1, "doomed", None),
+                            ("TaskFailed", 1, "doomed", "worker"), ("TaskAssigned", 2, "survivor", None),
+                            ("ResultReported", 2, "survivor", None)]
+        while not any(w["worker_id"] == "doomed" and w["state"] == "lost"
+                      for w in json.loads(system.dtf("workers", "--json").stdout)["workers"]):
+            time.sleep(0.2)  # the projector folds the verdict a moment after `wait` saw the result
+        [doomed_row] = [w for w in json.loads(system.dtf("workers", "--json").stdout)["workers"]
+                        if w["worker_id"] == "doomed"]
+        assert "no heartbeat" in doomed_row["reason"]
     finally:
         for process in (fast, doomed, survivor):
             if process is not None and process.poll() is None:
