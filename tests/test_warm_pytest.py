@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -84,8 +85,7 @@ def suite(tmp_path, monkeypatch):
 
 @pytest.fixture
 async def pool(tmp_path):
-    pool = warm.WarmPool(tmp_path / "warm", os.sys.executable)
-    pool.root.mkdir()
+    pool = warm.WarmPool(tmp_path / "warm", sys.executable)
     yield pool
     await pool.close()
 

@@ -36,6 +36,7 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class WarmProcess:
     ready: bool = False
     last_used: float = field(default_factory=time.monotonic)
     pump: asyncio.Task[None] | None = None
+    startup_report: Path | None = None
     exited: asyncio.Task[int] | None = None
 
     @classmethod
@@ -224,12 +226,13 @@ class WarmPool:
         key = (run_id, cached.name)
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key not in self.workspaces:
-                target = self.root / f"{run_id}-{cached.name[:16]}"
-                await asyncio.to_thread(shutil.rmtree, target, True)
-                await asyncio.to_thread(shutil.copytree, cached, target, symlinks=True)
+                # a directory of its own: workers on one machine may share a cache directory
+                await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+                target = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{run_id}-", dir=self.root))
+                await asyncio.to_thread(shutil.copytree, cached, target / "workspace", symlinks=True)
                 self.workspaces[key] = target
             self.workspace_used[key] = time.monotonic()
-            return self.workspaces[key]
+            return self.workspaces[key] / "workspace"
 
     def launcher(self, run_id: str, spec: TaskSpec):
         """A drop-in for `process.run_process` that serves the shard from a warm process."""
@@ -288,12 +291,14 @@ class WarmPool:
     async def _start(self, key: tuple, suite: list[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
         argv = [self.python, "-m", "pytest", *suite, *key[3], "-p", REPORT_PLUGIN, "-p", CHILD_PLUGIN,
                 "-p", "no:cacheprovider", "-q"]
-        startup_report = self.root / f"startup-{secrets.token_hex(4)}.jsonl"
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        startup_report = self.root / f"startup-{secrets.token_hex(4)}.jsonl"  # collection errors, if any
         child_env = {**env, "DTF_TEST_REPORT": str(startup_report), IDLE_ENV: str(self.idle_s * 2)}
         try:
             warm = await WarmProcess.spawn(key, argv, cwd, child_env)
         except OSError as exc:
             raise NotServed(f"cannot start {self.python}: {exc}") from None
+        warm.startup_report = startup_report
         self.processes.append(warm)
         log.info("warm pytest %d started for %s", warm.proc.pid, key[0])
         return warm
@@ -314,6 +319,8 @@ class WarmPool:
         with contextlib.suppress(ValueError):
             self.processes.remove(warm)
         await warm.stop(kill=kill)
+        if warm.startup_report is not None:
+            await asyncio.to_thread(warm.startup_report.unlink, True)
 
     async def _reap(self) -> None:
         """Stop processes idle for `idle_s`, and remove run workspaces nothing has used for as long."""

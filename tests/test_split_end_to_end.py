@@ -1,0 +1,106 @@
+"""`dtf submit --split` on a running system (`dtf up`, two workers): every test runs once, and the
+second run of a suite is split better than the first because the first's durations are history."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from test_end_to_end import EXAMPLES, Up
+
+from dtf import split
+from dtf.cli.commands_query import ask
+from dtf.cli.common import connected
+
+pytestmark = pytest.mark.slow
+
+SLOW = 6
+FAST = 10
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    base = tmp_path_factory.mktemp("split-e2e")
+    up = Up(base / "d", base / "state").start()
+    yield up
+    assert up.stop() == 0
+
+
+@pytest.fixture
+def suite(tmp_path) -> Path:
+    root = tmp_path / "suite"
+    root.mkdir()
+    slow = "\n".join(f"def test_s{i}():\n    time.sleep(0.8)\n" for i in range(SLOW))
+    fast = "\n".join(f"def test_f{i}():\n    pass\n" for i in range(FAST))
+    (root / "test_slow.py").write_text("import time\n\n" + slow)
+    (root / "test_fast.py").write_text(fast)
+    return root
+
+
+async def _results(run_id: str, expected: int) -> list[dict]:
+    rows: list[dict] = []
+    async with connected(None, None, "split-e2e") as nc:
+        for _ in range(200):
+            rows = await ask(nc, "results", {"run_id": run_id})
+            if len(rows) >= expected:
+                break
+            await asyncio.sleep(0.1)
+    return rows
+
+
+def results_of(system: Up, run_id: str, expected: int) -> list[dict]:
+    """The run's test results once the projector holds all of them, asked as the CLI asks (the
+    context `dtf up` wrote: its URL and credentials)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_STATE_HOME", system.env["XDG_STATE_HOME"])
+        env.delenv("DTF_NATS_URL", raising=False)
+        return asyncio.run(_results(run_id, expected))
+
+
+def submit_split(system: Up, *args: str) -> dict:
+    done = system.dtf("submit", *args, "--wait", "--json", check_json=True)
+    report = json.loads(done.stdout)
+    report["stderr"] = done.stderr
+    report["returncode"] = done.returncode
+    return report
+
+
+def shard_makespan(report: dict, rows: list[dict], slots: int) -> float:
+    """What the shards' recorded durations, pulled in submission order by `slots` workers, add up to."""
+    per_task: dict[str, float] = {}
+    for row in rows:
+        per_task[row["task_id"]] = per_task.get(row["task_id"], 0.0) + row["duration_s"]
+    return split.pull_makespan([per_task.get(t["task_id"], 0.0) for t in report["tasks"]], slots)
+
+
+def test_a_split_suite_reports_every_test_once_and_its_second_run_is_better_balanced(system, suite):
+    first = submit_split(system, str(suite), "--split", "2")
+    assert first["returncode"] == 0, first["stderr"]
+    assert first["summary"] == {"passed": SLOW + FAST, "failed": 0, "skipped": 0, "errors": 0}
+    assert "0 with history" in first["stderr"]
+    rows = results_of(system, first["run_id"], SLOW + FAST)
+    assert sorted(r["nodeid"] for r in rows) == sorted(
+        [f"test_slow.py::test_s{i}" for i in range(SLOW)] + [f"test_fast.py::test_f{i}" for i in range(FAST)])
+
+    second = submit_split(system, str(suite), "--split", "2")
+    assert second["returncode"] == 0, second["stderr"]
+    assert f"{SLOW + FAST} with history" in second["stderr"]
+    again = results_of(system, second["run_id"], SLOW + FAST)
+    assert len(again) == SLOW + FAST
+    assert shard_makespan(second, again, 2) < shard_makespan(first, rows, 2)
+
+
+def test_a_split_run_counts_failures_and_skips_as_an_unsplit_one_does(system):
+    report = submit_split(system, str(EXAMPLES / "mixed"), "--split", "auto", "--group", "test")
+    assert report["returncode"] == 1, report["stderr"]
+    assert report["summary"] == {"passed": 3, "failed": 1, "skipped": 1, "errors": 0}
+
+
+def test_split_refuses_what_it_cannot_split(system, suite):
+    done = system.dtf("submit", "--command", "true", "--split", "2")
+    assert done.returncode == 2 and "--split splits test PATHS" in done.stderr
+    (suite / "test_broken.py").write_text("import no_such_module\n")
+    broken = system.dtf("submit", str(suite), "--split", "2")
+    assert broken.returncode == 2 and "collecting the tests to split them failed" in broken.stderr
