@@ -5,9 +5,12 @@ it has folded so far: workers declared lost after `policy.heartbeat_timeout` wit
 attempts they held failed (category "worker", so they are requeued), workers quarantined after
 repeated infrastructure failures (then probed with one attempt), rejections of set-aside
 submissions, cancellations of tasks whose dependencies failed, tasks no registered worker can ever
-run (TaskUnschedulable), missed deadlines (TaskDeadlineMissed), and assignments of ready tasks to
-capable workers with free slots. It reads no clock and does no I/O,
-so replicas that folded the same log decide the same thing, and the stream arbitrates their writes.
+run (TaskUnschedulable), missed deadlines (TaskDeadlineMissed), assignments of ready tasks to
+capable workers with free slots (priority first, then fair share between projects), and preemptions
+(TaskPreempted) of less urgent running attempts when urgent work has no capable free worker. It
+reads only the fold's indexes of waiting work (`Fold.queues`), never every task; it reads no clock
+and does no I/O, so replicas that folded the same log decide the same thing, and the stream
+arbitrates their writes.
 """
 
 from __future__ import annotations
