@@ -21,7 +21,6 @@ The fold and detection run in a worker thread, one batch at a time, never on the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import NamedTuple
@@ -166,36 +165,27 @@ async def _in_thread(func, *args) -> None:
 async def _chunks(js: JetStreamContext, follower: Follower, batch: int) -> AsyncIterator[list[bus.StoredMsg]]:
     """Batches of the stream after the last folded message, each ending when it is full or when it
     reaches the end of what is stored, and an empty batch each quiet second once caught up (so a
-    failed publish is retried). Returns when the follow goes quiet while the stream has more
-    (nats-py's ordered consumer can stop delivering after a node loss), to be started anew."""
-    messages = bus.read(js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS], follow=True,
-                        start_seq=follower.last_seq + 1)
-    pending: asyncio.Future | None = None
+    failed publish is retried)."""
+    async def stalled() -> bool:
+        try:
+            return (await asyncio.wait_for(js.stream_info(topology.EVENTS), 2.0)).state.last_seq > follower.last_seq
+        except (NatsError, JetStreamError, TimeoutError):
+            return False
+
     chunk: list[bus.StoredMsg] = []
-    try:
-        while True:
-            pending = pending or asyncio.ensure_future(anext(messages))
-            done, _ = await asyncio.wait({pending}, timeout=FOLLOW_CHECK_S)
-            if not done:
-                if chunk:
-                    continue
-                info = await asyncio.wait_for(js.stream_info(topology.EVENTS), 2.0)
-                if info.state.last_seq > follower.last_seq:
-                    log.warning("following %s stalled; following it anew", topology.EVENTS)
-                    return
-                yield []
-                continue
-            message, pending = pending.result(), None
-            chunk.append(message)
-            if message.pending == 0 or len(chunk) >= batch:
-                yield chunk
-                chunk = []
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await messages.aclose()
+    async for message in bus.follow(js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS],
+                                    lambda: {"start_seq": follower.last_seq + 1}, stalled,
+                                    check_s=FOLLOW_CHECK_S, idle=True):
+        if message is None:
+            yield chunk
+            chunk = []
+            continue
+        if chunk and message.seq <= chunk[-1].seq:
+            continue  # the follow started anew from the last folded message: these are in hand
+        chunk.append(message)
+        if message.pending == 0 or len(chunk) >= batch:
+            yield chunk
+            chunk = []
 
 
 async def _publish_due(js: JetStreamContext, follower: Follower) -> None:

@@ -168,14 +168,15 @@ async def _beside_leader(js: JetStreamContext, stream: str, info: ConsumerInfo) 
 
 async def follow(
     js: JetStreamContext, stream: str, filters: list[str], where: Callable[[], dict],
-    stalled: Callable[[], Awaitable[bool]], *, check_s: float = 1.0, setup_s: float = 5.0,
-) -> AsyncIterator[StoredMsg]:
+    stalled: Callable[[], Awaitable[bool]], *, check_s: float = 1.0, setup_s: float = 5.0, idle: bool = False,
+) -> AsyncIterator[StoredMsg | None]:
     """Follow `stream` for as long as the caller iterates, through bus trouble: a new ordered consumer
     (from `where()`, e.g. the sequence after the last one seen) whenever the follow fails, or goes
     quiet for `check_s` while `stalled()` says it should not be. After a node's loss, nats-py's
     ordered consumer may stop delivering without an error (nats.py #510). Setting up a consumer may
     take longer than `check_s` (up to `setup_s` is not counted as quiet), or a slow setup would be
-    abandoned again and again."""
+    abandoned again and again. With `idle`, a quiet check that finds no stall yields None (a tick
+    for callers with work of their own to retry)."""
     while True:
         messages = read(js, stream, filters, follow=True, near_leader=True, **where())
         pending: asyncio.Future | None = None
@@ -189,6 +190,8 @@ async def follow(
                     if await stalled():
                         log.warning("following %s stalled; following it anew", stream)
                         break
+                    if idle:
+                        yield None
                     continue
                 msg, pending = pending.result(), None
                 yield msg
