@@ -271,6 +271,15 @@ class Registry:
         self.add(role, name, path)
         return path
 
+    def revoke(self, name: str, role: str | None = None) -> list[User]:
+        """Forget every key of `name` (in `role`, if given); after a reload the server drops their
+        connections and refuses them. Returns the users removed."""
+        users = self.users()
+        gone = [u for u in users if u.name == name and role in (None, u.role)]
+        if gone:
+            self._save([u for u in users if u not in gone])
+        return gone
+
     def refresh(self) -> None:
         """Render users.conf again from users.json: permissions follow this version of dtf."""
         self._save(self.users())

@@ -225,6 +225,27 @@ async def test_new_credentials_work_after_a_reload_without_restarting_the_server
     assert secured_server.server.process.pid == pid and secured_server.server.process.poll() is None
 
 
+async def test_revoked_credentials_are_dropped_and_refused_after_a_reload(secured_server, log_state):
+    carol = secured_server.creds("submitter", "carol", reload=True)
+    nc = None
+    for _ in range(100):  # the reload is asynchronous in the server
+        try:
+            nc = await secured_server.connect(carol, allow_reconnect=False, max_reconnect_attempts=1)
+            break
+        except Exception:  # noqa: BLE001 - not reloaded yet
+            await asyncio.sleep(0.1)
+    assert nc is not None and nc.is_connected
+    assert [u.name for u in secured_server.registry.revoke("carol")] == ["carol"]
+    auth.reload([secured_server.server.pid_file])
+    for _ in range(100):
+        if nc.is_closed:
+            break
+        await asyncio.sleep(0.1)
+    assert nc.is_closed  # the server dropped the connection of a user it no longer knows
+    with pytest.raises(Exception, match="(?i)authorization"):
+        await secured_server.connect(carol, allow_reconnect=False, max_reconnect_attempts=1)
+
+
 # --- the CLI: a refusal is exit code 3 -------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Access control (#7): `dtf creds add|list` — users per role for the system `dtf up` runs.
+"""Access control (#7): `dtf creds add|revoke|list` — users per role for the system `dtf up` runs.
 
 Run on the machine that runs `dtf up` (it writes that system's users.conf and tells its nats-server to
 reload); hand the file it writes to the person or machine it is for. See dtf.streams.auth for the roles.
@@ -61,6 +61,22 @@ def add(role: str, name: str, out: Path, data_dir: Path | None) -> None:
             else "no running server to reload; it applies at the next start")
     click.echo(f"dtf: {out}: {role} {name} ({user.public_key}); {note}", err=True)
     click.echo(f"export DTF_CREDS={out.resolve()}")
+
+
+@creds.command("revoke")
+@click.option("--name", required=True, help="Whose keys to forget.")
+@click.option("--role", type=click.Choice(auth.ROLES), help="Only its keys in this role.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The system's data dir (default: the current `dtf up` context).")
+def revoke(name: str, role: str | None, data_dir: Path | None) -> None:
+    """Withdraw NAME's credentials: the server reloads, drops its connections and refuses it."""
+    registry, pid_files = _system(data_dir)
+    gone = registry.revoke(name, role)
+    if not gone:
+        raise CliError(f"no credentials for {name}" + (f" as {role}" if role else ""))
+    reloaded = auth.reload(pid_files)
+    click.echo(f"dtf: revoked {len(gone)} key(s) of {name}; "
+               + (f"the server reloaded ({len(reloaded)} node(s))" if reloaded else "no running server"), err=True)
 
 
 @creds.command("list")
