@@ -3,7 +3,8 @@
 **Mechanism: nkey users in the server config.** Each identity is an ed25519 key pair (an NATS "nkey").
 The server's config holds only the public keys and their permissions (`users.conf`, included by
 nats-server.conf), so no secret is in any config file, committed or not; the client holds the seed
-(a one-line file, mode 0600) and signs the server's nonce with it. Chosen over user/password (the
+(in a credentials file that also names its role and name, mode 0600) and signs the server's nonce
+with it. Chosen over user/password (the
 server would hold a secret or a bcrypt hash per user, and the password crosses the wire) and over
 JWT accounts (an operator, account and resolver to run: more moving parts than a single team's system
 needs). A new user takes effect on a config reload (SIGHUP), without restarting the server.
@@ -67,9 +68,10 @@ def inbox_prefix(public_key: str) -> str:
 
 
 def _stream_read(stream: str) -> list[str]:
-    """JetStream API subjects to look at a stream and read it through ephemeral consumers. The bare
-    CONSUMER.CREATE subject only makes ephemeral consumers (the server refuses a durable name on it),
-    so a reader cannot take over another's durable."""
+    """JetStream API subjects to look at a stream and read it through ephemeral (ordered) consumers.
+    The bare CONSUMER.CREATE subject refuses a durable name, but it takes a consumer name from the
+    request body, where no permission can see it: a reader can update another consumer by name (a
+    known limit, docs/OPERATIONS.md)."""
     return [
         f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.*",
