@@ -353,3 +353,22 @@ def test_a_result_from_a_worker_that_was_not_assigned_the_attempt_changes_nothin
                              outcome="passed")
     fold.apply(subjects.subject_for(real), 5, ev.encode(real))
     assert fold.tasks["run-a-1"].status == "passed"
+
+
+async def test_a_worker_takes_its_id_from_its_credentials_and_refuses_another(secured_server, log_state):
+    w2 = secured_server.creds("worker", "w2")
+    wrong = await asyncio.to_thread(dtf, secured_server, w2, "worker", "--id", "w1")
+    assert wrong.returncode == 3 and "--id w2" in wrong.stderr
+    env = {**os.environ, "DTF_NATS_URL": secured_server.url, "DTF_CREDS": str(w2)}
+    worker = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, "-m", "dtf", "worker", "--cache-dir", str(secured_server.root / "c")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        registered = None
+        async for msg in bus.read(log_state.jetstream(), topology.EVENTS, ["dtf.worker.w2.registered"], follow=True):
+            registered = ev.decode(msg.data)
+            break
+        assert registered.worker_id == "w2"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 60) == 0

@@ -18,7 +18,9 @@ import click
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from dtf.cli.common import CliError, nats_options, parse_pairs, serve, serve_with_nats
+from dtf.cli.common import (
+    EXIT_PERMISSION, CliError, credential_identity, nats_options, parse_pairs, serve, serve_with_nats,
+)
 from dtf.cli.commands_metrics import metrics_endpoint, metrics_option
 from dtf import subjects
 from dtf.cli.up import System
@@ -188,6 +190,12 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
         open_files=task_max_open_files)
 
     tags = parse_pairs(capabilities, "--capability")
+    identity = credential_identity(creds)
+    if identity is not None and identity.role == "worker":  # it may publish only as that worker
+        worker_id = worker_id or identity.name
+        if worker_id != identity.name:
+            raise CliError(f"{creds} are worker {identity.name}'s credentials: run with --id {identity.name}",
+                           EXIT_PERMISSION)
     worker_id = worker_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
     if not TOKEN_RE.match(worker_id):
         raise click.BadParameter("letters, digits, _ and - only (at most 80)", param_hint="--id")

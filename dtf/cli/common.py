@@ -76,6 +76,17 @@ def resolve_connection(flag: str | None, creds: str | None) -> tuple[str, dict]:
         raise CliError(str(exc)) from None
 
 
+def credential_identity(creds: str | None) -> auth.Credentials | None:
+    """The role and name a dtf credentials file is for (None without one, or for a NATS JWT file)."""
+    if not creds:
+        return None
+    try:
+        identity = auth.read_credentials(creds)
+    except auth.AuthError as exc:
+        raise CliError(str(exc)) from None
+    return identity if identity.role else None
+
+
 def nats_options(func: Callable) -> Callable:
     func = click.option("--creds", envvar="DTF_CREDS", type=click.Path(dir_okay=False),
                         help="NATS credentials file (default $DTF_CREDS).")(func)
