@@ -39,7 +39,7 @@ PRIOR_S = 0.1
 CORE_FRACTION = 0.7
 MIN_SHARD_S = 1.0
 
-_PARAMS = re.compile(r"\[.*\]\Z", re.S)
+_PARAMS = re.compile(r"\[.*\]\Z", re.DOTALL)
 
 
 @dataclass(frozen=True)

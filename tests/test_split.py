@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
+import click
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtf import split
+from dtf.cli.splitting import parse_collection, parse_split
 
 files = st.sampled_from(["tests/test_a.py", "tests/sub/test_b.py", "test_c.py", "tests/test_d.py"])
 classes = st.sampled_from(["", "TestOne::", "TestTwo::"])
@@ -74,7 +79,7 @@ def test_tail_shards_get_smaller_so_the_queue_steals_work_at_the_end(lengths, sl
     tail = [s.estimate_s for s in shards[slots:]]
     biggest_unit_left = max((d for d in lengths), default=0.0)
     # a later tail shard is never bigger than an earlier one by more than one unit (a unit is indivisible)
-    for earlier, later in zip(tail, tail[1:]):
+    for earlier, later in itertools.pairwise(tail):
         assert later <= earlier + biggest_unit_left + 1e-9
     assert len(shards) >= min(slots, len(lengths))
 
@@ -116,3 +121,16 @@ def test_history_balances_a_suite_the_prior_cannot():
 
     assert makespan(truth) < makespan({})  # without history ten slow tests look like ten fast ones
     assert makespan(truth) <= 1.15 * split.lower_bound(list(truth.values()), 2)
+
+
+def test_the_collected_node_ids_are_the_lines_before_pytests_summary():
+    output = "tests/test_a.py::test_x\ntests/test_a.py::T::test_y[1-2]\ntest_doc.txt\n\n3 tests collected in 0.01s\n"
+    assert parse_collection(output) == ["tests/test_a.py::test_x", "tests/test_a.py::T::test_y[1-2]", "test_doc.txt"]
+
+
+def test_split_takes_auto_or_a_positive_number_of_slots():
+    assert parse_split("auto") is None
+    assert parse_split("3") == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(click.BadParameter):
+            parse_split(bad)

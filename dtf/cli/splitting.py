@@ -55,13 +55,13 @@ def relative_args(paths: list[str], root: Path) -> list[str]:
 
 
 def parse_collection(output: str) -> list[str]:
-    """The node ids `pytest --collect-only -q` printed: its lines up to the first blank one."""
+    """The node ids `pytest --collect-only -q` printed: its lines up to the first blank one (an item
+    of a non-Python plugin may be a bare path)."""
     nodeids = []
     for line in output.splitlines():
         if not line.strip():
             break
-        if "::" in line:
-            nodeids.append(line.strip())
+        nodeids.append(line.strip())
     return nodeids
 
 
@@ -71,7 +71,7 @@ def collect(root: Path, args: list[str], pytest_args: list[str], python: str = s
             *args, *pytest_args]
     try:
         done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=COLLECT_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CliError(f"cannot collect the tests to split them: {exc}") from None
     if done.returncode == 5:
