@@ -20,6 +20,8 @@ import duckdb
 import msgspec
 
 DEFAULT_LAST = 5
+MAX_REPLY_BYTES = 900_000
+"""As `queries.MAX_REPLY_BYTES` (not imported: `queries` imports this module)."""
 
 
 class DurationsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -34,8 +36,6 @@ class DurationsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 
 def durations(cur: duckdb.DuckDBPyConnection, request: DurationsRequest) -> dict:
-    from dtf.projections.queries import _page  # here, not at the top: queries imports this module
-
     project_filter = (
         "AND r.task_id IN (SELECT task_id FROM tasks WHERE project = $project)" if request.project is not None
         else ""
@@ -66,8 +66,17 @@ def durations(cur: duckdb.DuckDBPyConnection, request: DurationsRequest) -> dict
         GROUP BY nodeid ORDER BY nodeid
     """
 
-    def item(r: tuple) -> dict:
-        return {"nodeid": r[0], "duration_s": r[1], "runs": r[2]}
-
-    found, next_offset = _page(cur, sql, params, request, item)
-    return {"durations": found, "next_offset": next_offset}
+    # One execution, paged here: `queries._page` would run this window query again for every chunk.
+    rows = cur.execute(sql, params).fetchall()
+    found: list[dict] = []
+    size = 0
+    position = request.offset
+    while position < len(rows) and (request.limit is None or len(found) < request.limit):
+        nodeid, duration_s, runs = rows[position]
+        entry = {"nodeid": nodeid, "duration_s": duration_s, "runs": runs}
+        size += len(nodeid) + 64  # generous for the JSON around it
+        if size > MAX_REPLY_BYTES and found:
+            break
+        found.append(entry)
+        position += 1
+    return {"durations": found, "next_offset": position if position < len(rows) else None}

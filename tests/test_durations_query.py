@@ -57,3 +57,15 @@ def test_the_project_narrows_the_history_to_its_own_tasks(con):
 def test_a_request_without_files_is_an_error_reply(con):
     assert "error" in ask(con, {"project": "x"})
     assert ask(con, {"files": []}) == {"durations": [], "next_offset": None}
+
+
+def test_a_long_answer_comes_in_pages_that_together_hold_every_test_once(con):
+    for i in range(30):
+        record(con, f"t{i}", f"tests/test_a.py::test_{i:02d}", "passed", float(i), i)
+    pages, offset = [], 0
+    while offset is not None:
+        reply = ask(con, {"files": ["tests/test_a.py"], "limit": 7, "offset": offset})
+        pages.append(reply["durations"])
+        offset = reply["next_offset"]
+    assert [len(p) for p in pages] == [7, 7, 7, 7, 2]
+    assert [d["nodeid"] for p in pages for d in p] == [f"tests/test_a.py::test_{i:02d}" for i in range(30)]
