@@ -61,6 +61,12 @@ SUITE = {
         def test_hangs():
             time.sleep(600)
     """,
+    "test_crash.py": """
+        import os
+
+        def test_takes_the_process_down():
+            os._exit(0)
+    """,
     "conftest.py": """
         import os
 
@@ -207,3 +213,25 @@ def test_replies_are_cut_out_of_the_output_even_across_chunks():
     assert out == b"dots...\n\nmore" and got == [{"exitstatus": 1}]
     assert replies.feed(b"\n") == (b"", [])  # a newline may start a marker: held until the next byte
     assert replies.feed(b"tik") == (b"\ntik", [])
+
+
+async def test_a_process_that_dies_mid_shard_is_an_error_not_a_pass_and_the_next_shard_gets_a_new_one(
+        suite, pool, tmp_path):
+    result = await run(pool, shard(["test_crash.py::test_takes_the_process_down"]), suite, tmp_path / "g1")
+    assert result.outcome == "error"
+    assert "the warm pytest process exited (code 0) in the middle of the shard" in result.output_tail
+    assert pool.processes == []
+    assert (await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "g2")).outcome == "passed"
+
+
+async def test_a_process_that_dies_while_collecting_leaves_the_run_to_cold_shards(suite, pool, tmp_path):
+    (suite / "conftest.py").write_text(textwrap.dedent("""
+        import os
+
+        def pytest_collection_finish(session):
+            if "DTF_WARM_TOKEN" in os.environ:
+                os._exit(7)
+    """))
+    result = await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "h1")
+    assert result.outcome == "passed"
+    assert "warm pytest not used: it exited (code 7) while collecting" in result.output_tail

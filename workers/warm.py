@@ -268,18 +268,19 @@ class WarmPool:
         try:
             if not warm.ready:
                 reply = await warm.next_reply(deadline, cancel)
-                if isinstance(reply, dict):
-                    if not reply.get("ready"):
-                        await self._discard(warm)
-                        raise NotServed("collecting the suite failed", broken=True)
-                    warm.ready = True
-                else:
-                    return await self._ended(warm, reply, sink, started, timeout, "while collecting")
+                if reply == "exit" or (isinstance(reply, dict) and not reply.get("ready")):
+                    await self._discard(warm)
+                    why = ("collecting the suite failed" if reply != "exit"
+                           else f"it exited (code {warm.proc.returncode}) while collecting")
+                    raise NotServed(why, broken=True)
+                if not isinstance(reply, dict):  # timed out or cancelled while collecting
+                    return await self._ended(warm, reply, sink, started)
+                warm.ready = True
             report = Path(env["DTF_TEST_REPORT"])
             warm.request(nodeids, report)
             reply = await warm.next_reply(deadline, cancel)
             if not isinstance(reply, dict):
-                return await self._ended(warm, reply, sink, started, timeout, "")
+                return await self._ended(warm, reply, sink, started)
             if reply.get("missing"):
                 raise NotServed(f"not collected by it: {', '.join(reply['missing'][:3])}")
             return ProcessResult(reply.get("exitstatus", 3), "exit", time.monotonic() - started, warm.proc.pid)
@@ -303,13 +304,12 @@ class WarmPool:
         log.info("warm pytest %d started for %s", warm.proc.pid, key[0])
         return warm
 
-    async def _ended(self, warm: WarmProcess, how: str, sink: LogSink, started: float, timeout: float,
-                     when: str) -> ProcessResult:
+    async def _ended(self, warm: WarmProcess, how: str, sink: LogSink, started: float) -> ProcessResult:
         """The shard ended without a reply: timed out, cancelled, or the process died."""
         await self._discard(warm, kill=True)
         if how == "exit":
             code = warm.proc.returncode
-            sink.note(f"the warm pytest process exited (code {code}) {when or 'in the middle of the shard'}")
+            sink.note(f"the warm pytest process exited (code {code}) in the middle of the shard")
             # 0 or 1 would read as "tests passed/failed"; a process that died mid-shard is an error
             return ProcessResult(3 if code in (0, 1) else code, "exit", time.monotonic() - started, warm.proc.pid)
         return ProcessResult(warm.proc.returncode, "timeout" if how == "timeout" else "cancel",
