@@ -134,3 +134,21 @@ def test_split_takes_auto_or_a_positive_number_of_slots():
     for bad in ("0", "-1", "two"):
         with pytest.raises(click.BadParameter):
             parse_split(bad)
+
+
+def test_a_slower_worker_takes_fewer_tail_shards_so_the_run_ends_sooner_than_with_one_shard_per_worker():
+    ids = [f"test_m{i:02d}.py::test" for i in range(40)]
+    history = {n: 1.0 for n in ids}
+    speed = [2.0, 1.0]  # worker 0 runs everything twice as slowly as recorded
+
+    def makespan(shards):
+        free = [0.0, 0.0]
+        for shard in shards:  # each shard goes to whichever worker is free first
+            w = min(range(2), key=lambda i: (free[i], i))
+            free[w] += shard.estimate_s * speed[w]
+        return max(free)
+
+    one_each = split.pack(split.units(ids, history, "test", 2), 2, core_fraction=1.0, min_shard_s=1000)[:2]
+    assert sum(len(s.nodeids) for s in one_each) == 40
+    ours = split.plan(ids, history, 2, group="test")
+    assert makespan(ours) < makespan(one_each)
