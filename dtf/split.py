@@ -17,7 +17,7 @@ work once it is assigned. The coordinator hands out tasks in submission order to
 worker has a free slot, so a queue of ever smaller shards *is* work stealing: a worker whose core
 shard ran long simply takes fewer tail shards, and the last shard anyone starts is small. With
 exact estimates the simulated pull schedule is within (1 + (1-CORE_FRACTION)/2) of the lower bound
-plus one unit (`tests/test_split.py` checks 4/3 of it). Smaller shards cost a dispatch and, on a
+plus one unit and `min_shard_s` (`tests/test_split.py` checks it with 4/3). Smaller shards cost a dispatch and, on a
 worker without a warm pytest process, an interpreter start and a collection each; `min_shard_s`
 bounds that overhead.
 """
