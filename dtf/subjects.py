@@ -6,7 +6,7 @@ comes from (a submitter, a worker) is a subject token that server permissions ca
     dtf.task.<run_id>.<task_id>.<kind>.<party>   task history (stream DTF_EVENTS)
     dtf.worker.<worker_id>.<kind>                worker lifecycle (stream DTF_EVENTS)
     dtf.hb.<worker_id>                           heartbeats, last one per worker (stream DTF_HEARTBEATS)
-    dtf.query.<name>                             request-reply to the projector's read model (core NATS)
+    dtf.query.<name>[.<submitter>]               request-reply to the projector's read model (core NATS)
     dtf.log.<task_id>                            live output chunks of a running task (core NATS)
 
 `<party>` is the submitter for `submitted`/`cancelled`, the worker for everything a worker publishes and
@@ -107,8 +107,10 @@ def live_log(task_id: str) -> str:
     return f"{PREFIX}.log.{task_id}"
 
 
-def query(name: str) -> str:
-    return f"{PREFIX}.query.{name}"
+def query(name: str, party: str | None = None) -> str:
+    """A read-model query; with `party`, scoped to that submitter's own runs (the only query subjects
+    a submitter may publish to)."""
+    return f"{PREFIX}.query.{name}" if party is None else f"{PREFIX}.query.{name}.{party}"
 
 
 def party_of(event: ev.Event) -> str:

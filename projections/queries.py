@@ -40,6 +40,7 @@ class Page(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class TasksRequest(Page, kw_only=True, forbid_unknown_fields=True):
     run_id: str | None = None
+    submitter: str | None = None
 
 
 class WorkersRequest(Page, kw_only=True, forbid_unknown_fields=True):
@@ -49,6 +50,7 @@ class WorkersRequest(Page, kw_only=True, forbid_unknown_fields=True):
 class ResultsRequest(Page, kw_only=True, forbid_unknown_fields=True):
     run_id: str | None = None
     task_id: str | None = None
+    submitter: str | None = None
 
 
 class StatusRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -98,7 +100,7 @@ def _where(filters: dict[str, str | None]) -> tuple[str, dict[str, Any]]:
 
 
 def tasks(cur: duckdb.DuckDBPyConnection, request: TasksRequest) -> dict:
-    where, params = _where({"run_id": request.run_id})
+    where, params = _where({"run_id": request.run_id, "submitter": request.submitter})
     sql = (
         "SELECT task_id, run_id, type, name, status, worker_id, attempts, duration_s, passed, failed,"
         " skipped, errors, reason, priority, submitted_at, finished_at"
@@ -140,6 +142,9 @@ def workers(cur: duckdb.DuckDBPyConnection, request: WorkersRequest) -> dict:
 
 def results(cur: duckdb.DuckDBPyConnection, request: ResultsRequest) -> dict:
     where, params = _where({"run_id": request.run_id, "task_id": request.task_id})
+    if request.submitter is not None:
+        mine = "run_id IN (SELECT run_id FROM tasks WHERE submitter = $submitter)"
+        where, params = (f"{where} AND {mine}" if where else f"WHERE {mine}"), {**params, "submitter": request.submitter}
     sql = (
         "SELECT run_id, task_id, attempt, worker_id, nodeid, outcome, duration_s, message"
         f" FROM test_results {where} ORDER BY run_id, task_id, attempt, nodeid, outcome, message"
@@ -186,11 +191,20 @@ def parse(name: str, data: bytes) -> msgspec.Struct:
         raise QueryError(f"bad {name} request: {exc}") from None
 
 
-def answer(con: duckdb.DuckDBPyConnection, name: str, data: bytes) -> bytes:
+SCOPED = ("tasks", "results")
+"""The queries a submitter may ask on `dtf.query.<name>.<submitter>`, answered for its own runs only."""
+
+
+def answer(con: duckdb.DuckDBPyConnection, name: str, data: bytes, party: str | None = None) -> bytes:
     """The JSON reply to one request. Never raises: a failure is an {"error": ...} reply. Runs on its
-    own cursor, so it sees the last committed batch while the projector writes the next."""
+    own cursor, so it sees the last committed batch while the projector writes the next. A request on
+    a submitter's scoped subject (`party`) sees only that submitter's runs."""
     try:
         request = parse(name, data)
+        if party is not None:
+            if name not in SCOPED:
+                raise QueryError(f"{name} is not answered for a submitter (only {', '.join(SCOPED)})")
+            request = msgspec.structs.replace(request, submitter=party)
         cur = con.cursor()
         try:
             reply = QUERIES[name][1](cur, request)

@@ -41,6 +41,10 @@ class QueryService:
             self._subs.append(await self.nc.subscribe(
                 subjects.query(name), queue=QUEUE, cb=partial(self._handle, name),
             ))
+            if name in queries.SCOPED:  # a submitter's own: dtf.query.<name>.<submitter>
+                self._subs.append(await self.nc.subscribe(
+                    subjects.query(name, "*"), queue=QUEUE, cb=partial(self._handle, name),
+                ))
         await self.nc.flush()
         return self
 
@@ -50,7 +54,8 @@ class QueryService:
         try:
             # A task of its own, shielded: if this callback is cancelled (close), the thread's
             # result is still awaited by close() before the connection goes away.
-            future = asyncio.ensure_future(asyncio.to_thread(queries.answer, self.con, name, msg.data))
+            party = msg.subject.split(".")[3] if msg.subject.count(".") == 3 else None
+            future = asyncio.ensure_future(asyncio.to_thread(queries.answer, self.con, name, msg.data, party))
             self._inflight.add(future)
             future.add_done_callback(self._inflight.discard)
             reply = await asyncio.shield(future)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.cli.common import CliError, connected, nats_options
+from dtf.cli.common import CliError, connected, nats_options, query_scope
 from dtf.streams import bus, topology
 
 QUERY_TIMEOUT_S = 10.0
@@ -36,8 +36,8 @@ async def ask(nc, name: str, request: dict) -> list[dict]:
     deadline = asyncio.get_running_loop().time() + PROJECTOR_START_S
     while offset is not None:
         try:
-            reply = await nc.request(subjects.query(name), json.dumps({**request, "offset": offset}).encode(),
-                                     timeout=QUERY_TIMEOUT_S)
+            reply = await nc.request(subjects.query(name, query_scope(nc)),
+                                     json.dumps({**request, "offset": offset}).encode(), timeout=QUERY_TIMEOUT_S)
         except NoRespondersError:
             if asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.2)

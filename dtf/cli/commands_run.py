@@ -238,8 +238,7 @@ def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str,
 def drain(worker_id: str, reason: str, nats_url: str | None, creds: str | None) -> None:
     """Give WORKER_ID no new work; what it runs finishes. Restarting the worker ends the drain."""
     from dtf import events as ev
-    from dtf.cli.common import connected
-    from dtf.cli.submit import submitter_name
+    from dtf.cli.common import acting_name, connected
     from dtf.spec import TOKEN_RE
     from dtf.streams import bus
 
@@ -253,7 +252,7 @@ def drain(worker_id: str, reason: str, nats_url: str | None, creds: str | None) 
                 await js.get_last_msg(topology.EVENTS, subjects.worker(worker_id, "registered"))
             except NotFoundError:
                 raise CliError(f"no worker {worker_id} has registered") from None
-            await bus.publish(js, ev.WorkerDrainRequested(worker_id=worker_id, by=submitter_name(), reason=reason))
+            await bus.publish(js, ev.WorkerDrainRequested(worker_id=worker_id, by=acting_name(creds), reason=reason))
 
     asyncio.run(main())
     click.echo(f"dtf: worker {worker_id} is draining: no new work; running tasks finish", err=True)

@@ -20,7 +20,7 @@ from dtf import split
 from dtf.cli import splitting
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
-from dtf.cli.common import CliError, connected, nats_options, parse_pairs
+from dtf.cli.common import CliError, acting_name, connected, nats_options, parse_pairs
 from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json
 from dtf.state import Fold, TaskState
@@ -276,14 +276,14 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                 shards = None
                 if splitting_request is not None:
                     base, shards = await splitting.plan_shards(nc, js, splitting_request, base, root, list(paths),
-                                                               project or sub.submitter_name())
+                                                               project or acting_name(creds))
                 specs = sub.task_specs(kind="test", paths=list(paths), command=None, base=base, root=root,
                                        workspace=ref, shards=shards)
         except SpecError as exc:
             raise CliError(str(exc)) from None
         if not specs:
             raise CliError(f"no test files found under {', '.join(paths)}")
-        events = sub.submissions(run_id, specs, sub.submitter_name(), project)
+        events = sub.submissions(run_id, specs, acting_name(creds), project)
         if old_ids is not None:
             events = sub.remap_dependencies(events, old_ids)
         await sub.submit_run(js, events)
@@ -434,7 +434,7 @@ async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, cr
             fold.apply(msg.subject, msg.seq, msg.data)
         if not fold.tasks:
             raise CliError(f"nothing known as {target} in the event log")
-        by = sub.submitter_name()
+        by = acting_name(creds)
         open_tasks = [t for t in fold.tasks.values() if not t.terminal]
         for task in open_tasks:
             event = ev.TaskCancelled(id=f"cancel-{task.task_id}-{by}", run_id=task.run_id, task_id=task.task_id,

@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import sys
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import click
 from nats.aio.client import Client
 
+from dtf.cli.submit import submitter_name
 from dtf.streams import auth, bus
 
 
@@ -58,8 +60,8 @@ def resolve_url(flag: str | None) -> str:
     return resolve_connection(flag, None)[0]
 
 
-def resolve_connection(flag: str | None, creds: str | None) -> tuple[str, dict]:
-    """Where NATS is and how to connect to it (credentials, CA). A URL from --nats or $DTF_NATS_URL
+def resolve_connection(flag: str | None, creds: str | None) -> tuple[str, dict, str | None]:
+    """Where NATS is, how to connect to it (credentials, CA) and the credentials file chosen. A URL from --nats or $DTF_NATS_URL
     takes its credentials from --creds/$DTF_CREDS only; without one, the current context written by
     `dtf up` gives the URL, its credentials (unless --creds) and its CA ($DTF_CA overrides the CA)."""
     url = flag or os.environ.get("DTF_NATS_URL")
@@ -71,9 +73,18 @@ def resolve_connection(flag: str | None, creds: str | None) -> tuple[str, dict]:
         context = read_context(Path(read_context(pointer)["context"]))
         url, creds, ca = context["nats_url"], creds or context.get("creds"), ca or context.get("ca")
     try:
-        return url, auth.client_options(creds, ca)
+        return url, auth.client_options(creds, ca), creds
     except (auth.AuthError, OSError, ssl.SSLError) as exc:
         raise CliError(str(exc)) from None
+
+
+_query_scopes: weakref.WeakKeyDictionary[Client, str] = weakref.WeakKeyDictionary()
+
+
+def query_scope(nc: Client) -> str | None:
+    """The submitter a connection's read-model queries are scoped to (`dtf.query.<name>.<submitter>`),
+    or None when it may ask unscoped: a submitter may read only its own runs (see dtf.streams.auth)."""
+    return _query_scopes.get(nc)
 
 
 def credential_identity(creds: str | None) -> auth.Credentials | None:
@@ -85,6 +96,13 @@ def credential_identity(creds: str | None) -> auth.Credentials | None:
     except auth.AuthError as exc:
         raise CliError(str(exc)) from None
     return identity if identity.role else None
+
+
+def acting_name(creds: str | None) -> str:
+    """Who a command acts as (the last token of what it publishes): the name in a submitter's
+    credentials, the only one the server lets it publish under; otherwise the login name."""
+    identity = credential_identity(creds)
+    return identity.name if identity is not None and identity.role == "submitter" else submitter_name()
 
 
 def nats_options(func: Callable) -> Callable:
@@ -104,7 +122,8 @@ def is_permission_error(exc: BaseException) -> bool:
 async def connected(nats_url: str | None, creds: str | None, name: str) -> AsyncIterator[Client]:
     """A connection for one CLI action. A permissions violation the server reports (asynchronously:
     a refused publish would otherwise just time out) ends the action at once with exit code 3."""
-    url, options = resolve_connection(nats_url, creds)
+    url, options, creds = resolve_connection(nats_url, creds)
+    identity = credential_identity(creds)
     action = asyncio.current_task()
     refused: list[str] = []
     untrusted: list[ssl.SSLError] = []
@@ -132,6 +151,8 @@ async def connected(nats_url: str | None, creds: str | None, name: str) -> Async
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise CliError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+    if identity is not None and identity.role == "submitter":
+        _query_scopes[nc] = identity.name
     try:
         yield nc
     except asyncio.CancelledError:
@@ -190,7 +211,7 @@ def serve_with_nats(
     body: Callable[[Client, asyncio.Event], Awaitable[None]],
 ) -> None:
     """A service process: connect (reconnecting forever), run `body` until a signal, drain."""
-    url, options = resolve_connection(nats_url, creds)
+    url, options, _ = resolve_connection(nats_url, creds)
 
     async def main(stop: asyncio.Event) -> None:
         nc = await bus.connect(url, name=name, **options)
