@@ -107,3 +107,26 @@ async def test_the_read_only_viewer_role_is_enough_for_the_feed(secured_server):
             assert feed.board.fold.tasks["t1"].status == "running"
     finally:
         await viewer.close()
+
+
+async def test_tabs_asking_for_one_forecast_at_once_share_one_computation(nc, js):
+    calls = []
+
+    def forecaster(points):
+        calls.append(len(points))
+        if len(points) < 2:
+            raise ValueError("1 runs; a forecast needs at least 2")
+        return {"runs": len(points)}
+
+    for event in [*history(), finished(metrics={"seconds": 2.0})]:
+        await bus.publish(js, event)
+    feed, stop = Feed(nc, forecaster=forecaster), asyncio.Event()
+    running = asyncio.create_task(feed.run(stop))
+    try:
+        await until(lambda: "seconds" in feed.board.series)
+        answers = await asyncio.gather(*(feed.forecast("seconds") for _ in range(5)))
+        assert answers == ["no forecast: 1 runs; a forecast needs at least 2"] * 5 and calls == [1]
+        assert await feed.forecast("no such series") == "no forecast here"
+    finally:
+        stop.set()
+        await running

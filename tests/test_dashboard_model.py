@@ -237,3 +237,36 @@ def test_flaky_tests_from_the_read_model_join_the_alerts_by_their_last_flip():
     rows = model.alert_rows(folded(A_DAY), now=at(50), flaky=flaky)
     assert [(r["kind"], r["about"]) for r in rows] == [("flaky", "t.py::racy"), ("quarantined", "w1"), ("lost", "w2")]
     assert rows[0]["what"] == "passed 3, failed 2 of 5 runs on commit 0123456789 (cpu): 3 flips"
+
+
+def test_with_the_detectors_naming_a_trend_is_the_series_the_detector_watches():
+    from dtf.cli.commands_dashboard import detector_series
+    from dtf.projections.detection import points
+    from dtf.projections.detector import Results
+    from dtf.streams.bus import StoredMsg
+
+    spec = TaskSpec(type="benchmark", name="sort", config={"command": "python bench.py"})
+    history = log_of(registered("w1"), submitted("b1", 1, spec=spec), assigned("b1", 2),
+                     attempt(ev.ResultReported, "b1", 3, outcome="passed", metrics={"seconds": 1.5, "rate": 9.0},
+                             labels={"batch": "8"}))
+    board = Board(detector_series)
+    watched = set()
+    results = Results()
+    for m in history:
+        board.apply(m.subject, m.seq, m.data)
+        _, counted = results.apply(StoredMsg("DTF_EVENTS", m.seq, m.subject, m.data), {})
+        if counted is not None:
+            watched |= {key.name for key, failures, _ in points(*counted) if not failures}
+    assert set(board.series) == watched == {"sort:seconds{batch=8}@cpu", "sort:rate{batch=8}@cpu"}
+
+
+def test_a_forecast_is_a_band_at_the_last_run_and_the_next_ones_at_the_usual_spacing():
+    times = [at(0), at(60), at(120), at(300)]
+    answer = {"model": "AutoETS", "level": 95, "runs": 4,
+              "last": {"value": 5.0, "expected": 4.0, "lo": 3.5, "hi": 4.5, "outside": True},
+              "forecast": [{"step": 1, "mean": 4.0, "lo": 3.0, "hi": 5.0}, {"step": 2, "mean": 4.0, "lo": 2.5, "hi": 5.5}]}
+    band = model.forecast_band(times, answer)
+    assert band["time"] == [at(300), at(360), at(420)]  # the median gap between runs is 60 s
+    assert band["lo"] == [3.5, 3.0, 2.5] and band["hi"] == [4.5, 5.0, 5.5] and band["mean"] == [4.0, 4.0, 4.0]
+    assert "is OUTSIDE [3.5, 4.5]" in model.forecast_note(answer)
+    assert model.forecast_note("no forecast: 4 runs") == "no forecast: 4 runs"

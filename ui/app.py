@@ -15,7 +15,8 @@ import panel as pn
 from nats.aio.client import Client
 
 from dtf.ui import html, model
-from dtf.ui.feed import Feed
+from dtf.ui.board import SeriesOf, metric_series
+from dtf.ui.feed import Feed, Forecaster
 from dtf.ui.session import Session, SharedCache
 from dtf.ui.theme import theme_of
 from dtf.ui.view_alerts import AlertsView
@@ -73,10 +74,12 @@ def status_strip(feed: Feed) -> str:
     return html.tiles(items)
 
 
-async def serve(nc: Client, stop: asyncio.Event, *, port: int, address: str, origins: list[str]) -> None:
+async def serve(nc: Client, stop: asyncio.Event, *, port: int, address: str, origins: list[str],
+                series_of: SeriesOf = metric_series, forecaster: Forecaster | None = None) -> None:
     """Serve the dashboard on this loop until `stop`: Bokeh's server runs on the running asyncio loop,
-    beside the feed, so a tab's callbacks and the feed never need a lock between them."""
-    feed, cache = Feed(nc), SharedCache()
+    beside the feed, so a tab's callbacks and the feed never need a lock between them. `series_of`
+    and `forecaster` are the detector's series naming and forecast, lent by the composition root."""
+    feed, cache = Feed(nc, series_of, forecaster), SharedCache()
 
     def new_tab() -> pn.template.BootstrapTemplate:
         return page(feed, cache)

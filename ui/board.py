@@ -11,6 +11,7 @@ disagree with them about a task's state.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,7 +19,7 @@ import msgspec
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.state import ACTIVE, Fold, TaskState
+from dtf.state import ACTIVE, Fold, TaskState, WorkerState
 
 MAX_SEGMENTS = 5000
 """Attempt spans kept for the timeline (the newest); older ones scroll out of view anyway."""
@@ -88,10 +89,21 @@ def series_key(name: str, labels: dict[str, str]) -> str:
     return f"{name}{{{inner}}}" if inner else name
 
 
+SeriesOf = Callable[[TaskState, WorkerState | None, ev.ResultReported], Iterable[tuple[str, float]]]
+"""(series name, value) for each metric an accepted result brings. `dtf dashboard` lends the
+detector's own naming (`BENCHMARK:METRIC{k=v}@HARDWARE`), so trends and detections name a series alike."""
+
+
+def metric_series(task: TaskState, worker: WorkerState | None, result: ev.ResultReported) -> list[tuple[str, float]]:
+    """Without the detector's naming: one series per metric and label set."""
+    return [(series_key(name, result.labels), value) for name, value in result.metrics.items()]
+
+
 class Board:
     """Every task and worker folded from the log, and what the dashboard's views need besides."""
 
-    def __init__(self) -> None:
+    def __init__(self, series_of: SeriesOf = metric_series) -> None:
+        self.series_of = series_of
         self.fold = Fold()
         self.messages: list[Stored] = []
         self.results: dict[str, ResultDetail] = {}
@@ -157,16 +169,16 @@ class Board:
             if segment is not None:
                 segment.end, segment.status = event.time, _ending(event, after)
         if isinstance(event, ev.ResultReported):
-            self._result(event)
+            self._result(event, after)
         self._task_alert(event, after)
 
-    def _result(self, event: ev.ResultReported) -> None:
+    def _result(self, event: ev.ResultReported, task: TaskState) -> None:
         self.results[event.task_id] = ResultDetail(
             event.attempt, event.worker_id, event.outcome, event.exit_code, event.tests, event.tests_ref,
             event.output_tail, event.log_ref,
         )
-        for name, value in event.metrics.items():
-            points = self.series.setdefault(series_key(name, event.labels), deque(maxlen=MAX_POINTS))
+        for name, value in self.series_of(task, self.fold.workers.get(event.worker_id), event):
+            points = self.series.setdefault(name, deque(maxlen=MAX_POINTS))
             points.append(Point(event.time, value, event.task_id, event.run_id, event.id))
 
     def _detection(self, event: ev.Detection) -> None:

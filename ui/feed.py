@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -25,28 +25,36 @@ from nats.js.errors import NotFoundError
 
 from dtf import subjects
 from dtf.streams import bus, topology
-from dtf.ui.board import Board
+from dtf.ui.board import Board, Point, SeriesOf, metric_series
 
 log = logging.getLogger("dtf.dashboard")
 
 YIELD_EVERY = 500
 """Messages folded between yields to the loop while catching up (buffered messages do not yield)."""
 RETRY_S = 1.0
+STOP_RETRY_S = 0.5
 ASK_TIMEOUT_S = 3.0
 FLAKY_EVERY_S = 10.0
 FLAKY_LIMIT = 20
+
+Forecaster = Callable[[Sequence[Point]], dict]
+"""The detector's forecast of a series (`dtf forecast --json`'s shape); ValueError when it cannot."""
 
 
 class Feed:
     """Follows the streams into `board` between `run()` and its stop; never raises on bad input."""
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, series_of: SeriesOf = metric_series, forecaster: Forecaster | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self.board = Board()
+        self.board = Board(series_of)
+        self.forecaster = forecaster
+        self._forecasts: dict[str, tuple[str, asyncio.Future[dict | str]]] = {}
+        """series -> (id of its newest result, the forecast or why there is none): one per new result."""
         self.heartbeats: dict[str, bytes] = {}
         """Each worker's newest heartbeat message, for replays (subject -> data)."""
         self.caught_up = asyncio.Event()
+        self._stopping = False
         self.flaky: list[dict] = []
         """The read model's flaky tests (passed and failed on one commit), for the alerts."""
 
@@ -59,13 +67,18 @@ class Feed:
         try:
             await stop.wait()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # nats-py swallows a cancellation that lands inside its flush() (the task then carries on),
+            # so loops also check `_stopping`, and a task still running is cancelled again.
+            self._stopping = True
+            running = set(tasks)
+            while running:
+                for task in running:
+                    task.cancel()
+                _, running = await asyncio.wait(running, timeout=STOP_RETRY_S)
 
     async def _follow(self, stream: str, filters: list[str], where: Callable[[], dict]) -> AsyncIterator[bus.StoredMsg]:
         """Follow `stream`; when the follow fails (a reconnect, a node loss), follow it anew from `where()`."""
-        while True:
+        while not self._stopping:
             messages = bus.read(self.js, stream, filters, follow=True, **where())
             try:
                 async for message in messages:
@@ -109,7 +122,7 @@ class Feed:
         """Ask for flaky tests again after new results came in, at most every FLAKY_EVERY_S: one
         question per dashboard process, whatever the number of tabs. No projector: no flaky alerts."""
         asked_at_results = -1
-        while True:
+        while not self._stopping:
             if len(self.board.results) != asked_at_results:
                 asked_at_results = len(self.board.results)
                 try:
@@ -134,6 +147,28 @@ class Feed:
         if not isinstance(body, dict) or "error" in body:
             raise LookupError(str(body.get("error") if isinstance(body, dict) else body))
         return body
+
+    async def forecast(self, key: str) -> dict | str:
+        """A series' forecast, or why there is none: computed in a thread once per new result of the
+        series, however many tabs ask (they await the same future)."""
+        points = list(self.board.series.get(key, ()))
+        if self.forecaster is None or not points:
+            return "no forecast here"
+        cached = self._forecasts.get(key)
+        if cached is None or cached[0] != points[-1].result_id:
+            cached = (points[-1].result_id, asyncio.ensure_future(self._forecast_now(points)))
+            self._forecasts[key] = cached
+        return await asyncio.shield(cached[1])
+
+    async def _forecast_now(self, points: list[Point]) -> dict | str:
+        assert self.forecaster is not None
+        try:
+            return await asyncio.to_thread(self.forecaster, points)
+        except ValueError as exc:  # too short a history
+            return f"no forecast: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a model failing on odd data must not break the page
+            log.warning("forecast failed: %s: %s", type(exc).__name__, exc)
+            return f"no forecast: {type(exc).__name__}"
 
     async def tests_of(self, task_id: str) -> list[dict]:
         """A task's per-test results from the read model (which also has those kept in the store)."""

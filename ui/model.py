@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from dtf import events as ev
 from dtf.schedule import queue_order
 from dtf.spec import command_line, test_paths
 from dtf.state import QUEUED, TERMINAL, TaskState, WorkerState
-from dtf.ui.board import Alert, Board, ResultDetail
+from dtf.ui.board import Alert, Board, ResultDetail, series_key
 
 EPOCH = datetime.min.replace(tzinfo=UTC)
 """Sorts before any real time (a rejected garbage submission may have none)."""
@@ -246,10 +246,9 @@ class Trend:
 
 def trend(board: Board, key: str) -> Trend:
     points = list(board.series.get(key, ()))
-    metric = key.split("{", 1)[0]
     flagged_ids = set()
     for found in board.detections:
-        if found.metric != metric:
+        if key not in (found.series, series_key(found.metric, found.labels)):
             continue
         if isinstance(found, ev.AnomalyDetected):  # the outlier, not the results that confirmed it
             flagged_ids |= {p.result_id for p in points if p.result_id in found.result_ids and p.value == found.value}
@@ -258,3 +257,28 @@ def trend(board: Board, key: str) -> Trend:
     flagged = [i for i, p in enumerate(points) if p.result_id in flagged_ids]
     return Trend([p.time for p in points], [p.value for p in points], [p.task_id for p in points],
                  [p.run_id for p in points], flagged)
+
+
+def forecast_band(times: list[datetime], forecast: dict) -> dict[str, list]:
+    """The forecast's interval as a band: at the last run (what it expected there) and at the next
+    runs, placed at the series' median spacing (runs have no times before they happen)."""
+    if not times or "last" not in forecast:
+        return {"time": [], "lo": [], "hi": [], "mean": []}
+    gaps = sorted((b - a) for a, b in zip(times, times[1:])) or [timedelta(minutes=1)]
+    step = gaps[len(gaps) // 2]
+    last = forecast["last"]
+    ahead = forecast.get("forecast", [])
+    return {
+        "time": [times[-1], *(times[-1] + step * f["step"] for f in ahead)],
+        "lo": [last["lo"], *(f["lo"] for f in ahead)], "hi": [last["hi"], *(f["hi"] for f in ahead)],
+        "mean": [last["expected"], *(f["mean"] for f in ahead)],
+    }
+
+
+def forecast_note(forecast: dict | str) -> str:
+    if isinstance(forecast, str):
+        return forecast
+    last = forecast["last"]
+    where = "OUTSIDE" if last["outside"] else "inside"
+    return (f"{forecast['model']} {forecast['level']} % band: the last run ({last['value']:.4g}) is {where} "
+            f"[{last['lo']:.4g}, {last['hi']:.4g}]; shaded ahead: the next {len(forecast.get('forecast', []))} runs")

@@ -16,7 +16,7 @@ import msgspec
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.ui.board import Board, Stored
+from dtf.ui.board import Board, SeriesOf, Stored, metric_series
 
 
 class _Time(msgspec.Struct):
@@ -46,9 +46,9 @@ def cut(messages: Iterable[Stored], upto_seq: int | None = None, until: datetime
 
 
 def board_at(messages: Iterable[Stored], heartbeats: Mapping[str, bytes], *, upto_seq: int | None = None,
-             until: datetime | None = None) -> Board:
+             until: datetime | None = None, series_of: SeriesOf = metric_series) -> Board:
     """A fresh board folded from the log up to the cut-off (with the heartbeats not later than it)."""
-    board = Board()
+    board = Board(series_of)
     last_time: datetime | None = None
     for message in cut(messages, upto_seq, until):
         board.apply(message.subject, message.seq, message.data)

@@ -50,7 +50,8 @@ class ReplayView:
         task_id = self.task.value.strip()
         messages, heartbeats = list(feed.board.messages), dict(feed.heartbeats)
         # Folding thousands of events is real work: off the loop, so other tabs stay live.
-        board = await asyncio.to_thread(board_at, messages, heartbeats, upto_seq=upto, until=until)
+        board = await asyncio.to_thread(board_at, messages, heartbeats, upto_seq=upto, until=until,
+                                        series_of=feed.board.series_of)
         now = until or datetime.now(UTC)
         where = f"after sequence {board.last_seq}" + (f" (as of {until:%Y-%m-%d %H:%M:%S} UTC)" if until else "")
         parts = [f"<h4>State {where}</h4>", html.tiles(model.summary_tiles(board))]

@@ -1,6 +1,10 @@
-"""Benchmark trends: one metric series over time, with the anomaly detector's findings marked."""
+"""Benchmark trends: one metric series over time, with the detector's findings marked and its
+forecast's band (AutoETS, lent by `dtf dashboard`) shaded at the last run and the next ones."""
 
 from __future__ import annotations
+
+from functools import partial
+from html import escape
 
 import panel as pn
 from bokeh.models import ColumnDataSource, HoverTool
@@ -17,7 +21,10 @@ class TrendsView:
         self.series = pn.widgets.Select(name="series", options=[], width=420)
         self.points = ColumnDataSource({"time": [], "value": [], "task": [], "run": []})
         self.flagged = ColumnDataSource({"time": [], "value": [], "task": []})
+        self.band = ColumnDataSource(model.forecast_band([], {}))
         fig = themed_figure(session.theme, height=280, x_axis_type="datetime")
+        fig.varea("time", "lo", "hi", source=self.band, fill_color=STATUS_COLORS["assigned"], fill_alpha=0.25)
+        fig.line("time", "mean", source=self.band, line_dash="dashed", color=STATUS_COLORS["assigned"])
         fig.line("time", "value", source=self.points, line_width=2, color=STATUS_COLORS["running"])
         fig.scatter("time", "value", source=self.points, size=7, color=STATUS_COLORS["running"])
         fig.scatter("time", "value", source=self.flagged, size=16, marker="x", line_width=3,
@@ -31,12 +38,15 @@ class TrendsView:
                                 formatters={"@time": "datetime"}))
         self.figure = fig
         self.empty = pn.pane.HTML("", stylesheets=[session.stylesheet])
+        self.note = pn.pane.HTML("", stylesheets=[session.stylesheet], sizing_mode="stretch_width")
         self.chart = pn.pane.Bokeh(fig, sizing_mode="stretch_width")
-        self.panel = pn.Card(self.series, self.empty, self.chart,
+        self.panel = pn.Card(self.series, self.empty, self.chart, self.note,
                              title="Benchmark trends", collapsible=False, sizing_mode="stretch_width")
         self._drawn: tuple = ()
+        self._forecast: tuple | None = None
 
     def refresh(self) -> None:
+        self._draw_forecast()
         board = self.session.feed.board
         names = sorted(board.series)
         if names != self.series.options:
@@ -45,7 +55,8 @@ class TrendsView:
             self.series.value = names[0]
         self.empty.object = "" if names else '<span class="dtf-empty">no benchmark results yet</span>'
         key = self.series.value
-        stamp = (key, board.version)
+        points = board.series.get(key, ())
+        stamp = (key, len(points), points[-1].result_id if points else "", len(board.detections))
         if key is None or stamp == self._drawn:
             return
         self._drawn = stamp
@@ -56,3 +67,19 @@ class TrendsView:
         self.flagged.data = {"time": [trend.times[i] for i in flagged], "value": [trend.values[i] for i in flagged],
                              "task": [trend.tasks[i] for i in flagged]}
         self.figure.legend.visible = bool(flagged)
+        pn.state.execute(partial(self._ask_forecast, key, trend.times))
+
+    async def _ask_forecast(self, key: str, times: list) -> None:
+        """Wait for the feed's forecast; the next refresh draws it (Bokeh models change only there,
+        under the page's document lock)."""
+        self._forecast = (key, times, await self.session.feed.forecast(key))
+
+    def _draw_forecast(self) -> None:
+        if self._forecast is None:
+            return
+        key, times, answer = self._forecast
+        self._forecast = None
+        if self.series.value != key:
+            return  # another series was picked meanwhile
+        self.band.data = model.forecast_band(times, answer if isinstance(answer, dict) else {})
+        self.note.object = f'<span class="muted" data-view="forecast">{escape(model.forecast_note(answer))}</span>'

@@ -8,10 +8,23 @@ import logging
 import click
 from nats.aio.client import Client
 
+from dtf import events as ev
 from dtf.cli.common import nats_options, serve_with_nats
+from dtf.state import TaskState, WorkerState
 from dtf.streams.cluster import free_port
 
 DEFAULT_PORT = 8050
+
+
+def detector_series(task: TaskState, worker: WorkerState | None, result: ev.ResultReported) -> list[tuple[str, float]]:
+    """A result's benchmark series named as the detector names them (`BENCHMARK:METRIC{k=v}@HARDWARE`),
+    so the dashboard's trends and the detections agree; the same rule as `detector.Results`."""
+    from dtf.projections.detection import points
+    from dtf.projections.detector import benchmark_name
+
+    hardware = list(worker.capabilities.hardware) if worker is not None and worker.registered_at else []
+    return [(key.name, point.value) for key, failures, point in points(result, benchmark_name(task), hardware, [])
+            if not failures]
 
 
 @click.command()
@@ -23,6 +36,8 @@ DEFAULT_PORT = 8050
               help="Host a browser may reach the page under (default: the --listen address and localhost).")
 def dashboard(nats_url: str | None, creds: str | None, port: int, listen: str, origins: tuple[str, ...]) -> None:
     """Serve the live dashboard: workers, queue, timeline, results, trends, alerts, replay."""
+    from dtf.projections import detection, detector  # noqa: F401 - loaded now, not on the loop at the first result
+    from dtf.projections.forecast import forecast
     from dtf.ui.app import serve
 
     port = port or free_port(listen)
@@ -31,7 +46,8 @@ def dashboard(nats_url: str | None, creds: str | None, port: int, listen: str, o
     click.echo(f"dtf dashboard: http://{listen}:{port}/", err=True)
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
-        await serve(nc, stop, port=port, address=listen, origins=list(origins))
+        await serve(nc, stop, port=port, address=listen, origins=list(origins), series_of=detector_series,
+                    forecaster=forecast)
 
     serve_with_nats(nats_url, creds, "dtf-dashboard", body)
 
