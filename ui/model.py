@@ -280,5 +280,10 @@ def forecast_note(forecast: dict | str) -> str:
         return forecast
     last = forecast["last"]
     where = "OUTSIDE" if last["outside"] else "inside"
-    return (f"{forecast['model']} {forecast['level']} % band: the last run ({last['value']:.4g}) is {where} "
-            f"[{last['lo']:.4g}, {last['hi']:.4g}]; shaded ahead: the next {len(forecast.get('forecast', []))} runs")
+    return (f"{forecast['model']} {forecast['level']} % band: the last run ({number(last['value'])}) is {where} "
+            f"[{number(last['lo'])}, {number(last['hi'])}]; shaded ahead: the next {len(forecast.get('forecast', []))} runs")
+
+
+def number(value: float) -> str:
+    """4 significant digits, without exponents for the sizes benchmarks report (4036918 -> 4,037,000)."""
+    return f"{float(f'{value:.4g}'):,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"

@@ -18,7 +18,7 @@ from dtf.ui.theme import STATUS_COLORS
 class TrendsView:
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.series = pn.widgets.Select(name="series", options=[], width=420)
+        self.series = pn.widgets.Select(name="series", options=[], width=640)
         self.points = ColumnDataSource({"time": [], "value": [], "task": [], "run": []})
         self.flagged = ColumnDataSource({"time": [], "value": [], "task": []})
         self.band = ColumnDataSource(model.forecast_band([], {}))
