@@ -235,3 +235,10 @@ async def test_a_process_that_dies_while_collecting_leaves_the_run_to_cold_shard
     result = await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "h1")
     assert result.outcome == "passed"
     assert "warm pytest not used: it exited (code 7) while collecting" in result.output_tail
+
+
+async def test_what_a_worker_that_did_not_stop_cleanly_left_behind_is_removed_on_first_use(suite, pool):
+    stale = pool.root / "run-old-abc" / "workspace"
+    stale.mkdir(parents=True)
+    copy = await pool.workspace("run-new", suite)
+    assert copy.is_dir() and not stale.exists()

@@ -75,7 +75,7 @@ class Context:
     """Warm pytest processes for split shards (`warm`)."""
 
     def __post_init__(self) -> None:
-        self.warm = WarmPool(self.cache_dir / "warm", self.python)
+        self.warm = WarmPool(self.cache_dir / "warm" / self.worker_id, self.python)
 
 
 @dataclass(eq=False)

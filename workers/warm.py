@@ -206,10 +206,13 @@ class WarmProcess:
 
 
 class WarmPool:
-    """This worker's warm processes and the per-run workspace copies they run in."""
+    """This worker's warm processes and the per-run workspace copies they run in, under `root` (one
+    directory per worker id: what a worker that did not stop cleanly left there is removed on first use)."""
 
     def __init__(self, root: Path, python: str, *, idle_s: float = IDLE_S) -> None:
         self.root = root
+        self._root_ready = False
+        self._root_lock = asyncio.Lock()
         self.python = python
         self.idle_s = idle_s
         self.processes: list[WarmProcess] = []
@@ -221,13 +224,19 @@ class WarmPool:
     def wants(self, spec: TaskSpec) -> bool:
         return suite_of(spec) is not None
 
+    async def _ready_root(self) -> None:
+        async with self._root_lock:
+            if not self._root_ready:
+                await asyncio.to_thread(shutil.rmtree, self.root, True)
+                await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+                self._root_ready = True
+
     async def workspace(self, run_id: str, cached: Path) -> Path:
         """The run's own copy of a cached workspace, made by its first shard on this worker."""
         key = (run_id, cached.name)
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key not in self.workspaces:
-                # a directory of its own: workers on one machine may share a cache directory
-                await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+                await self._ready_root()
                 target = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{run_id}-", dir=self.root))
                 await asyncio.to_thread(shutil.copytree, cached, target / "workspace", symlinks=True)
                 self.workspaces[key] = target
@@ -292,7 +301,7 @@ class WarmPool:
     async def _start(self, key: tuple, suite: list[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
         argv = [self.python, "-m", "pytest", *suite, *key[3], "-p", REPORT_PLUGIN, "-p", CHILD_PLUGIN,
                 "-p", "no:cacheprovider", "-q"]
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        await self._ready_root()
         startup_report = self.root / f"startup-{secrets.token_hex(4)}.jsonl"  # collection errors, if any
         child_env = {**env, "DTF_TEST_REPORT": str(startup_report), IDLE_ENV: str(self.idle_s * 2)}
         try:
