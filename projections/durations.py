@@ -9,7 +9,8 @@ without being thrown by one slow outlier, and a failure's duration (it may have 
 nothing about a pass. `files` are paths relative to the submitted root; pytest reports node ids
 relative to its rootdir, which may be a folder below that root, so a recorded file matches a
 requested one when it is equal or a `/`-suffix of it (joined on the file name first, so the query
-does not compare every row with every file). `project` narrows to that project's tasks.
+does not compare every row with every file). `project` narrows to that project's tasks; asked on a
+submitter's scoped subject, only that submitter's runs count.
 """
 
 from __future__ import annotations
@@ -30,19 +31,20 @@ class DurationsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
     files: list[str]
     project: str | None = None
+    submitter: str | None = None
+    """Set by the query service for a submitter's scoped subject: only its own runs."""
     last: Annotated[int, msgspec.Meta(ge=1, le=100)] = DEFAULT_LAST
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 def durations(cur: duckdb.DuckDBPyConnection, request: DurationsRequest) -> dict:
-    project_filter = (
-        "AND r.task_id IN (SELECT task_id FROM tasks WHERE project = $project)" if request.project is not None
-        else ""
-    )
-    params = {"files": request.files, "last": request.last}
-    if request.project is not None:
-        params["project"] = request.project
+    params: dict = {"files": request.files, "last": request.last}
+    filters = ""
+    for column in ("project", "submitter"):
+        if getattr(request, column) is not None:
+            filters += f" AND r.task_id IN (SELECT task_id FROM tasks WHERE {column} = ${column})"
+            params[column] = getattr(request, column)
     sql = f"""
         WITH wanted AS (
             SELECT DISTINCT f AS file, regexp_extract(f, '[^/]*$') AS base FROM unnest($files::VARCHAR[]) t(f)
@@ -50,7 +52,7 @@ def durations(cur: duckdb.DuckDBPyConnection, request: DurationsRequest) -> dict
         passed AS (
             SELECT r.nodeid, r.duration_s, r.time, r.run_id, split_part(r.nodeid, '::', 1) AS file
             FROM test_results r
-            WHERE r.outcome = 'passed' {project_filter}
+            WHERE r.outcome = 'passed'{filters}
         ),
         matched AS (
             SELECT DISTINCT p.nodeid, p.duration_s, p.time, p.run_id

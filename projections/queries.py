@@ -191,7 +191,7 @@ def parse(name: str, data: bytes) -> msgspec.Struct:
         raise QueryError(f"bad {name} request: {exc}") from None
 
 
-SCOPED = ("tasks", "results")
+SCOPED = ("tasks", "results", "durations")
 """The queries a submitter may ask on `dtf.query.<name>.<submitter>`, answered for its own runs only."""
 
 

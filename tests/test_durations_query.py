@@ -69,3 +69,11 @@ def test_a_long_answer_comes_in_pages_that_together_hold_every_test_once(con):
         offset = reply["next_offset"]
     assert [len(p) for p in pages] == [7, 7, 7, 7, 2]
     assert [d["nodeid"] for p in pages for d in p] == [f"tests/test_a.py::test_{i:02d}" for i in range(30)]
+
+
+def test_a_submitter_asking_on_its_scoped_subject_sees_only_its_own_runs_history(con):
+    record(con, "mine", "test_a.py::test_x", "passed", 1.0, 0)
+    record(con, "theirs", "test_a.py::test_x", "passed", 5.0, 1)
+    con.execute("UPDATE tasks SET submitter = CASE task_id WHEN 'mine' THEN 'alice' ELSE 'bob' END")
+    reply = json.loads(queries.answer(con, "durations", b'{"files": ["test_a.py"]}', party="alice"))
+    assert reply["durations"] == [{"nodeid": "test_a.py::test_x", "duration_s": 1.0, "runs": 1}]
