@@ -268,7 +268,8 @@ def test_a_task_on_a_sigkilled_worker_is_reassigned_and_finishes_once(tmp_path):
 
 
 def test_a_drained_worker_shows_as_draining_and_gets_no_new_work(up, tmp_path):
-    workers = json.loads(up.dtf("workers", "--json").stdout)["workers"]
+    while len(workers := json.loads(up.dtf("workers", "--json").stdout)["workers"]) < 2:
+        time.sleep(0.2)  # both workers register a moment after `dtf up` is ready
     drained, other = workers[0]["worker_id"], workers[1]["worker_id"]
     assert up.dtf("worker", "drain", drained, "--reason", "maintenance").returncode == 0
     while not next(w for w in json.loads(up.dtf("workers", "--json").stdout)["workers"]
