@@ -7,10 +7,13 @@ then:
   throughput  submits --tasks `true` commands at once (pipelined, as `dtf submit --spec LIST` does) and
               follows the log: submit rate, time until every task is assigned, time until every
               result is stored, tasks/s and events/s end to end;
+  scheduler   the pure `schedule.decide` round with 10 and with --tasks queued tasks (a round must
+              not grow with the queue);
   latency     submits --paced tasks one at a time at --rate per second and reports p50/p99 of
               TaskSubmitted -> TaskStarted (both stamped on this machine's clock);
-  peer        raw nats-py pipelined JetStream publishes of as many messages as the throughput phase
-              stored, on the same server: messages/s, and dtf's rates as ratios of it.
+  peers       raw nats-py pipelined JetStream publishes of as many messages as the throughput phase
+              stored, on the same server, and raw asyncio spawns of `true` with as many at once as
+              the workers have slots: dtf's rates as ratios of both.
 The machine is shared and noisy: compare the ratios, not the absolute numbers.
 """
 
@@ -32,9 +35,10 @@ from core import free_port, start
 from nats.js.api import StreamConfig
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import schedule, subjects
 from dtf.cli import submit as sub
 from dtf.spec import TaskSpec
+from dtf.state import Fold
 from dtf.streams import bus, topology
 
 NOOP = TaskSpec(type="command", config={"command": "true"})
@@ -135,6 +139,37 @@ async def raw_publish(js, count: int) -> float:
     return count / (time.perf_counter() - began)
 
 
+async def raw_spawn(count: int, slots: int) -> float:
+    """`true` run by asyncio in its own session, `slots` at once: the most a machine this busy could
+    give no-op tasks with no bus, scheduler or bookkeeping at all."""
+    gate = asyncio.Semaphore(slots)
+
+    async def one() -> None:
+        async with gate:
+            process = await asyncio.create_subprocess_exec("true", start_new_session=True)
+            await process.wait()
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    return count / (time.perf_counter() - began)
+
+
+def round_cost(queued: int, slots: int = 8, rounds: int = 200) -> float:
+    """Seconds per scheduling round (`schedule.decide`, pure) with `queued` no-op tasks waiting and
+    one of `slots` free, as when a task finishes while a long queue waits."""
+    fold = Fold()
+    at = ev.now()
+    fold.apply_event(ev.WorkerRegistered(id="reg", time=at, worker_id="w", host="h", pid=0, concurrency=slots))
+    for i in range(queued):
+        fold.apply_event(ev.TaskSubmitted(id=f"s{i}", time=at, run_id="r", task_id=f"t{i}", submitter="b", spec=NOOP))
+    for decision in list(schedule.decide(fold, at, "bench"))[:slots - 1]:
+        fold.apply_event(decision)
+    began = time.perf_counter()
+    for _ in range(rounds):
+        assert len(list(schedule.decide(fold, at, "bench"))) == 1
+    return (time.perf_counter() - began) / rounds
+
+
 async def measure(url: str, opts) -> dict[str, float]:
     nc = await bus.connect(url, name="bench-dispatch")
     js = nc.jetstream()
@@ -144,6 +179,7 @@ async def measure(url: str, opts) -> dict[str, float]:
         if opts.paced:
             results |= await latency(js, opts.paced, opts.rate)
         results["raw pipelined publish: msgs/s"] = await raw_publish(js, int(results["events stored"]))
+        results["raw spawn of `true`: /s"] = await raw_spawn(min(opts.tasks, 2000), opts.workers * opts.concurrency)
     finally:
         await nc.close()
     return results
@@ -189,9 +225,13 @@ def main() -> None:
             process.send_signal(signal.SIGTERM)
         for process in [*workers, up]:
             process.wait(60)
+    small, large = round_cost(10), round_cost(opts.tasks)
+    results |= {"decide ms/round, 10 queued": 1000 * small, f"decide ms/round, {opts.tasks} queued": 1000 * large,
+                "decide round: long queue / short queue": large / small}
     raw = results["raw pipelined publish: msgs/s"]
     results["end-to-end events/s / raw msgs/s"] = results["end to end: events/s"] / raw
     results["end-to-end tasks/s / raw msgs/s"] = results["end to end: tasks/s"] / raw
+    results["end-to-end tasks/s / raw spawns/s"] = results["end to end: tasks/s"] / results["raw spawn of `true`: /s"]
     width = max(map(len, results))
     for name, value in results.items():
         print(f"{name:<{width}}  {value:>12,.3f}" if value < 10 else f"{name:<{width}}  {value:>12,.0f}")
