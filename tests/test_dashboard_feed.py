@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import pytest
 
 from dtf import events as ev
+from dtf import subjects
 from dtf.spec import TaskSpec
 from dtf.streams import bus, topology
 from dtf.ui.feed import Feed
@@ -130,3 +131,11 @@ async def test_tabs_asking_for_one_forecast_at_once_share_one_computation(nc, js
     finally:
         stop.set()
         await running
+
+
+async def test_a_replay_reads_the_stored_log_up_to_the_sequence_asked_or_one_tasks_events(nc, js):
+    for event in [*history("t1"), *history("t2")[1:]]:
+        await bus.publish(js, event)
+    feed = Feed(nc)
+    assert [m.seq for m in await feed.history(upto_seq=3)] == [1, 2, 3]
+    assert [m.seq for m in await feed.history([subjects.task_any_run("t2")])] == [5, 6, 7]

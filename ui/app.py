@@ -3,7 +3,7 @@
 Each tab gets a periodic callback (TICK_MS) that looks at the board's version and re-renders its
 views only when the board moved (or a second passed, for the ages): the feed pushes events into
 the board as they arrive, the tab picks them up within a tick, and nothing in a tab talks to NATS
-except a drill-down someone asked for (a replay folds messages the feed already holds).
+except a drill-down or a replay someone asked for.
 """
 
 from __future__ import annotations

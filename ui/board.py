@@ -31,7 +31,7 @@ MAX_DETECTIONS = 1000
 
 @dataclass(frozen=True)
 class Stored:
-    """One DTF_EVENTS message, kept so the UI can replay the log up to any point."""
+    """One DTF_EVENTS message as the replay reads it."""
 
     seq: int
     subject: str
@@ -105,7 +105,6 @@ class Board:
     def __init__(self, series_of: SeriesOf = metric_series) -> None:
         self.series_of = series_of
         self.fold = Fold()
-        self.messages: list[Stored] = []
         self.results: dict[str, ResultDetail] = {}
         self.segments: deque[Segment] = deque(maxlen=MAX_SEGMENTS)
         self._open: dict[tuple[str, int], Segment] = {}
@@ -124,7 +123,6 @@ class Board:
         """Fold one DTF_EVENTS message in stream order; bad input is counted by the fold, never raised."""
         if seq <= self.fold.last_seq:
             return  # a redelivery after a follow restarted
-        self.messages.append(Stored(seq, subject, data))
         before = self._task_of(subject)
         applied = self.fold.apply(subject, seq, data)
         self.version += 1

@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 
 from dtf import subjects
 from dtf.streams import bus, topology
-from dtf.ui.board import Board, Point, SeriesOf, metric_series
+from dtf.ui.board import Board, Point, SeriesOf, Stored, metric_series
 
 log = logging.getLogger("dtf.dashboard")
 
@@ -169,6 +169,20 @@ class Feed:
         except Exception as exc:  # noqa: BLE001 - a model failing on odd data must not break the page
             log.warning("forecast failed: %s: %s", type(exc).__name__, exc)
             return f"no forecast: {type(exc).__name__}"
+
+    async def history(self, filters: list[str] | None = None, upto_seq: int | None = None) -> list[Stored]:
+        """The stored log (every event, or those on `filters`) up to sequence `upto_seq`, read through an
+        ordered consumer as `dtf replay` reads it: a replay asks the stream, so the feed keeps no copy."""
+        found: list[Stored] = []
+        reader = bus.read(self.js, topology.EVENTS, filters or [subjects.TASKS, subjects.WORKERS])
+        async with contextlib.aclosing(reader) as messages:
+            async for message in messages:
+                if upto_seq is not None and message.seq > upto_seq:
+                    break
+                found.append(Stored(message.seq, message.subject, message.data))
+                if len(found) % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+        return found
 
     async def tests_of(self, task_id: str) -> list[dict]:
         """A task's per-test results from the read model (which also has those kept in the store)."""

@@ -2,8 +2,8 @@
 
 The same cut-off as `dtf replay` and `dtf replay --db` (dtf.projections.rebuild): stop after
 sequence N, or before the first event later than T; a worker's newest heartbeat counts only if it is
-not later than the cut (the heartbeat stream keeps nothing older). The feed already holds every
-DTF_EVENTS message, so a replay here reads nothing from NATS: it folds a prefix of what is in memory.
+not later than the cut (the heartbeat stream keeps nothing older). The feed reads the stored log for
+it (`Feed.history`); these functions fold what it read, off the event loop.
 """
 
 from __future__ import annotations

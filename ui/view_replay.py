@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-import panel as pn
+from html import escape
 
+import panel as pn
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+
+from dtf import subjects
 from dtf.ui import html, model
 from dtf.ui.board import Board
 from dtf.ui.replay import board_at, task_history
@@ -48,9 +53,17 @@ class ReplayView:
             return
         upto = self.upto.value or None
         task_id = self.task.value.strip()
-        messages, heartbeats = list(feed.board.messages), dict(feed.heartbeats)
+        if task_id and not subjects.is_token(task_id):
+            self.result.object = f'<span class="dtf-empty">{escape(task_id)!r} is not a task id</span>'
+            return
+        try:
+            messages = await feed.history(upto_seq=upto)
+            its_events = await feed.history([subjects.task_any_run(task_id)], upto_seq=upto) if task_id else []
+        except (NatsError, JetStreamError, TimeoutError) as exc:
+            self.result.object = f'<span class="dtf-empty">cannot read the log: {escape(str(exc))}</span>'
+            return
         # Folding thousands of events is real work: off the loop, so other tabs stay live.
-        board = await asyncio.to_thread(board_at, messages, heartbeats, upto_seq=upto, until=until,
+        board = await asyncio.to_thread(board_at, messages, dict(feed.heartbeats), upto_seq=upto, until=until,
                                         series_of=feed.board.series_of)
         now = until or datetime.now(UTC)
         where = f"after sequence {board.last_seq}" + (f" (as of {until:%Y-%m-%d %H:%M:%S} UTC)" if until else "")
@@ -58,7 +71,7 @@ class ReplayView:
         if task_id:
             history = [{"seq": line.seq, "time": f"{line.time:%H:%M:%S.%f}"[:-3] if line.time else "-",
                         "event": line.type, "detail": line.detail}
-                       for line in await asyncio.to_thread(task_history, messages, task_id)
+                       for line in task_history(its_events, task_id)
                        if line.seq <= board.last_seq]
             parts += [f"<h4>Task {task_id}</h4>", html.table(history, "replay-history", key="seq",
                                                              empty=f"no events of task {task_id} by then")]
