@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +109,35 @@ def test_split_refuses_what_it_cannot_split(system, suite):
     (suite / "test_broken.py").write_text("import no_such_module\n")
     broken = system.dtf("submit", str(suite), "--split", "2")
     assert broken.returncode == 2 and "collecting the tests to split them failed" in broken.stderr
+
+
+def test_a_submitter_splits_by_its_own_history_and_must_name_the_slots(suite, tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA"):
+        env.pop(name, None)
+    up = subprocess.Popen(  # with auth, unlike the `system` fixture
+        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
+         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
+    try:
+        url = up.stdout.readline().strip().split("=", 1)[1]
+
+        def dtf(*args: str, **extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "dtf", *args], capture_output=True, text=True,
+                                  env={**env, **extra}, timeout=120, check=False)
+
+        creds = tmp_path / "sam.creds"
+        added = dtf("creds", "add", "--role", "submitter", "--name", "sam", "--out", str(creds))
+        assert added.returncode == 0, added.stderr
+        as_sam = {"DTF_CREDS": str(creds)}
+        for _ in range(100):  # the server loads new credentials asynchronously
+            auto = dtf("submit", str(suite), "--split", "auto", "--nats", url, **as_sam)
+            if "refused" not in auto.stderr:
+                break
+            time.sleep(0.1)
+        assert auto.returncode == 2 and "give --split N" in auto.stderr
+        named = dtf("submit", str(suite), "--split", "2", "--nats", url, **as_sam)
+        assert named.returncode == 0, named.stderr
+        assert "0 with history" in named.stderr and "no test history" not in named.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0

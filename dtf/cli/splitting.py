@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from dtf import split, subjects
-from dtf.cli.common import CliError
+from dtf.cli.common import CliError, query_scope
 from dtf.schedule import capable
 from dtf.spec import Requirements, TaskSpec, test_args
 from dtf.state import Fold
@@ -117,6 +117,9 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
                       paths: list[str], project: str) -> tuple[TaskSpec, list[list[str]]]:
     """The base spec marked as a split shard (`config.split`: the whole suite's arguments, which a warm
     pytest process collects once, and whether to use one) and the shards, biggest first."""
+    if request.slots is None and query_scope(nc) is not None:
+        raise CliError("--split auto sizes the split by the workers in the event log, which submitter "
+                       "credentials cannot read; give --split N")
     args = relative_args(paths, root)
     nodeids = await asyncio.to_thread(collect, root, args, test_args(base))
     if not nodeids:
