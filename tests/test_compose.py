@@ -1,8 +1,9 @@
 """compose.yaml and nats-server.conf, checked without Docker: the compose file parses, has the
 services the deployment needs, and every dtf service runs a real `dtf` command with real options
-(parsed by the CLI's own click commands, so a typo fails here, not at 3 a.m.); the production
-nats-server.conf passes `nats-server -t`, refuses to start without its secrets, and really forms a
-3-node JetStream cluster with mutual-TLS routes when pointed at loopback."""
+(parsed by the CLI's own click commands, so a typo fails here, not at 3 a.m.) under its own
+credentials; the production nats-server.conf passes `nats-server -t`, refuses to start without its
+secrets and users, and really forms a 3-node JetStream cluster with mutual-TLS routes, TLS for clients
+and dtf's roles enforced when pointed at loopback."""
 
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ import yaml
 from nats.js.api import StreamConfig
 
 from dtf.cli import main
+from dtf.streams import auth
 from dtf.streams.server import binary
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 NATS_CONF = ROOT / "nats-server.conf"
 NODES = ("nats1", "nats2", "nats3")
-DTF_SERVICES = ("coordinator-a", "coordinator-b", "projector", "worker")
+DTF_SERVICES = ("coordinator-a", "coordinator-b", "projector", "detector", "worker-1", "worker-2", "dashboard")
+ROLES = {"coordinator-a": "coordinator", "coordinator-b": "coordinator", "projector": "projector",
+         "detector": "detector", "worker-1": "worker", "worker-2": "worker", "dashboard": "viewer"}
+"""The role each service's credentials are made with (`dtf creds add --role ROLE --name SERVICE`)."""
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +60,7 @@ def resolve_dtf_command(argv: list[str]) -> click.Context:
 def test_compose_parses_and_has_every_service(compose):
     services = compose["services"]
     assert set(services) == {*NODES, *DTF_SERVICES}
-    assert "dashboard" not in services
-    assert "`dtf dashboard` does not exist yet" in COMPOSE.read_text()
+    assert services["dashboard"]["ports"] == ["127.0.0.1:8050:8050"]
 
 
 def test_the_nats_nodes_are_one_cluster_with_their_own_stores(compose):
@@ -66,35 +70,41 @@ def test_the_nats_nodes_are_one_cluster_with_their_own_stores(compose):
         service = services[node]
         assert service["image"] == "nats:2.12"
         assert service["command"] == ["--config", "/etc/nats/nats-server.conf"]
-        assert "./nats-server.conf:/etc/nats/nats-server.conf:ro" in service["volumes"]
+        assert {"./nats-server.conf:/etc/nats/nats-server.conf:ro", "./deploy/secrets:/etc/nats/secrets:ro",
+                "./deploy/auth:/etc/nats/auth:ro"} <= set(service["volumes"])
         store = [v for v in service["volumes"] if v.endswith(":/data")]
         assert len(store) == 1 and store[0].split(":")[0] in compose["volumes"]
         stores.add(store[0])
         names.add(service["environment"]["NATS_SERVER_NAME"])
-        for secret in ("DTF_NATS_PASSWORD", "NATS_SYS_PASSWORD"):
-            assert service["environment"][secret].startswith(f"${{{secret}:?"), "secrets come from .env"
+        assert service["environment"]["NATS_SYS_PASSWORD"].startswith("${NATS_SYS_PASSWORD:?"), "secrets come from .env"
     assert names == set(NODES) and len(stores) == 3
     conf = NATS_CONF.read_text()
     assert set(re.findall(r"nats-route://(nats\d):6222", conf)) == set(NODES)
     assert "server_name: $NATS_SERVER_NAME" in conf
+    assert 'include "auth/users.conf"' in conf
 
 
-def test_every_dtf_service_runs_a_real_dtf_command(compose):
+def test_every_dtf_service_runs_a_real_dtf_command_under_its_own_credentials(compose):
     services = compose["services"]
     for name in DTF_SERVICES:
         service = services[name]
         assert service["build"] == "." and (ROOT / "Dockerfile").is_file()
         ctx = resolve_dtf_command(service["command"])
         assert ctx.command.name == service["command"][1]
+        assert ctx.params["creds"] == f"/etc/dtf/creds/{name}.creds"
+        assert "./deploy/creds:/etc/dtf/creds:ro" in service["volumes"]
+        assert service["environment"]["DTF_CA"] == "/etc/dtf/ca.pem"
+        if "name" in ctx.params or "worker_id" in ctx.params:  # coordinators and workers say who they are
+            assert ctx.params.get("name", ctx.params.get("worker_id")) == name
     commands = {name: services[name]["command"][1] for name in DTF_SERVICES}
-    assert commands == {"coordinator-a": "coordinator", "coordinator-b": "coordinator",
-                        "projector": "projector", "worker": "worker"}
+    assert commands == {"coordinator-a": "coordinator", "coordinator-b": "coordinator", "projector": "projector",
+                        "detector": "detector", "worker-1": "worker", "worker-2": "worker", "dashboard": "dashboard"}
     projector = resolve_dtf_command(services["projector"]["command"])
     assert str(projector.params["db_path"]) == "/data/readmodel.duckdb"
-    worker = resolve_dtf_command(services["worker"]["command"])
-    assert worker.params["concurrency"] == 2 and services["worker"]["deploy"]["replicas"] == 2
-    ids = {resolve_dtf_command(services[c]["command"]).params["name"] for c in ("coordinator-a", "coordinator-b")}
-    assert ids == {"coordinator-a", "coordinator-b"}
+    for worker in ("worker-1", "worker-2"):
+        assert resolve_dtf_command(services[worker]["command"]).params["concurrency"] == 2
+    dashboard = resolve_dtf_command(services["dashboard"]["command"])
+    assert (dashboard.params["listen"], dashboard.params["port"]) == ("0.0.0.0", 8050)
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
@@ -102,13 +112,12 @@ def interpolate(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)(?::?[?-][^}]*)?\}", lambda m: env[m.group(1)], value)
 
 
-def test_every_dtf_service_is_given_all_three_nodes(compose):
+def test_every_dtf_service_is_given_all_three_nodes_over_tls(compose):
     for name in DTF_SERVICES:
-        argv = [interpolate(a, {"DTF_NATS_PASSWORD": "0123abcd"}) for a in compose["services"][name]["command"]]
-        url = resolve_dtf_command(argv).params["nats_url"]
+        url = resolve_dtf_command(compose["services"][name]["command"]).params["nats_url"]
         parts = [urlsplit(u) for u in url.split(",")]
         assert [(p.scheme, p.hostname, p.port, p.username, p.password) for p in parts] == [
-            ("nats", node, 4222, "dtf", "0123abcd") for node in NODES
+            ("tls", node, 4222, None, None) for node in NODES
         ]
 
 
@@ -119,7 +128,7 @@ def test_every_dtf_service_is_given_all_three_nodes(compose):
     (lambda argv: argv.pop(), click.BadOptionUsage),  # --concurrency left without its value
 ])
 def test_a_misspelled_command_or_option_fails_the_check(compose, mutate, error):
-    argv = copy.deepcopy(compose["services"]["worker"]["command"])
+    argv = copy.deepcopy(compose["services"]["worker-1"]["command"])
     resolve_dtf_command(argv)
     mutate(argv)
     with pytest.raises(error):
@@ -128,7 +137,7 @@ def test_a_misspelled_command_or_option_fails_the_check(compose, mutate, error):
 
 # -- nats-server.conf ---------------------------------------------------------------------------
 
-SECRETS_ENV = {"DTF_NATS_PASSWORD": "test-dtf-pw", "NATS_SYS_PASSWORD": "test-sys-pw"}
+SECRETS_ENV = {"NATS_SYS_PASSWORD": "test-sys-pw"}
 
 
 def free_port() -> int:
@@ -138,17 +147,19 @@ def free_port() -> int:
 
 
 def make_route_certs(directory: Path) -> Path:
-    """The CA and route certificate docs/OPERATIONS.md tells operators to make (plus 127.0.0.1)."""
+    """The CA, route and client-facing certificates docs/OPERATIONS.md tells operators to make (plus
+    127.0.0.1)."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     directory.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     for args in (
         ["req", "-x509", *ec, "-days", "3650", "-subj", "/CN=dtf-nats-ca", "-keyout", "ca-key.pem", "-out", "ca.pem"],
-        ["req", "-x509", *ec, "-days", "825", "-subj", "/CN=dtf-nats-route", "-CA", "ca.pem",
-         "-CAkey", "ca-key.pem", "-keyout", "route-key.pem", "-out", "route.pem",
-         "-addext", "subjectAltName=DNS:nats1,DNS:nats2,DNS:nats3,IP:127.0.0.1",
-         "-addext", "extendedKeyUsage=serverAuth,clientAuth"],
+        *(["req", "-x509", *ec, "-days", "825", "-subj", f"/CN=dtf-nats-{kind}", "-CA", "ca.pem",
+           "-CAkey", "ca-key.pem", "-keyout", f"{kind}-key.pem", "-out", f"{kind}.pem",
+           "-addext", "subjectAltName=DNS:nats1,DNS:nats2,DNS:nats3,IP:127.0.0.1",
+           "-addext", f"extendedKeyUsage={usage}"]
+          for kind, usage in (("route", "serverAuth,clientAuth"), ("server", "serverAuth"))),
     ):
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
     return directory
@@ -170,21 +181,37 @@ def loopback_conf(tmp: Path, secrets: Path, ports: list[dict], i: int) -> Path:
     return path
 
 
-def test_nats_server_conf_is_valid_and_needs_its_secrets(tmp_path):
+def users(tmp: Path) -> auth.Registry:
+    """users.conf beside the loopback configs (where `include "auth/users.conf"` finds it), as
+    `dtf creds add --data-dir` writes it: an admin and one worker."""
+    registry = auth.Registry(tmp / "auth")
+    registry.ensure("admin", "admin")
+    registry.ensure("worker", "worker-1")
+    return registry
+
+
+def test_nats_server_conf_is_valid_and_needs_its_secrets_and_users(tmp_path):
     ports = [{"client": free_port(), "route": free_port(), "http": free_port()} for _ in NODES]
     conf = loopback_conf(tmp_path, make_route_certs(tmp_path / "secrets"), ports, 0)
     env = {**os.environ, **SECRETS_ENV, "NATS_SERVER_NAME": "nats1"}
-    checked = subprocess.run([binary(), "-t", "-c", str(conf)], env=env, capture_output=True, text=True,
-                             timeout=30, check=False)
+
+    def check(environment: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([binary(), "-t", "-c", str(conf)], env=environment, capture_output=True, text=True,
+                              timeout=30, check=False)
+
+    no_users = check(env)
+    assert no_users.returncode != 0 and "users.conf" in no_users.stdout + no_users.stderr
+    users(tmp_path)
+    checked = check(env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    without = {k: v for k, v in env.items() if k != "DTF_NATS_PASSWORD"}
-    refused = subprocess.run([binary(), "-t", "-c", str(conf)], env=without, capture_output=True, text=True,
-                             timeout=30, check=False)
-    assert refused.returncode != 0 and "DTF_NATS_PASSWORD" in refused.stdout + refused.stderr
+    refused = check({k: v for k, v in env.items() if k != "NATS_SYS_PASSWORD"})
+    assert refused.returncode != 0 and "NATS_SYS_PASSWORD" in refused.stdout + refused.stderr
 
 
 async def test_nats_server_conf_forms_an_r3_cluster_with_tls_routes(tmp_path):
     secrets = make_route_certs(tmp_path / "secrets")
+    registry = users(tmp_path)
+    admin = auth.client_options(registry.ensure("admin", "admin"), secrets / "ca.pem")
     ports = [{"client": free_port(), "route": free_port(), "http": free_port()} for _ in NODES]
     processes = []
     try:
@@ -194,12 +221,12 @@ async def test_nats_server_conf_forms_an_r3_cluster_with_tls_routes(tmp_path):
                 [binary(), "-c", str(conf), "-l", str(tmp_path / f"{node}.log")],
                 env={**os.environ, **SECRETS_ENV, "NATS_SERVER_NAME": node}, stdin=subprocess.DEVNULL,
             ))
-        url = f"nats://dtf:{SECRETS_ENV['DTF_NATS_PASSWORD']}@127.0.0.1:{ports[0]['client']}"
+        url = f"tls://127.0.0.1:{ports[0]['client']}"
         js = None
         for _ in range(150):  # bounded: the meta leader election takes a few seconds
             try:  # bounded: nats-py retries a refused first server forever
                 nc = await asyncio.wait_for(nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1,
-                                                         connect_timeout=1, error_cb=_quiet), 3)
+                                                         connect_timeout=1, error_cb=_quiet, **admin), 3)
             except Exception:  # noqa: BLE001 - not listening yet
                 await asyncio.sleep(0.2)
                 continue
@@ -217,9 +244,28 @@ async def test_nats_server_conf_forms_an_r3_cluster_with_tls_routes(tmp_path):
             assert info.config.num_replicas == 3
             assert {info.cluster.leader, *(p.name for p in info.cluster.replicas)} == set(NODES)
             assert (await js.publish("prod.x", b"durable")).seq == 1
-            with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):  # no password, no entry
-                await asyncio.wait_for(nats.connect(f"nats://127.0.0.1:{ports[1]['client']}", allow_reconnect=False,
-                                                    max_reconnect_attempts=1, connect_timeout=1, error_cb=_quiet), 5)
+            with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):  # TLS, but no key: no entry
+                await asyncio.wait_for(nats.connect(f"tls://127.0.0.1:{ports[1]['client']}", allow_reconnect=False,
+                                                    max_reconnect_attempts=1, connect_timeout=1, error_cb=_quiet,
+                                                    tls=admin["tls"]), 5)
+            worker = auth.client_options(registry.ensure("worker", "worker-1"), secrets / "ca.pem")
+            refused: list[Exception] = []
+
+            async def note(exc: Exception) -> None:
+                refused.append(exc)
+
+            wnc = await nats.connect(f"tls://127.0.0.1:{ports[2]['client']}", allow_reconnect=False,
+                                     max_reconnect_attempts=1, error_cb=note, **worker)
+            try:  # the roles hold: a worker may not publish as another worker
+                await wnc.publish("dtf.hb.worker-2", b"{}")
+                await wnc.flush()
+                for _ in range(50):
+                    if refused:
+                        break
+                    await asyncio.sleep(0.1)
+                assert refused and "permissions violation" in str(refused[0]).lower()
+            finally:
+                await wnc.close()
         finally:
             await nc.close()
     finally:
