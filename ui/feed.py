@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -32,6 +32,8 @@ log = logging.getLogger("dtf.dashboard")
 YIELD_EVERY = 500
 """Messages folded between yields to the loop while catching up (buffered messages do not yield)."""
 RETRY_S = 1.0
+HEARTBEAT_QUIET_S = 30.0
+"""No heartbeat from any worker this long: follow DTF_HEARTBEATS anew (a stall, or no workers)."""
 STOP_RETRY_S = 0.5
 ASK_TIMEOUT_S = 3.0
 FLAKY_EVERY_S = 10.0
@@ -76,27 +78,16 @@ class Feed:
                     task.cancel()
                 _, running = await asyncio.wait(running, timeout=STOP_RETRY_S)
 
-    async def _follow(self, stream: str, filters: list[str], where: Callable[[], dict]) -> AsyncIterator[bus.StoredMsg]:
-        """Follow `stream`; when the follow fails (a reconnect, a node loss), follow it anew from `where()`."""
-        while not self._stopping:
-            messages = bus.read(self.js, stream, filters, follow=True, **where())
-            try:
-                async for message in messages:
-                    yield message
-            except (NatsError, JetStreamError, TimeoutError) as exc:
-                log.warning("following %s failed (%s); following it anew", stream, exc)
-                await asyncio.sleep(RETRY_S)
-            finally:
-                with contextlib.suppress(Exception):
-                    await messages.aclose()
-
     async def _follow_events(self) -> None:
         tail = await self._tail(topology.EVENTS)
         if tail == 0:
             self.caught_up.set()
         folded = 0
-        where = lambda: {"start_seq": self.board.last_seq + 1}  # noqa: E731 - resume where we are
-        async for message in self._follow(topology.EVENTS, [subjects.TASKS, subjects.WORKERS], where):
+        async def stalled() -> bool:
+            return await self._tail(topology.EVENTS) > self.board.last_seq
+
+        async for message in bus.follow(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS],
+                                        lambda: {"start_seq": self.board.last_seq + 1}, stalled):
             self.board.apply(message.subject, message.seq, message.data)
             if message.seq >= tail and message.pending == 0:
                 self.caught_up.set()
@@ -105,8 +96,11 @@ class Feed:
                 await asyncio.sleep(0)
 
     async def _follow_heartbeats(self) -> None:
-        where = lambda: {"last_per_subject": True}  # noqa: E731
-        async for message in self._follow(topology.HEARTBEATS, [subjects.HEARTBEATS], where):
+        async def stalled() -> bool:  # heartbeats come every few seconds; a restart costs one read
+            return True
+
+        async for message in bus.follow(self.js, topology.HEARTBEATS, [subjects.HEARTBEATS],
+                                        lambda: {"last_per_subject": True}, stalled, check_s=HEARTBEAT_QUIET_S):
             self.heartbeats[message.subject] = message.data
             self.board.apply_heartbeat(message.subject, message.data)
 
