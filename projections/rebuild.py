@@ -15,39 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
-import msgspec
 from nats.js import JetStreamContext
 
 from dtf import subjects
+from dtf.replay import Cutoff
 from dtf.projections import artifacts, schema
 from dtf.projections.projection import BatchResult, Projection
 from dtf.streams import bus
 from dtf.streams.topology import EVENTS, HEARTBEATS
 
 BATCH = 2000
-
-
-class _Time(msgspec.Struct):
-    time: datetime | None = None
-
-
-_time_decoder = msgspec.json.Decoder(_Time)
-
-
-def _time(data: bytes) -> datetime | None:
-    """An event's time, or None for bytes that are not an event (those never end a rebuild)."""
-    try:
-        return _time_decoder.decode(data).time
-    except msgspec.DecodeError:
-        return None
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _remove(path: Path) -> None:
@@ -76,7 +57,7 @@ async def rebuild(
         await asyncio.to_thread(_check_unused, path)
     building = path.with_name(path.name + ".rebuild")
     await asyncio.to_thread(_remove, building)
-    cutoff = _utc(until) if until is not None else None
+    cutoff = Cutoff(upto_seq, until)
     totals = BatchResult()
     read = {"events": 0, "heartbeats": 0}
     projection = await asyncio.to_thread(Projection.open, building)
@@ -89,29 +70,21 @@ async def rebuild(
                 totals.add(await asyncio.to_thread(projection.apply_batch, list(chunk), tests))
                 chunk.clear()
 
-        last_time: datetime | None = None
         reader = bus.read(js, EVENTS, [subjects.TASKS, subjects.WORKERS])
         async with contextlib.aclosing(reader) as messages:
             async for message in messages:
-                if upto_seq is not None and message.seq > upto_seq:
+                if cutoff.ends_before(message.seq, message.data):
                     break
-                moment = _time(message.data)
-                if cutoff is not None and moment is not None and moment > cutoff:
-                    break
-                if moment is not None:
-                    last_time = moment if last_time is None else max(last_time, moment)
                 chunk.append(message)
                 read["events"] += 1
                 if len(chunk) >= batch:
                     await flush()
         await flush()
 
-        hb_cutoff = cutoff if cutoff is not None else (last_time if upto_seq is not None else None)
         reader = bus.read(js, HEARTBEATS, [subjects.HEARTBEATS], last_per_subject=True)
         async with contextlib.aclosing(reader) as messages:
             async for message in messages:
-                moment = _time(message.data)
-                if hb_cutoff is not None and (moment is None or moment > hb_cutoff):
+                if not cutoff.heartbeat_counts(message.data):
                     continue
                 chunk.append(message)
                 read["heartbeats"] += 1

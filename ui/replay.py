@@ -1,8 +1,8 @@
 """Replay in the UI: the board as it was after stream sequence N or at time T, and one task's history.
 
-The same cut-off as `dtf replay` and `dtf replay --db` (dtf.projections.rebuild): stop after
-sequence N, or before the first event later than T; a worker's newest heartbeat counts only if it is
-not later than the cut (the heartbeat stream keeps nothing older). The feed reads the stored log for
+The same cut-off as `dtf replay` and `dtf replay --db` (dtf.replay.Cutoff): stop after sequence N, or
+before the first event later than T; a worker's newest heartbeat counts only if it is not later than
+the cut (the heartbeat stream keeps nothing older). The feed reads the stored log for
 it (`Feed.history`); these functions fold what it read, off the event loop.
 """
 
@@ -16,31 +16,14 @@ import msgspec
 
 from dtf import events as ev
 from dtf import subjects
+from dtf.replay import Cutoff
 from dtf.ui.board import Board, SeriesOf, Stored, metric_series
 
 
-class _Time(msgspec.Struct):
-    time: datetime | None = None
-
-
-_time_decoder = msgspec.json.Decoder(_Time)
-
-
-def event_time(data: bytes) -> datetime | None:
-    """An event's time, or None for bytes that are not an event (those never end a replay)."""
-    try:
-        return _time_decoder.decode(data).time
-    except msgspec.DecodeError:
-        return None
-
-
-def cut(messages: Iterable[Stored], upto_seq: int | None = None, until: datetime | None = None) -> Iterator[Stored]:
+def cut(messages: Iterable[Stored], cutoff: Cutoff) -> Iterator[Stored]:
     """The messages up to the cut-off, in stream order."""
     for message in messages:
-        if upto_seq is not None and message.seq > upto_seq:
-            return
-        moment = event_time(message.data)
-        if until is not None and moment is not None and moment > until:
+        if cutoff.ends_before(message.seq, message.data):
             return
         yield message
 
@@ -49,16 +32,11 @@ def board_at(messages: Iterable[Stored], heartbeats: Mapping[str, bytes], *, upt
              until: datetime | None = None, series_of: SeriesOf = metric_series) -> Board:
     """A fresh board folded from the log up to the cut-off (with the heartbeats not later than it)."""
     board = Board(series_of)
-    last_time: datetime | None = None
-    for message in cut(messages, upto_seq, until):
+    cutoff = Cutoff(upto_seq, until)
+    for message in cut(messages, cutoff):
         board.apply(message.subject, message.seq, message.data)
-        moment = event_time(message.data)
-        if moment is not None:
-            last_time = moment if last_time is None else max(last_time, moment)
-    limit = until if until is not None else (last_time if upto_seq is not None else None)
     for subject, data in heartbeats.items():
-        moment = event_time(data)
-        if limit is None or (moment is not None and moment <= limit):
+        if cutoff.heartbeat_counts(data):
             board.apply_heartbeat(subject, data)
     return board
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from dtf import events as ev
 from dtf import subjects
 from dtf.cli.common import CliError, connected, nats_options, query_scope
+from dtf.replay import Cutoff
 from dtf.streams import bus, topology
 
 QUERY_TIMEOUT_S = 10.0
@@ -104,15 +105,15 @@ def parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def replay_line(msg: bus.StoredMsg) -> tuple[dict, datetime | None]:
-    """One stored message as the JSON object `dtf replay --json` prints, and its event time."""
+def replay_line(msg: bus.StoredMsg) -> dict:
+    """One stored message as the JSON object `dtf replay --json` prints."""
     try:
         event = ev.decode(msg.data)
     except ev.DecodeError as exc:
         body = {"type": "Invalid", "reason": str(exc), "raw": msg.data[:4096].decode("utf-8", "replace")}
-        return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": None, "event": body}, None
+        return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": None, "event": body}
     body = msgspec.to_builtins(event)
-    return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": body["time"], "event": body}, event.time
+    return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": body["time"], "event": body}
 
 
 def human_line(line: dict) -> str:
@@ -154,12 +155,11 @@ async def _replay(task_id, until_time, upto_seq, db_path, as_json, nats_url, cre
             click.echo(json.dumps({"db": str(db_path), **counts}) if as_json else f"rebuilt {db_path}: {counts}")
             return
         filters = [subjects.task_any_run(task_id)] if task_id else [subjects.TASKS, subjects.WORKERS]
+        cutoff = Cutoff(upto_seq, until_time)
         async for msg in bus.read(js, topology.EVENTS, filters):
-            if upto_seq is not None and msg.seq > upto_seq:
+            if cutoff.ends_before(msg.seq, msg.data):
                 break
-            line, when = replay_line(msg)
-            if until_time is not None and when is not None and when > until_time:
-                break
+            line = replay_line(msg)
             click.echo(json.dumps(line) if as_json else human_line(line))
 
 
