@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import time
 import signal
 import socket
@@ -368,3 +369,34 @@ def test_the_newcomers_demo_runs_the_example_suite_and_exits_0(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "11 passed, 0 failed, 1 skipped, 0 errors" in done.stdout
     assert not (tmp_path / "state" / "dtf" / "current.json").exists()  # it leaves no context behind
+
+
+def test_a_benchmark_whose_metric_jumps_20_percent_at_run_20_brings_one_regression(tmp_path):
+    """Thirty real benchmark tasks through `dtf up` (one worker, one slot: they run and report in
+    order), the detector `dtf up` starts, then `dtf anomalies` and `dtf replay`."""
+    system = Up(tmp_path / "d", tmp_path / "state", workers=1).start()
+    try:
+        noise = random.Random(30)
+        latencies = [100.0 * (1.2 if n >= 20 else 1.0) * (1 + noise.gauss(0, 0.01)) for n in range(30)]
+        write = "import json, os; json.dump({{'latency_ms': {v:.3f}}}, open(os.environ['DTF_METRICS'], 'w'))"
+        specs = [{"type": "benchmark", "name": "e2e-bench",
+                  "config": {"command": f'{sys.executable} -c "{write.format(v=v)}"', "model": "e2e"}}
+                 for v in latencies]
+        (tmp_path / "bench.json").write_text(json.dumps(specs))
+        done = system.dtf("submit", "--spec", str(tmp_path / "bench.json"), "--wait", "--json", check_json=True)
+        assert done.returncode == 0, done.stderr
+        run_id = json.loads(done.stdout)["run_id"]
+        found: list[dict] = []
+        for _ in range(300):  # a bound on the loop: the detector reads the results a moment later
+            found = json.loads(system.dtf("anomalies", "--json").stdout)["anomalies"]
+            if found:
+                break
+            time.sleep(0.2)
+        time.sleep(2)  # anything it would add after the first finding comes within its next read
+        found = json.loads(system.dtf("anomalies", "--json").stdout)["anomalies"]
+        assert [(a["kind"], a["series"], a["run_id"]) for a in found] == [
+            ("regression", f"e2e-bench:latency_ms{{cwd={ROOT},model=e2e}}@cpu", run_id)]  # submit adds cwd
+        replayed = [json.loads(x)["event"]["type"] for x in system.dtf("replay", "--json").stdout.splitlines()]
+        assert replayed.count("RegressionDetected") == 1
+    finally:
+        assert system.stop() == 0
