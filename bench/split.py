@@ -67,7 +67,8 @@ async def per_shard_overhead(root: Path, shards: list[list[str]], scratch: Path)
     try:
         started = time.perf_counter()
         for i, ids in enumerate(shards):
-            result = await run_attempt(spec(ids), root, scratch / f"warm-{i}", launch=pool.launcher("bench", spec(ids)))
+            launch = pool.launcher("bench", spec(ids))
+            result = await run_attempt(spec(ids), root, scratch / f"warm-{i}", launch=launch)
             assert result.outcome == "passed", result.output_tail
         hot = time.perf_counter() - started
     finally:
@@ -140,7 +141,8 @@ def timed(argv: list[str], cwd: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=60)
     parser.add_argument("--tests", type=int, default=8, help="tests per file")
     parser.add_argument("--shards", type=int, default=12, help="shards for part A")
@@ -170,12 +172,14 @@ def main() -> None:
             cold_run, _ = system.submit(suite, "--split", "2", "--cold")
         finally:
             system.stop()
-        print(f"B. pytest serial {serial:.2f}s, pytest -n 2 {xdist:.2f}s; lower bound (recorded test time / 2) "
-              f"{bound:.2f}s")
+        print(f"B. pytest serial {serial:.2f}s, pytest -n 2 {xdist:.2f}s; "
+              f"lower bound (recorded test time / 2) {bound:.2f}s")
         print(f"   dtf --split 2: first run {first:.2f}s, warm history {warm_run:.2f}s, warm history --cold "
               f"{cold_run:.2f}s")
-        print(f"   ratios: dtf first / xdist = {first / xdist:.2f}, dtf warm / xdist = {warm_run / xdist:.2f}, "
-              f"dtf warm / lower bound = {warm_run / bound:.2f}, dtf --cold / dtf warm = {cold_run / warm_run:.2f}")
+        print(f"   ratios: dtf first / xdist = {first / xdist:.2f}, "
+              f"dtf warm / xdist = {warm_run / xdist:.2f}, "
+              f"dtf warm / lower bound = {warm_run / bound:.2f}, "
+              f"dtf --cold / dtf warm = {cold_run / warm_run:.2f}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ work once it is assigned. The coordinator hands out tasks in submission order to
 worker has a free slot, so a queue of ever smaller shards *is* work stealing: a worker whose core
 shard ran long simply takes fewer tail shards, and the last shard anyone starts is small. With
 exact estimates the simulated pull schedule is within (1 + (1-CORE_FRACTION)/2) of the lower bound
-plus one unit and `min_shard_s` (`tests/test_split.py` checks it with 4/3). Smaller shards cost a dispatch and, on a
-worker without a warm pytest process, an interpreter start and a collection each; `min_shard_s`
-bounds that overhead.
+plus one unit and `min_shard_s` (`tests/test_split.py` checks it with 4/3). Smaller shards cost a
+dispatch and, on a worker without a warm pytest process, an interpreter start and a collection each;
+`min_shard_s` bounds that overhead.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def match_history(nodeids: Iterable[str], history: Mapping[str, float]) -> dict[
     return found
 
 
-def estimates(nodeids: Sequence[str], known: Mapping[str, float], prior_s: float = PRIOR_S) -> dict[str, float]:
+def estimates(nodeids: Sequence[str], known: Mapping[str, float],
+              prior_s: float = PRIOR_S) -> dict[str, float]:
     """Every node id's expected duration: its own when known, else the median of the known tests in
     its file, else of the suite, else `prior_s`."""
     per_file: dict[str, list[float]] = {}
@@ -122,7 +123,8 @@ def units(nodeids: Sequence[str], durations: Mapping[str, float], group: Group, 
             result.append(unit)
             continue
         for part in _grouped(unit.nodeids, durations, class_of):
-            result.extend([part] if part.estimate_s <= limit else _grouped(part.nodeids, durations, lambda n: n))
+            by_test = part.estimate_s > limit
+            result.extend(_grouped(part.nodeids, durations, lambda n: n) if by_test else [part])
     return result
 
 
@@ -145,16 +147,17 @@ def pack(items: Sequence[Unit], slots: int, *, min_shard_s: float = MIN_SHARD_S,
         return [_shard(ranked, order)] if ranked else []
     target = core_fraction * total / slots
     core: list[list[Unit]] = [[] for _ in range(slots)]
-    loads = [(0.0, i) for i in range(slots)]  # a heap of (load, shard index)
+    loads = [(0.0, 0, i) for i in range(slots)]  # a heap of (load, units, shard index)
     rest: list[Unit] = []
     for unit in ranked:
-        load, index = loads[0]
-        if load >= target:  # every core shard is full: this unit and all shorter ones go to the tail
+        load, count, index = loads[0]
+        if load >= target and count:  # every core shard is full: this and all shorter units go to the tail
             rest.append(unit)
             continue
         core[index].append(unit)
-        heapq.heapreplace(loads, (load + unit.estimate_s, index))
-    shards = sorted((_shard(units_, order) for units_ in core if units_), key=lambda s: (-s.estimate_s, s.nodeids))
+        heapq.heapreplace(loads, (load + unit.estimate_s, count + 1, index))
+    shards = sorted((_shard(members, order) for members in core if members),
+                    key=lambda s: (-s.estimate_s, s.nodeids))
     return shards + _tail(rest, slots, min_shard_s, order)
 
 

@@ -21,9 +21,10 @@ def con():
 def record(con, task_id, nodeid, outcome, duration_s, minute, project="team-a"):
     con.execute("INSERT INTO tasks (task_id, run_id, project) SELECT $t, $t, $p WHERE NOT EXISTS "
                 "(SELECT 1 FROM tasks WHERE task_id = $t)", {"t": task_id, "p": project})
-    con.execute("INSERT INTO test_results (run_id, task_id, attempt, worker_id, nodeid, outcome, duration_s, time)"
-                " VALUES ($t, $t, 1, 'w', $n, $o, $d, $time)",
-                {"t": task_id, "n": nodeid, "o": outcome, "d": duration_s, "time": T0 + timedelta(minutes=minute)})
+    con.execute("INSERT INTO test_results (run_id, task_id, attempt, worker_id, nodeid, outcome, duration_s,"
+                " time) VALUES ($t, $t, 1, 'w', $n, $o, $d, $time)",
+                {"t": task_id, "n": nodeid, "o": outcome, "d": duration_s,
+                 "time": T0 + timedelta(minutes=minute)})
 
 
 def ask(con, request):

@@ -6,7 +6,7 @@ import itertools
 
 import click
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dtf import split
@@ -50,7 +50,8 @@ def test_a_class_or_file_is_never_split_across_shards(suite, slots, group):
 @given(suites_with_history(), slot_counts, groups)
 def test_the_same_input_gives_the_same_shards(suite, slots, group):
     ids, history = suite
-    assert split.plan(ids, history, slots, group=group) == split.plan(list(ids), dict(history), slots, group=group)
+    again = split.plan(list(ids), dict(history), slots, group=group)
+    assert split.plan(ids, history, slots, group=group) == again
 
 
 @given(suites_with_history(), slot_counts)
@@ -72,6 +73,7 @@ def test_pulling_the_shards_in_order_ends_within_four_thirds_of_the_lower_bound_
     assert makespan <= bound + 1e-9
 
 
+@example([0.0, 0.0], 2)  # nothing estimated still makes a shard per worker
 @given(st.lists(durations, min_size=1, max_size=80), st.integers(min_value=2, max_value=9))
 def test_tail_shards_get_smaller_so_the_queue_steals_work_at_the_end(lengths, slots):
     units = [split.Unit(f"u{i}", (f"t.py::u{i}",), d) for i, d in enumerate(lengths)]
@@ -85,7 +87,8 @@ def test_tail_shards_get_smaller_so_the_queue_steals_work_at_the_end(lengths, sl
 
 
 def test_a_long_file_is_cut_by_class_and_test_only_under_auto_and_only_when_it_would_hurt_the_balance():
-    ids = [f"test_big.py::TestSlow::test_{i}" for i in range(4)] + ["test_small.py::test_x", "test_small.py::test_y"]
+    ids = [*(f"test_big.py::TestSlow::test_{i}" for i in range(4)), "test_small.py::test_x",
+           "test_small.py::test_y"]
     history = {**{n: 10.0 for n in ids[:4]}, "test_small.py::test_x": 1.0, "test_small.py::test_y": 1.0}
     by_file = split.plan(ids, history, 2, group="file")
     assert any(set(ids[:4]) <= set(s.nodeids) for s in by_file)
@@ -106,7 +109,8 @@ def test_history_recorded_relative_to_another_rootdir_still_matches_the_longest_
 def test_an_unknown_test_is_estimated_from_its_file_then_the_suite_then_the_prior():
     ids = ["a.py::known", "a.py::new", "b.py::new", "c.py::x"]
     known = {"a.py::known": 4.0, "c.py::x": 2.0}
-    assert split.estimates(ids, known) == {"a.py::known": 4.0, "a.py::new": 4.0, "b.py::new": 3.0, "c.py::x": 2.0}
+    assert split.estimates(ids, known) == {
+        "a.py::known": 4.0, "a.py::new": 4.0, "b.py::new": 3.0, "c.py::x": 2.0}
     assert split.estimates(["z.py::t"], {}) == {"z.py::t": split.PRIOR_S}
 
 
@@ -124,8 +128,9 @@ def test_history_balances_a_suite_the_prior_cannot():
 
 
 def test_the_collected_node_ids_are_the_lines_before_pytests_summary():
-    output = "tests/test_a.py::test_x\ntests/test_a.py::T::test_y[1-2]\ntest_doc.txt\n\n3 tests collected in 0.01s\n"
-    assert parse_collection(output) == ["tests/test_a.py::test_x", "tests/test_a.py::T::test_y[1-2]", "test_doc.txt"]
+    ids = ["tests/test_a.py::test_x", "tests/test_a.py::T::test_y[1-2]", "test_doc.txt"]
+    output = "\n".join(ids) + "\n\n3 tests collected in 0.01s\n"
+    assert parse_collection(output) == ids
 
 
 def test_split_takes_auto_or_a_positive_number_of_slots():

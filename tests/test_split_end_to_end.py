@@ -116,8 +116,9 @@ def test_a_submitter_splits_by_its_own_history_and_must_name_the_slots(suite, tm
     for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA"):
         env.pop(name, None)
     up = subprocess.Popen(  # with auth, unlike the `system` fixture
-        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
-         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
+        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"),
+         "--nats-port", "0", "--no-dashboard"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
     try:
         url = up.stdout.readline().strip().split("=", 1)[1]
 

@@ -198,7 +198,8 @@ def test_only_split_shards_that_want_it_and_do_not_use_xdist_go_warm():
     assert warm.suite_of(shard(["a.py::t"])) == ["."]
     assert warm.suite_of(shard(["a.py::t"], warm_wanted=False)) is None
     assert warm.suite_of(TaskSpec(type="test", config={"paths": ["a.py"]})) is None
-    xdist = TaskSpec(type="test", config={"paths": ["a.py::t"], "split": {"suite": ["."]}, "pytest_args": ["-n", "2"]})
+    xdist = TaskSpec(type="test", config={"paths": ["a.py::t"], "split": {"suite": ["."]},
+                                          "pytest_args": ["-n", "2"]})
     assert warm.suite_of(xdist) is None
 
 

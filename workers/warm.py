@@ -86,7 +86,8 @@ class Replies:
             at = self.pending.find(self.marker)
             if at < 0:  # hold back only a tail that may be the start of a marker cut across chunks
                 start = self.pending.rfind(b"\n", max(len(self.pending) - len(self.marker) + 1, 0))
-                cut = start if start >= 0 and self.marker.startswith(self.pending[start:]) else len(self.pending)
+                held = start >= 0 and self.marker.startswith(self.pending[start:])
+                cut = start if held else len(self.pending)
                 output += self.pending[:cut]
                 self.pending = self.pending[cut:]
                 return output, replies
@@ -165,12 +166,14 @@ class WarmProcess:
             for reply in replies:
                 self.queue.put_nowait(reply)
 
-    async def next_reply(self, deadline: float, cancel: asyncio.Event) -> dict | Literal["timeout", "cancel", "exit"]:
+    async def next_reply(self, deadline: float,
+                         cancel: asyncio.Event) -> dict | Literal["timeout", "cancel", "exit"]:
         getting = asyncio.ensure_future(self.queue.get())
         cancelled = asyncio.ensure_future(cancel.wait())
         try:
             assert self.exited is not None
-            done, _ = await asyncio.wait({getting, cancelled, self.exited}, return_when=asyncio.FIRST_COMPLETED,
+            done, _ = await asyncio.wait({getting, cancelled, self.exited},
+                                         return_when=asyncio.FIRST_COMPLETED,
                                          timeout=max(deadline - time.monotonic(), 0))
             if getting in done:
                 return getting.result()
@@ -264,8 +267,9 @@ class WarmPool:
 
         return launch
 
-    async def _serve(self, key: tuple, suite: list[str], nodeids: list[str], cwd: Path, env: Mapping[str, str],
-                     sink: LogSink, timeout: float, cancel: asyncio.Event) -> ProcessResult:
+    async def _serve(self, key: tuple, suite: list[str], nodeids: list[str], cwd: Path,
+                     env: Mapping[str, str], sink: LogSink, timeout: float,
+                     cancel: asyncio.Event) -> ProcessResult:
         await self._reap()
         started = time.monotonic()
         deadline = started + timeout
@@ -292,7 +296,8 @@ class WarmPool:
                 return await self._ended(warm, reply, sink, started)
             if reply.get("missing"):
                 raise NotServed(f"not collected by it: {', '.join(reply['missing'][:3])}")
-            return ProcessResult(reply.get("exitstatus", 3), "exit", time.monotonic() - started, warm.proc.pid)
+            elapsed = time.monotonic() - started
+            return ProcessResult(reply.get("exitstatus", 3), "exit", elapsed, warm.proc.pid)
         finally:
             warm.sink = None
             warm.busy = False
@@ -320,7 +325,8 @@ class WarmPool:
             code = warm.proc.returncode
             sink.note(f"the warm pytest process exited (code {code}) in the middle of the shard")
             # 0 or 1 would read as "tests passed/failed"; a process that died mid-shard is an error
-            return ProcessResult(3 if code in (0, 1) else code, "exit", time.monotonic() - started, warm.proc.pid)
+            elapsed = time.monotonic() - started
+            return ProcessResult(3 if code in (0, 1) else code, "exit", elapsed, warm.proc.pid)
         return ProcessResult(warm.proc.returncode, "timeout" if how == "timeout" else "cancel",
                              time.monotonic() - started, warm.proc.pid)
 
@@ -334,7 +340,8 @@ class WarmPool:
     async def _reap(self) -> None:
         """Stop processes idle for `idle_s`, and remove run workspaces nothing has used for as long."""
         now = time.monotonic()
-        for warm in [w for w in self.processes if not w.busy and (not w.alive or now - w.last_used > self.idle_s)]:
+        idle = [w for w in self.processes if not w.busy and (not w.alive or now - w.last_used > self.idle_s)]
+        for warm in idle:
             await self._discard(warm)
         for key, used in list(self.workspace_used.items()):
             path = self.workspaces[key]

@@ -136,5 +136,6 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
     matched = len(split.match_history(nodeids, known))
     click.echo(f"dtf: split {len(nodeids)} tests into {len(planned)} shards for {slots} slots "
                f"({matched} with history, ~{sum(s.estimate_s for s in planned):.1f}s estimated)", err=True)
-    marked = msgspec.structs.replace(base, config={**base.config, "split": {"suite": args, "warm": request.warm}})
+    config = {**base.config, "split": {"suite": args, "warm": request.warm}}
+    marked = msgspec.structs.replace(base, config=config)
     return marked, [list(s.nodeids) for s in planned]
