@@ -106,6 +106,7 @@ class WorkerAgent:
             for task in owned:
                 task.cancel()
             await asyncio.gather(*owned, return_exceptions=True)
+            await self.ctx.warm.close()  # warm pytest processes and their workspace copies
             for sub in (cancellations, preemptions, self._sub):
                 if sub is not None:
                     with contextlib.suppress(Exception):

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Literal
 
 from dtf.spec import TaskSpec, test_args
+from dtf.workers import process
 from dtf.workers.process import (
     KILL_GRACE_S, PIPE_DRAIN_S, READ_CHUNK, LogSink, ProcessResult, _open_output_pipe, _signal_group,
     _stop_group, run_process,
@@ -140,7 +141,7 @@ class WarmProcess:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env={**env, TOKEN_ENV: token, REQUEST_FD_ENV: str(request_read)},
                 stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, pass_fds=(request_read,),
-                start_new_session=True,
+                start_new_session=True, preexec_fn=process.task_limits.apply,  # the limits a cold task gets
             )
         except BaseException:
             transport.close()
