@@ -108,6 +108,7 @@ STRATEGIES: dict[type[ev.Event], st.SearchStrategy[ev.Event]] = {
     ev.TaskFailed: st.builds(ev.TaskFailed, **attempt, category=st.sampled_from(get_args(ev.ErrorCategory)),
                              reason=texts),
     ev.TaskReleased: st.builds(ev.TaskReleased, **attempt, reason=texts),
+    ev.TaskPreempted: st.builds(ev.TaskPreempted, **attempt, by_task=tokens, reason=texts),
     ev.TaskCancelled: st.builds(ev.TaskCancelled, **task, reason=texts, by=st.just("") | tokens),
     ev.TaskRejected: st.builds(ev.TaskRejected, **task, reason=texts, raw=texts, source_subject=texts,
                                source_seq=st.integers(0, 2**63 - 1)),

@@ -255,7 +255,7 @@ def test_silent_workers_are_declared_lost_and_attempts_on_gone_workers_are_faile
 
 
 ORDER = [ev.WorkerLost, ev.TaskFailed, ev.TaskRejected, ev.TaskCancelled, ev.TaskUnschedulable,
-         ev.TaskDeadlineMissed, ev.TaskAssigned]
+         ev.TaskDeadlineMissed, ev.TaskAssigned, ev.TaskPreempted]
 
 
 @CLUSTERS

@@ -34,6 +34,7 @@ SAMPLES: list[ev.Event] = [
                       metrics={"throughput": 12.5}, labels={"model": "bert"}, output_tail="ok", log_ref="logs/1"),
     ev.TaskFailed(id="f1", **ATTEMPT, category="network", reason="connection reset"),
     ev.TaskReleased(id="rel1", **ATTEMPT, reason="draining"),
+    ev.TaskPreempted(id="preempt-t1-1", **ATTEMPT, by_task="t2", reason="preempted for t2 (priority 1 over 5)"),
     ev.TaskCancelled(id="c1", time=T0, run_id="r1", task_id="t1", reason="user", by="alice"),
     ev.TaskRejected(id="rej1", time=T0, run_id="r1", task_id="t1", reason="bad", raw="{",
                     source_subject="dtf.task.r1.t1.submitted.alice", source_seq=7),

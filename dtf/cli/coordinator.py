@@ -134,19 +134,24 @@ class Coordinator:
     async def _decide_loop(self) -> None:
         await self.caught_up.wait()
         while True:
-            try:
-                await asyncio.wait_for(self.changed.wait(), self.tick)
-            except TimeoutError:
-                pass
+            await self._news_or_tick()
             self.changed.clear()
             highest = await self._publish_decisions()
             # Decide again only on a state that includes our own writes (or others' that beat them).
             while highest and self.fold.last_seq < highest:
                 self.changed.clear()
-                try:
-                    await asyncio.wait_for(self.changed.wait(), self.tick)
-                except TimeoutError:
+                if not await self._news_or_tick():
                     break
+
+    async def _news_or_tick(self) -> bool:
+        """Wait for news, at most a tick; whether news came. (asyncio.timeout, not wait_for: on
+        Python 3.11 wait_for can swallow a cancellation that lands as the event is set.)"""
+        try:
+            async with asyncio.timeout(self.tick):
+                await self.changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _publish_decisions(self) -> int:
         """Publish this round's decisions, pipelined (each concerns its own task subject, so their
