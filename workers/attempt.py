@@ -158,10 +158,12 @@ async def still_current(ctx: Context, attempt: Attempt) -> str | None:
             return None
         if supersedes(event, a):
             return _moved_on(event, last.seq)
-    async for stored in bus.read(ctx.js, topology.EVENTS, [task_subjects], start_seq=attempt.seq + 1):
-        event = _admitted(stored.subject, stored.data)
-        if event is not None and supersedes(event, a):
-            return _moved_on(event, stored.seq)
+    reader = bus.read(ctx.js, topology.EVENTS, [task_subjects], start_seq=attempt.seq + 1)
+    async with contextlib.aclosing(reader) as stored_messages:  # its consumer goes now, not at GC
+        async for stored in stored_messages:
+            event = _admitted(stored.subject, stored.data)
+            if event is not None and supersedes(event, a):
+                return _moved_on(event, stored.seq)
     return None
 
 

@@ -4,6 +4,7 @@ model; `dtf results` is in commands_results), `dtf replay` (straight from the ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,11 +157,12 @@ async def _replay(task_id, until_time, upto_seq, db_path, as_json, nats_url, cre
             return
         filters = [subjects.task_any_run(task_id)] if task_id else [subjects.TASKS, subjects.WORKERS]
         cutoff = Cutoff(upto_seq, until_time)
-        async for msg in bus.read(js, topology.EVENTS, filters):
-            if cutoff.ends_before(msg.seq, msg.data):
-                break
-            line = replay_line(msg)
-            click.echo(json.dumps(line) if as_json else human_line(line))
+        async with contextlib.aclosing(bus.read(js, topology.EVENTS, filters)) as messages:
+            async for msg in messages:  # (closed before the connection drains, which would wait for it)
+                if cutoff.ends_before(msg.seq, msg.data):
+                    break
+                line = replay_line(msg)
+                click.echo(json.dumps(line) if as_json else human_line(line))
 
 
 @click.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -399,13 +400,15 @@ async def _follow_live(nc, js, task_id: str) -> None:
 
     live = await nc.subscribe(subjects.live_log(task_id), cb=show)
     try:
-        async for msg in bus.read(js, topology.EVENTS, [subjects.task_any_run(task_id)], follow=True):
-            try:
-                event = ev.decode(msg.data)
-            except ev.DecodeError:
-                continue
-            if isinstance(event, (ev.ResultReported, ev.TaskCancelled, ev.TaskRejected)):
-                return
+        reader = bus.read(js, topology.EVENTS, [subjects.task_any_run(task_id)], follow=True)
+        async with contextlib.aclosing(reader) as messages:  # closed before the connection drains
+            async for msg in messages:
+                try:
+                    event = ev.decode(msg.data)
+                except ev.DecodeError:
+                    continue
+                if isinstance(event, (ev.ResultReported, ev.TaskCancelled, ev.TaskRejected)):
+                    return
     finally:
         await live.unsubscribe()
 
