@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from nats.js.api import StreamConfig
@@ -41,6 +43,26 @@ def free_port() -> int:
 def start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dtf", *args], stdout=subprocess.PIPE,
                             stderr=log.open("ab"), env=env, text=True)
+
+
+@contextlib.contextmanager
+def local_system(scratch: Path, workers: int, concurrency: int) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """`dtf up` without its own workers (no auth, no dashboard) and `workers` bench workers: the URL and
+    every process (for CPU accounting); all stopped with SIGTERM afterwards."""
+    env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
+    up = start(["up", "--workers", "0", "--data-dir", str(scratch / "d"), "--nats-port", str(free_port()),
+                "--no-dashboard", "--no-auth"], scratch / "up.log", env)
+    url = up.stdout.readline().strip().split("=", 1)[1]
+    processes = [start(["worker", "--nats", url, "--id", f"bench-{i}", "--concurrency", str(concurrency),
+                        "--cache-dir", str(scratch / "cache")], scratch / f"worker{i}.log", env)
+                 for i in range(workers)]
+    try:
+        yield url, [*processes, up]
+    finally:
+        for process in [*processes, up]:
+            process.send_signal(signal.SIGTERM)
+        for process in [*processes, up]:
+            process.wait(60)
 
 
 async def end_to_end(url: str, tasks: int) -> float:
@@ -108,22 +130,10 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=20_000, help="extra events to replay")
     opts = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="dtf-bench-"))
-    env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
-    up = start(["up", "--workers", "0", "--data-dir", str(scratch / "d"), "--nats-port", str(free_port()),
-                "--no-dashboard", "--no-auth"], scratch / "up.log", env)
-    url = up.stdout.readline().strip().split("=", 1)[1]
-    workers = [start(["worker", "--nats", url, "--id", f"bench-{i}", "--concurrency", str(opts.concurrency),
-                      "--cache-dir", str(scratch / "cache")], scratch / f"worker{i}.log", env)
-               for i in range(opts.workers)]
-    try:
+    with local_system(scratch, opts.workers, opts.concurrency) as (url, _):
         e2e = asyncio.run(end_to_end(url, opts.tasks))
         raw = asyncio.run(raw_rates(url, opts.tasks * 4))
         replay = asyncio.run(replay_rates(url, scratch, opts.history))
-    finally:
-        for process in [*workers, up]:
-            process.send_signal(signal.SIGTERM)
-        for process in [*workers, up]:
-            process.wait(60)
     results = {"end-to-end no-op tasks/s": e2e, **raw, **replay}
     width = max(map(len, results))
     for name, value in results.items():

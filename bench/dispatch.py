@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -31,7 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
-from core import free_port, start
+from core import local_system
 from nats.js.api import StreamConfig
 
 from dtf import events as ev
@@ -210,21 +208,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="submissions per second in the latency phase")
     opts = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="dtf-dispatch-"))
-    env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
-    up = start(["up", "--workers", "0", "--data-dir", str(scratch / "d"), "--nats-port", str(free_port()),
-                "--no-dashboard", "--no-auth"], scratch / "up.log", env)
-    url = up.stdout.readline().strip().split("=", 1)[1]
-    workers = [start(["worker", "--nats", url, "--id", f"bench-{i}", "--concurrency", str(opts.concurrency),
-                      "--cache-dir", str(scratch / "cache")], scratch / f"worker{i}.log", env)
-               for i in range(opts.workers)]
-    try:
+    with local_system(scratch, opts.workers, opts.concurrency) as (url, processes):
         results = asyncio.run(measure(url, opts))
-        cpu = cpu_seconds([up, *workers])
-    finally:
-        for process in [*workers, up]:
-            process.send_signal(signal.SIGTERM)
-        for process in [*workers, up]:
-            process.wait(60)
+        cpu = cpu_seconds(processes)
     small, large = round_cost(10), round_cost(opts.tasks)
     results |= {"decide ms/round, 10 queued": 1000 * small, f"decide ms/round, {opts.tasks} queued": 1000 * large,
                 "decide round: long queue / short queue": large / small}
