@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dtf import subjects
-from dtf.cli.commands_query import ask, cell
+from dtf.cli.commands_query import cell, query
 from dtf.cli.common import CliError, connected, nats_options, parse_pairs, serve_with_nats
 from dtf.streams import bus, topology
 
@@ -54,12 +54,7 @@ def anomalies(series: str | None, run_id: str | None, kind: str | None, as_json:
               nats_url: str | None, creds: str | None) -> None:
     """List the regressions and anomalies the detector found, newest first (from the read model)."""
     request = {k: v for k, v in {"series": series, "run_id": run_id, "kind": kind}.items() if v}
-
-    async def main() -> list[dict]:
-        async with connected(nats_url, creds, "dtf-anomalies") as nc:
-            return await ask(nc, "anomalies", request)
-
-    rows = asyncio.run(main())
+    rows = query("anomalies", request, nats_url, creds)
     if as_json:
         click.echo(json.dumps({"anomalies": rows}))
         return

@@ -55,6 +55,15 @@ async def ask(nc, name: str, request: dict) -> list[dict]:
     return rows
 
 
+def query(name: str, request: dict, nats_url: str | None, creds: str | None) -> list[dict]:
+    """A CLI command's one read-model query: connect, ask (every page), disconnect."""
+    async def main() -> list[dict]:
+        async with connected(nats_url, creds, f"dtf-{name}") as nc:
+            return await ask(nc, name, request)
+
+    return asyncio.run(main())
+
+
 def cell(value) -> str:
     if value is None:
         return "-"
@@ -71,13 +80,7 @@ def query_command(name: str, doc: str, with_run: bool) -> click.Command:
     @nats_options
     @click.option("--json", "as_json", is_flag=True, help=f'Print {{"{name}": [...]}} on stdout.')
     def command(as_json: bool, nats_url: str | None, creds: str | None, run_id: str | None = None) -> None:
-        request = {"run_id": run_id} if run_id else {}
-
-        async def main() -> list[dict]:
-            async with connected(nats_url, creds, f"dtf-{name}") as nc:
-                return await ask(nc, name, request)
-
-        rows = asyncio.run(main())
+        rows = query(name, {"run_id": run_id} if run_id else {}, nats_url, creds)
         if as_json:
             click.echo(json.dumps({name: rows}))
             return

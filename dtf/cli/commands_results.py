@@ -20,7 +20,7 @@ from rich.table import Table
 
 from dtf import subjects
 from dtf.cli import submit as sub
-from dtf.cli.commands_query import QUERY_TIMEOUT_S, ask, cell
+from dtf.cli.commands_query import QUERY_TIMEOUT_S, ask, cell, query
 from dtf.cli.common import CliError, connected, nats_options
 from dtf.projections import aggregate, report, report_html, report_junit
 from dtf.state import TaskState
@@ -144,13 +144,7 @@ def results(run_id: str | None, group_by: tuple[str, ...], metric: str | None, k
                     "until": parse_time(until, now, "--until").isoformat() if until else None,
                     "window_s": parse_duration(window, "--window") if window else None}
         request = {k: v for k, v in request.items() if v is not None}
-    name = "aggregate" if aggregating else "results"
-
-    async def main() -> list[dict]:
-        async with connected(nats_url, creds, "dtf-results") as nc:
-            return await ask(nc, name, request)
-
-    rows = asyncio.run(main())
+    rows = query("aggregate" if aggregating else "results", request, nats_url, creds)
     if as_csv or parquet is not None:
         write_rows(rows, as_csv, parquet)
         if as_csv:
@@ -176,12 +170,7 @@ def flaky(since: str | None, branch: str | None, as_json: bool, nats_url: str | 
     """Tests that both passed and failed on the same commit and hardware, most flip-prone first."""
     request = {k: v for k, v in (("since", parse_time(since, datetime.now(UTC), "--since").isoformat()
                                   if since else None), ("branch", branch)) if v is not None}
-
-    async def main() -> list[dict]:
-        async with connected(nats_url, creds, "dtf-flaky") as nc:
-            return await ask(nc, "flaky", request)
-
-    rows = asyncio.run(main())
+    rows = query("flaky", request, nats_url, creds)
     if as_json:
         click.echo(json.dumps({"flaky": rows}))
         return
