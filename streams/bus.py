@@ -131,6 +131,8 @@ async def read(
             await sub.unsubscribe()
 
 
+PLACEMENT_CHECK_S = 1.0
+"""How long a new ordered consumer may take to describe itself before we try another."""
 PLACEMENT_TRIES = 20
 """Ordered consumers created before giving up on placing one beside the stream leader: on three
 nodes each lands there with chance 1/3, so twenty tries all miss once in ~3,000 follows."""
@@ -148,9 +150,13 @@ async def subscribe_ordered(js: JetStreamContext, stream: str, filters: list[str
             pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024,
         )
         try:
-            info = await sub.consumer_info()
+            # A consumer the server placed on a node that just died never answers: try another.
+            info = await asyncio.wait_for(sub.consumer_info(), PLACEMENT_CHECK_S) if near_leader and tries_left \
+                else await sub.consumer_info()
             if not near_leader or tries_left == 0 or await _beside_leader(js, stream, info):
                 return sub, info
+        except TimeoutError:
+            pass
         except BaseException:
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
