@@ -68,10 +68,13 @@ class TaskSubmitted(TaskEvent, tag=True, kw_only=True):
 
 
 class TaskAssigned(AttemptEvent, tag=True, kw_only=True):
-    """The coordinator gives attempt N of a task to one worker; the spec travels with it."""
+    """The coordinator gives attempt N of a task to one worker; the spec travels with it, and whose
+    task it is (so the worker can tell a cancel with authority from a forged one; "" in
+    assignments made before the field existed: any cancel goes)."""
 
     coordinator: str
     spec: TaskSpec
+    submitter: str = ""
 
 
 class TaskStarted(AttemptEvent, tag=True, kw_only=True):
@@ -133,6 +136,10 @@ class TaskPreempted(AttemptEvent, tag=True, kw_only=True):
 
 
 class TaskCancelled(TaskEvent, tag=True, kw_only=True):
+    """Stop a task. `by` (the subject's party) must be the task's submitter, or the coordinator (a
+    failed dependency); any other cancel is set aside with its reason. An operator cancelling on a
+    submitter's behalf publishes as that submitter (admins may) and names itself in `reason`."""
+
     reason: str = ""
     by: str = ""
 

@@ -24,7 +24,7 @@ import msgspec
 from dtf import events as ev
 from dtf import subjects
 from dtf.spec import Requirements
-from dtf.state import ACTIVE, TERMINAL, Fold, TaskState, WorkerState, queue_order
+from dtf.state import ACTIVE, TERMINAL, Fold, TaskState, WorkerState
 
 HEARTBEAT_TIMEOUT_S = 15.0
 """Default: three missed heartbeats at the worker's default 5 s interval."""
@@ -279,7 +279,7 @@ def _assigned(task: TaskState, worker_id: str, now: datetime, coordinator: str) 
     attempt = task.attempt + 1
     return ev.TaskAssigned(
         id=f"assign-{task.task_id}-{attempt}", time=now, run_id=task.run_id, task_id=task.task_id,
-        attempt=attempt, worker_id=worker_id, coordinator=coordinator, spec=task.spec,
+        attempt=attempt, worker_id=worker_id, coordinator=coordinator, spec=task.spec, submitter=task.submitter,
     )
 
 

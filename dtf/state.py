@@ -452,8 +452,9 @@ class Fold:
         return Applied(event, None)
 
     def _conflict(self, event: ev.Event) -> str | None:
-        """A second submission of a task id that is taken, under another run or as another event; or
-        a new submission whose dependencies would close a cycle with the tasks known so far."""
+        """A second submission of a task id that is taken, under another run or as another event; a
+        new submission whose dependencies would close a cycle with the tasks known so far; or a cancel
+        without authority over the task (see `subjects.may_cancel`)."""
         if isinstance(event, ev.TaskSubmitted) and event.task_id in self.tasks:
             known = self.tasks[event.task_id]
             if known.run_id != event.run_id or known.submitted_at != event.time:
@@ -462,6 +463,9 @@ class Fold:
             cycle = dependency_cycle(event.task_id, event.spec.dependencies, self.tasks)
             if cycle:
                 return f"dependency cycle: {' -> '.join(cycle)}"
+        elif isinstance(event, ev.TaskCancelled) and (task := self.tasks.get(event.task_id)) is not None \
+                and not subjects.may_cancel(event.by, task.submitter):
+            return f"{event.by} may not cancel task {event.task_id} of {task.submitter}"
         return None
 
     def _set_aside(self, seq: int, subject: str, data: bytes, reason: str) -> Applied:

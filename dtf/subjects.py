@@ -126,6 +126,12 @@ def party_of(event: ev.Event) -> str:
     return COORDINATOR
 
 
+def may_cancel(by: str, submitter: str) -> bool:
+    """Whether a cancel published as `by` has authority over a task of `submitter`: its submitter's
+    own, or the coordinator's (a failed dependency). An unknown submitter ("") cannot be checked."""
+    return by in ("", COORDINATOR, submitter) or not submitter
+
+
 def subject_for(event: ev.Event) -> str:
     """The one subject an event belongs on; the same function for every publisher."""
     if isinstance(event, ev.TaskEvent):

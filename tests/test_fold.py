@@ -460,3 +460,20 @@ def test_evolve_is_pure_and_ignores_events_for_unknown_tasks():
     assert evolve_task(None, started) is None
     state = evolve_task(None, submitted())
     assert evolve_task(state, started) is state
+
+
+def test_a_cancel_counts_only_from_the_tasks_submitter_or_the_coordinator():
+    fold = Fold()
+    spec = TaskSpec(type="command", config={"command": "true"})
+    submitted = ev.TaskSubmitted(id="s1", time=T0, run_id=RUN, task_id="t1", submitter="alice", spec=spec)
+    fold.apply(subjects.subject_for(submitted), 1, ev.encode(submitted))
+    forged = ev.TaskCancelled(id="c1", time=T0, run_id=RUN, task_id="t1", by="mallory", reason="mine now")
+    applied = fold.apply(subjects.subject_for(forged), 2, ev.encode(forged))
+    assert applied.event is None and "mallory may not cancel task t1 of alice" in applied.invalid_reason
+    assert fold.tasks["t1"].status == "pending"
+    for seq, by in ((3, "alice"), (4, subjects.COORDINATOR)):
+        fresh = Fold()
+        fresh.apply(subjects.subject_for(submitted), 1, ev.encode(submitted))
+        own = ev.TaskCancelled(id=f"c{seq}", time=T0, run_id=RUN, task_id="t1", by=by)
+        assert fresh.apply(subjects.subject_for(own), seq, ev.encode(own)).event is not None
+        assert fresh.tasks["t1"].status == "cancelled"

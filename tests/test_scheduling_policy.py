@@ -17,7 +17,7 @@ from dtf import schedule, subjects
 from dtf.cli import progress
 from dtf.cli import submit as sub
 from dtf.spec import Requirements, SpecError, TaskSpec
-from dtf.state import Fold, dependency_cycle
+from dtf.state import Fold, dependency_cycle, queue_order
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 POLICY = schedule.Policy(heartbeat_timeout=timedelta(days=30))
@@ -204,7 +204,7 @@ def test_earliest_deadline_goes_first_among_equal_priority_and_priority_still_wi
             submitted("soon", at=T0 + timedelta(seconds=2), deadline=T0 + timedelta(hours=1)),
             submitted("urgent", at=T0 + timedelta(seconds=3), priority=1))
     ready = [t for t in log.fold.tasks.values()]
-    assert [t.task_id for t in sorted(ready, key=schedule.queue_order)] == ["urgent", "soon", "late", "none"]
+    assert [t.task_id for t in sorted(ready, key=queue_order)] == ["urgent", "soon", "late", "none"]
 
 
 @given(st.lists(st.tuples(st.integers(0, 2), st.none() | st.integers(0, 100)), min_size=1, max_size=10))

@@ -34,7 +34,7 @@ async def assign(js, task_id: str, spec: TaskSpec, worker_id: str = "w1", attemp
                  run_id: str = "r1") -> int:
     ack = await bus.publish(js, ev.TaskAssigned(
         id=f"assign-{task_id}-{attempt}", run_id=run_id, task_id=task_id, attempt=attempt,
-        worker_id=worker_id, coordinator="c", spec=spec))
+        worker_id=worker_id, coordinator="c", spec=spec, submitter="alice"))
     return ack.seq
 
 
@@ -253,6 +253,15 @@ async def test_a_cancelled_task_is_killed_and_reported_cancelled(nats_server, js
         await bus.publish(js, ev.TaskCancelled(run_id="r1", task_id="t1", by="alice", reason="changed my mind"))
         _, result = await wait_for(js, of(ev.ResultReported, "t1"))
     assert result.outcome == "cancelled"
+
+
+async def test_a_cancel_by_someone_other_than_the_submitter_kills_nothing(nats_server, js, tmp_path):
+    async with running_agent(nats_server, js, tmp_path):
+        await submit_and_assign(js, "t1", command("sleep 1; echo finished"))
+        await wait_for(js, of(ev.TaskStarted, "t1"))
+        await bus.publish(js, ev.TaskCancelled(run_id="r1", task_id="t1", by="mallory", reason="forged"))
+        _, result = await wait_for(js, of(ev.ResultReported, "t1"))
+    assert result.outcome == "passed" and "finished" in result.output_tail
 
 
 async def test_a_test_task_runs_in_a_private_copy_of_its_uploaded_workspace(nats_server, js, tmp_path):

@@ -229,6 +229,9 @@ class WorkerAgent:
         for attempt in list(self.attempts.values()):
             a = attempt.assignment
             if a.task_id == event.task_id and a.run_id == event.run_id:
+                if not subjects.may_cancel(event.by, a.submitter):
+                    log.warning("ignoring a cancel of %s by %s: it is %s's task", a.task_id, event.by, a.submitter)
+                    continue
                 log.info("cancelling %s/%s attempt %d: %s", a.run_id, a.task_id, a.attempt, event.reason)
                 attempt.cancel.set()
 

@@ -115,7 +115,7 @@ async def publish(js: JetStreamContext, event: ev.Event) -> None:
 def supersedes(event: ev.Event, a: ev.TaskAssigned) -> bool:
     """Whether an event on the task, stored after assignment `a`, means `a` must not run (now)."""
     if isinstance(event, ev.TaskCancelled):
-        return True
+        return subjects.may_cancel(event.by, a.submitter)
     if isinstance(event, ev.AttemptEvent):
         ended = isinstance(event, (ev.ResultReported, ev.TaskFailed, ev.TaskReleased))
         return event.attempt > a.attempt or (event.attempt == a.attempt and ended)

@@ -21,7 +21,9 @@ from dtf import split
 from dtf.cli import splitting
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
-from dtf.cli.common import CliError, acting_name, connected, nats_options, parse_pairs
+from dtf.cli.common import (
+    EXIT_PERMISSION, CliError, acting_name, connected, credential_identity, nats_options, parse_pairs,
+)
 from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json
 from dtf.state import Fold, TaskState
@@ -437,11 +439,19 @@ async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, cr
             fold.apply(msg.subject, msg.seq, msg.data)
         if not fold.tasks:
             raise CliError(f"nothing known as {target} in the event log")
-        by = acting_name(creds)
+        actor = acting_name(creds)
+        identity = credential_identity(creds)
+        as_submitter = identity is not None and identity.role == "submitter"
         open_tasks = [t for t in fold.tasks.values() if not t.terminal]
+        if as_submitter and (others := [t.task_id for t in open_tasks if t.submitter != actor]):
+            raise CliError(f"{actor} may cancel only its own tasks, not {', '.join(others[:5])}", EXIT_PERMISSION)
         for task in open_tasks:
+            # A cancel counts only as the task's submitter's (dtf.subjects.may_cancel): an operator
+            # with the right to publish for it does so, and names itself in the reason.
+            by = actor if as_submitter else task.submitter
+            why = reason if by == actor else f"{reason} (cancelled by {actor})".strip()
             event = ev.TaskCancelled(id=f"cancel-{task.task_id}-{by}", run_id=task.run_id, task_id=task.task_id,
-                                     reason=reason, by=by)
+                                     reason=why, by=by)
             try:
                 await bus.publish(js, event, expected_seq=fold.task_seq[(task.run_id, task.task_id)])
             except bus.Conflict:  # it moved on meanwhile: say so rather than guess
