@@ -134,10 +134,11 @@ class System:
         else:
             server_dir = self.data_dir / "nats"
             server_dir.mkdir(exist_ok=True)
-            config = server_dir / "nats-server.conf"
-            config.write_text("# written by dtf up at every start\n" + self._security_config(server_dir))
+            config, security = server_dir / "nats-server.conf", self._security_config(server_dir)
+            config.write_text("# written by dtf up at every start\n" + security)
+            # An empty config makes nats-server warn on the terminal: without auth and TLS, none.
             self.server = EmbeddedServer(server_dir, host=self.listen, port=self.nats_port,
-                                         extra_args=["-c", str(config)])
+                                         extra_args=["-c", str(config)] if security else [])
             await asyncio.to_thread(self.server.start)
         nc = await bus.connect(self.url, name="dtf-up", **options)
         try:
