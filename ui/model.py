@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from dtf import events as ev
-from dtf.schedule import queue_order
+from dtf.state import queue_order
 from dtf.spec import command_line, test_paths
 from dtf.state import QUEUED, TERMINAL, TaskState, WorkerState
 from dtf.ui.board import Alert, Board, ResultDetail, series_key
