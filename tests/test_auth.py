@@ -5,6 +5,7 @@ exit code 3; nothing already in the log changes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -368,14 +369,18 @@ async def test_a_worker_takes_its_id_from_its_credentials_and_refuses_another(se
         subprocess.Popen, [sys.executable, "-m", "dtf", "worker", "--cache-dir", str(secured_server.root / "c")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        registered = None
-        async for msg in bus.read(log_state.jetstream(), topology.EVENTS, ["dtf.worker.w2.registered"], follow=True):
-            registered = ev.decode(msg.data)
-            break
+        reader = bus.read(log_state.jetstream(), topology.EVENTS, ["dtf.worker.w2.registered"], follow=True)
+        async with contextlib.aclosing(reader) as messages:
+            registered = ev.decode((await anext(messages)).data)
         assert registered.worker_id == "w2"
     finally:
         worker.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(worker.wait, 60) == 0
+        try:
+            code = await asyncio.to_thread(worker.wait, 60)
+        except subprocess.TimeoutExpired:
+            worker.kill()  # never leave it behind
+            code = await asyncio.to_thread(worker.wait, 10)
+        assert code == 0
 
 
 async def test_a_submitter_reads_its_own_runs_and_no_one_elses(secured_server, log_state, tmp_path):
