@@ -96,18 +96,11 @@ class LiveView:
 
     async def run(self) -> None:
         async def stalled() -> bool:
-            return await _tail(self.js) > self.fold.last_seq
+            return await bus.tail(self.js, topology.EVENTS) > self.fold.last_seq
 
         async for msg in bus.follow(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS],
                                     lambda: {"start_seq": self.fold.last_seq + 1}, stalled):
             self.fold.apply(msg.subject, msg.seq, msg.data)
-
-
-async def _tail(js) -> int:
-    try:
-        return (await asyncio.wait_for(js.stream_info(topology.EVENTS), 2.0)).state.last_seq
-    except Exception:  # noqa: BLE001 - mid-election: ask again later
-        return 0
 
 
 class EventsProbe:
@@ -506,7 +499,7 @@ class Harness:
 
     async def history(self) -> list[Stored]:
         """DTF_EVENTS from seq 1 with each message's store time (an ordered consumer)."""
-        tail = await _tail(self.js)
+        tail = await bus.tail(self.js, topology.EVENTS)
         out: list[Stored] = []
         sub = await self.js.subscribe(subjects.TASKS, stream=topology.EVENTS, ordered_consumer=True,
                                       config=ConsumerConfig(filter_subjects=[subjects.TASKS, subjects.WORKERS]),

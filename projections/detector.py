@@ -167,10 +167,7 @@ async def _chunks(js: JetStreamContext, follower: Follower, batch: int) -> Async
     reaches the end of what is stored, and an empty batch each quiet second once caught up (so a
     failed publish is retried)."""
     async def stalled() -> bool:
-        try:
-            return (await asyncio.wait_for(js.stream_info(topology.EVENTS), 2.0)).state.last_seq > follower.last_seq
-        except (NatsError, JetStreamError, TimeoutError):
-            return False
+        return await bus.tail(js, topology.EVENTS) > follower.last_seq
 
     chunk: list[bus.StoredMsg] = []
     async for message in bus.follow(js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS],

@@ -173,6 +173,15 @@ async def _beside_leader(js: JetStreamContext, stream: str, info: ConsumerInfo) 
     return leader is None or not leader.leader or leader.leader == info.cluster.leader
 
 
+async def tail(js: JetStreamContext, stream: str, timeout: float = 2.0) -> int:
+    """The stream's last sequence, or 0 when it does not answer in time (mid-election): for stall
+    checks, where "cannot tell" must not count as "behind"."""
+    try:
+        return (await asyncio.wait_for(js.stream_info(stream), timeout)).state.last_seq
+    except (NatsError, JetStreamError, TimeoutError):
+        return 0
+
+
 async def follow(
     js: JetStreamContext, stream: str, filters: list[str], where: Callable[[], dict],
     stalled: Callable[[], Awaitable[bool]], *, check_s: float = 1.0, setup_s: float = 5.0, idle: bool = False,

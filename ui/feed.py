@@ -84,7 +84,7 @@ class Feed:
             self.caught_up.set()
         folded = 0
         async def stalled() -> bool:
-            return await self._tail(topology.EVENTS) > self.board.last_seq
+            return await bus.tail(self.js, topology.EVENTS) > self.board.last_seq
 
         async for message in bus.follow(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS],
                                         lambda: {"start_seq": self.board.last_seq + 1}, stalled):

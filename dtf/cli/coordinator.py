@@ -87,7 +87,7 @@ class Coordinator:
 
     async def _follow_events(self, start_tail: int) -> None:
         async def stalled() -> bool:
-            return await self._tail(topology.EVENTS) > self.fold.last_seq
+            return await bus.tail(self.js, topology.EVENTS) > self.fold.last_seq
 
         def where() -> dict:
             return {"start_seq": self.fold.last_seq + 1}
@@ -116,12 +116,6 @@ class Coordinator:
                 after = self.fold.workers.get(event.worker_id)
                 if before is None or after is None or before.status != after.status:
                     self.changed.set()  # a worker came back: it may take work now
-
-    async def _tail(self, stream: str) -> int:
-        try:
-            return (await asyncio.wait_for(self.js.stream_info(stream), 2.0)).state.last_seq
-        except (NatsError, JetStreamError, TimeoutError):
-            return 0
 
     async def _keep_leaders_together(self) -> None:
         """On a cluster, keep every Raft group dtf needs led by the DTF_EVENTS leader (see
