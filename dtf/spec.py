@@ -54,6 +54,10 @@ class WorkspaceRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
     size: int
     files: int
+    # The submitted directory's own name, which the worker's copy keeps: a suite whose root is itself
+    # a package (has __init__.py) is imported by pytest under that name, so a copy named otherwise would
+    # load the package a second time beside the installed one.
+    name: Annotated[str, msgspec.Meta(pattern=r"^(?!\.\.?$)[^/\\\x00]{1,255}$")] = "workspace"
 
 
 class TaskSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):

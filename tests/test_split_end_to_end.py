@@ -103,6 +103,22 @@ def test_a_split_run_counts_failures_and_skips_as_an_unsplit_one_does(system):
     assert report["summary"] == {"passed": 3, "failed": 1, "skipped": 1, "errors": 0}
 
 
+def test_a_suite_whose_root_is_a_package_is_imported_under_its_own_name(system, tmp_path):
+    """pytest imports a package-rooted suite by the root's name (`pkgsuite.test_x`), so the tests may
+    import their own package; the worker's copy must keep that name for this to work."""
+    root = tmp_path / "pkgsuite"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "helpers.py").write_text("ANSWER = 42\n")
+    for i in range(4):
+        (root / f"test_m{i}.py").write_text(
+            "from pkgsuite.helpers import ANSWER\n\n"
+            + "".join(f"def test_{j}():\n    assert ANSWER == 42\n\n" for j in range(3)))
+    report = submit_split(system, str(root), "--split", "2", "--group", "file")
+    assert report["returncode"] == 0, report["stderr"]
+    assert report["summary"] == {"passed": 12, "failed": 0, "skipped": 0, "errors": 0}
+
+
 def test_split_refuses_what_it_cannot_split(system, suite):
     done = system.dtf("submit", "--command", "true", "--split", "2")
     assert done.returncode == 2 and "--split splits test PATHS" in done.stderr

@@ -9,6 +9,7 @@ import os
 import subprocess
 import tarfile
 
+import msgspec
 import pytest
 
 from dtf.spec import WorkspaceRef
@@ -46,6 +47,18 @@ def test_packing_the_same_files_twice_gives_the_same_bytes_whatever_their_mtimes
     assert members["run.sh"].mode == 0o755 and members["pkg/mod.py"].mode == 0o644
     assert {(m.mtime, m.uid, m.gid, m.uname) for m in members.values()} == {(0, 0, 0, "")}
     assert first[:2] == b"\x1f\x8b" and first[4:8] == b"\0\0\0\0"  # gzip header mtime 0
+
+
+def test_a_workspace_keeps_its_directory_name_and_refuses_names_that_are_paths(tmp_path):
+    _, ref = workspace.pack(make_tree(tmp_path / "mysuite"))
+    assert ref.name == "mysuite"
+    assert msgspec.json.decode(msgspec.json.encode(ref), type=WorkspaceRef) == ref
+    for bad in ("..", ".", "a/b", "", "x" * 256):
+        raw = msgspec.json.encode({"sha256": ref.sha256, "size": 1, "files": 1, "name": bad})
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.json.decode(raw, type=WorkspaceRef)
+    older = msgspec.json.encode({"sha256": ref.sha256, "size": 1, "files": 1})  # before names travelled
+    assert msgspec.json.decode(older, type=WorkspaceRef).name == "workspace"
 
 
 def test_inside_a_git_work_tree_ignored_files_stay_out(tmp_path):

@@ -207,10 +207,10 @@ async def _workdir(ctx: Context, a: ev.TaskAssigned, attempt_dir: Path) -> Path:
     lock = ctx.workspace_locks.setdefault(ref.sha256, asyncio.Lock())
     async with lock:
         cached = await workspace.materialize(ctx.js, ref, ctx.cache_dir / "workspaces")
-    private = attempt_dir / "workspace"
+    private = attempt_dir / ref.name
     try:
         if ctx.warm.wants(a.spec):
-            return await ctx.warm.workspace(a.run_id, cached)
+            return await ctx.warm.workspace(a.run_id, cached, ref.name)
         await asyncio.to_thread(shutil.copytree, cached, private, symlinks=True)
     except OSError as exc:  # shutil.Error included: a full disk, a vanished cache
         raise workspace.WorkspaceError(f"cannot copy the workspace for this attempt: {exc}", "resource") from None

@@ -220,8 +220,8 @@ class WarmPool:
         self.python = python
         self.idle_s = idle_s
         self.processes: list[WarmProcess] = []
-        self.workspaces: dict[tuple[str, str], Path] = {}
-        self.workspace_used: dict[tuple[str, str], float] = {}
+        self.workspaces: dict[tuple[str, str, str], Path] = {}
+        self.workspace_used: dict[tuple[str, str, str], float] = {}
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.broken: set[tuple] = set()
 
@@ -235,17 +235,17 @@ class WarmPool:
                 await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
                 self._root_ready = True
 
-    async def workspace(self, run_id: str, cached: Path) -> Path:
-        """The run's own copy of a cached workspace, made by its first shard on this worker."""
-        key = (run_id, cached.name)
+    async def workspace(self, run_id: str, cached: Path, name: str) -> Path:
+        """The run's own copy of a cached workspace, named `name`, made by its first shard on this worker."""
+        key = (run_id, cached.name, name)
         async with self.locks.setdefault(key, asyncio.Lock()):
             if key not in self.workspaces:
                 await self._ready_root()
                 target = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{run_id}-", dir=self.root))
-                await asyncio.to_thread(shutil.copytree, cached, target / "workspace", symlinks=True)
+                await asyncio.to_thread(shutil.copytree, cached, target / name, symlinks=True)
                 self.workspaces[key] = target
             self.workspace_used[key] = time.monotonic()
-            return self.workspaces[key] / "workspace"
+            return self.workspaces[key] / name
 
     def launcher(self, run_id: str, spec: TaskSpec):
         """A drop-in for `process.run_process` that serves the shard from a warm process."""

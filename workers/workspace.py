@@ -68,7 +68,8 @@ def pack(path: str | os.PathLike[str]) -> tuple[bytes, WorkspaceRef]:
         for name in names:
             _add_file(tar, root, name)
     data = raw.getvalue()
-    return data, WorkspaceRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data), files=len(names))
+    digest = hashlib.sha256(data).hexdigest()
+    return data, WorkspaceRef(sha256=digest, size=len(data), files=len(names), name=root.name or "workspace")
 
 
 def list_files(root: Path) -> list[str]:
