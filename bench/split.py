@@ -86,7 +86,7 @@ class System:
     """`dtf up --workers 2` in a scratch directory, with its own context."""
 
     def __init__(self, scratch: Path) -> None:
-        self.env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
+        self.env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state"), "XDG_CACHE_HOME": str(scratch / "cache")}
         self.env.pop("DTF_NATS_URL", None)
         self.log = open(scratch / "up.log", "ab")
         self.process = subprocess.Popen(

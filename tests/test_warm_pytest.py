@@ -169,28 +169,50 @@ async def test_a_second_run_gets_its_own_process_and_does_not_see_the_first_runs
 
 
 async def test_a_run_gets_its_own_copy_of_the_workspace(suite, pool):
-    first = await pool.workspace("run-a", suite)
-    again = await pool.workspace("run-a", suite)
-    other = await pool.workspace("run-b", suite)
-    assert first == again != other
+    first = await pool.workspace("run-a", suite, "mysuite")
+    again = await pool.workspace("run-a", suite, "mysuite")
+    other = await pool.workspace("run-b", suite, "mysuite")
+    assert first == again != other and first.name == "mysuite"
     assert (first / "test_mixed.py").read_text() == (suite / "test_mixed.py").read_text()
 
 
-async def test_a_node_id_the_process_did_not_collect_runs_cold_with_a_note(suite, pool, tmp_path):
+async def test_a_file_a_shard_first_needs_is_collected_then_and_only_once(suite, pool, tmp_path):
     await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "e0")
     (suite / "test_new.py").write_text("def test_new():\n    pass\n")
-    result = await run(pool, shard(["test_new.py::test_new"]), suite, tmp_path / "e1")
-    assert outcomes(result) == {"test_new.py::test_new": "passed"}
-    assert "warm pytest not used: not collected by it: test_new.py::test_new" in result.output_tail
+    result = await run(pool, shard(["test_new.py::test_new", "test_mixed.py::test_skip"]), suite, tmp_path / "e1")
+    assert outcomes(result) == {"test_new.py::test_new": "passed", "test_mixed.py::test_skip": "skipped"}
+    assert "warm pytest not used" not in result.output_tail
+    again = await run(pool, shard(["test_new.py::test_new"]), suite, tmp_path / "e2")
+    assert again.outcome == "passed" and len(pool.processes) == 1
+    assert collections(tmp_path) == 2  # the first shard's file at start, then test_new.py
 
 
-async def test_a_suite_that_fails_to_collect_runs_its_shards_cold(suite, pool, tmp_path):
-    (suite / "test_broken.py").write_text("import no_such_module\n")
-    result = await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "f1")
-    assert result.outcome == "passed"
-    assert "warm pytest not used: collecting the suite failed" in result.output_tail
-    again = await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "f2")
-    assert again.outcome == "passed" and "warm pytest not used" not in again.output_tail
+async def test_a_node_id_its_file_does_not_have_runs_cold_with_a_note(suite, pool, tmp_path):
+    await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "e0")
+    result = await run(pool, shard(["test_mixed.py::test_gone"]), suite, tmp_path / "e1")
+    assert result.outcome == "error"
+    assert "warm pytest not used: not collected by it: test_mixed.py::test_gone" in result.output_tail
+
+
+async def test_a_shard_whose_file_fails_to_collect_runs_cold_and_so_do_the_runs_later_shards(
+        suite, pool, tmp_path):
+    (suite / "test_broken.py").write_text("import no_such_module\n\ndef test_b():\n    pass\n")
+    first = await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "f0")
+    assert first.outcome == "passed" and "warm pytest not used" not in first.output_tail
+    broken = await run(pool, shard(["test_broken.py::test_b"]), suite, tmp_path / "f1")
+    assert broken.outcome == "error" and "no_such_module" in broken.log_path.read_text()
+    assert "warm pytest not used: collecting this shard's files failed" in broken.output_tail
+    later = await run(pool, shard(["test_mixed.py::test_pass"]), suite, tmp_path / "f2")
+    assert later.outcome == "passed" and "warm pytest not used" not in later.output_tail
+    assert pool.processes == []
+    assert collections(tmp_path) == 4  # warm: the start, the broken file; cold: the broken file, the later shard
+
+
+async def test_a_first_shard_whose_file_fails_to_collect_runs_cold(suite, pool, tmp_path):
+    (suite / "test_broken.py").write_text("import no_such_module\n\ndef test_b():\n    pass\n")
+    result = await run(pool, shard(["test_broken.py::test_b"]), suite, tmp_path / "f1")
+    assert result.outcome == "error"
+    assert "warm pytest not used: collecting the shard's files failed" in result.output_tail
     assert pool.processes == []
 
 
@@ -241,5 +263,5 @@ async def test_a_process_that_dies_while_collecting_leaves_the_run_to_cold_shard
 async def test_what_a_worker_that_did_not_stop_cleanly_left_behind_is_removed_on_first_use(suite, pool):
     stale = pool.root / "run-old-abc" / "workspace"
     stale.mkdir(parents=True)
-    copy = await pool.workspace("run-new", suite)
+    copy = await pool.workspace("run-new", suite, "suite")
     assert copy.is_dir() and not stale.exists()

@@ -1,9 +1,10 @@
 """Warm pytest processes: a split run's shards skip the interpreter start-up and the collection.
 
 A shard of `dtf submit --split` carries `config.split = {"suite": [...], "warm": true}`: the whole
-suite's arguments. The first such shard of a run on this worker starts a long-lived
-`python -m pytest <suite> <pytest args> -p dtf.workers.warm_child ...` that collects the suite once;
-that shard and the next ones of the same run are requests to it (`warm_child` has the protocol). A
+suite's arguments, which with the pytest arguments name the process shards may share. The first such
+shard of a run on this worker starts a long-lived `python -m pytest <the shard's files> <pytest args>
+-p dtf.workers.warm_child ...`; that shard and the next ones of the same run are requests to it, and
+it collects each file once, when a shard first needs it (`warm_child` has the protocol). A
 worker keeps at most one busy process per running attempt; a second shard arriving while the first
 runs gets a process of its own.
 
@@ -49,7 +50,7 @@ from dtf.workers.process import (
     KILL_GRACE_S, PIPE_DRAIN_S, READ_CHUNK, LogSink, ProcessResult, _open_output_pipe, _signal_group,
     _stop_group, run_process,
 )
-from dtf.workers.warm_child import IDLE_ENV, REQUEST_FD_ENV, TOKEN_ENV
+from dtf.workers.warm_child import IDLE_ENV, REQUEST_FD_ENV, TOKEN_ENV, file_of
 
 log = logging.getLogger("dtf.worker.warm")
 
@@ -222,7 +223,7 @@ class WarmPool:
         self.processes: list[WarmProcess] = []
         self.workspaces: dict[tuple[str, str, str], Path] = {}
         self.workspace_used: dict[tuple[str, str, str], float] = {}
-        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.locks: dict[tuple, asyncio.Lock] = {}
         self.broken: set[tuple] = set()
 
     def wants(self, spec: TaskSpec) -> bool:
@@ -259,7 +260,7 @@ class WarmPool:
             if key in self.broken:
                 return await run_process(argv, cwd=cwd, env=env, sink=sink, timeout=timeout, cancel=cancel)
             try:
-                return await self._serve(key, suite, nodeids, cwd, env, sink, timeout, cancel)
+                return await self._serve(key, nodeids, cwd, env, sink, timeout, cancel)
             except NotServed as why:
                 if why.broken:
                     self.broken.add(key)
@@ -268,7 +269,7 @@ class WarmPool:
 
         return launch
 
-    async def _serve(self, key: tuple, suite: list[str], nodeids: list[str], cwd: Path,
+    async def _serve(self, key: tuple, nodeids: list[str], cwd: Path,
                      env: Mapping[str, str], sink: LogSink, timeout: float,
                      cancel: asyncio.Event) -> ProcessResult:
         await self._reap()
@@ -276,7 +277,7 @@ class WarmPool:
         deadline = started + timeout
         warm = next((w for w in self.processes if w.key == key and not w.busy and w.alive), None)
         if warm is None:
-            warm = await self._start(key, suite, cwd, env)
+            warm = await self._start(key, sorted({file_of(n) for n in nodeids}), cwd, env)
         warm.busy = True
         warm.sink = sink
         try:
@@ -284,7 +285,7 @@ class WarmPool:
                 reply = await warm.next_reply(deadline, cancel)
                 if reply == "exit" or (isinstance(reply, dict) and not reply.get("ready")):
                     await self._discard(warm)
-                    why = ("collecting the suite failed" if reply != "exit"
+                    why = ("collecting the shard's files failed" if reply != "exit"
                            else f"it exited (code {warm.proc.returncode}) while collecting")
                     raise NotServed(why, broken=True)
                 if not isinstance(reply, dict):  # timed out or cancelled while collecting
@@ -295,6 +296,9 @@ class WarmPool:
             reply = await warm.next_reply(deadline, cancel)
             if not isinstance(reply, dict):
                 return await self._ended(warm, reply, sink, started)
+            if reply.get("collection_errors"):  # the run's later shards go cold: no use keeping it
+                await self._discard(warm)
+                raise NotServed("collecting this shard's files failed", broken=True)
             if reply.get("missing"):
                 raise NotServed(f"not collected by it: {', '.join(reply['missing'][:3])}")
             elapsed = time.monotonic() - started
@@ -304,8 +308,9 @@ class WarmPool:
             warm.busy = False
             warm.last_used = time.monotonic()
 
-    async def _start(self, key: tuple, suite: list[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
-        argv = [self.python, "-m", "pytest", *suite, *key[3], "-p", REPORT_PLUGIN, "-p", CHILD_PLUGIN,
+    async def _start(self, key: tuple, files: list[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
+        """A process that collects `files` (the first shard's) at start, and more as shards ask."""
+        argv = [self.python, "-m", "pytest", *files, *key[3], "-p", REPORT_PLUGIN, "-p", CHILD_PLUGIN,
                 "-p", "no:cacheprovider", "-q"]
         await self._ready_root()
         startup_report = self.root / f"startup-{secrets.token_hex(4)}.jsonl"  # collection errors, if any

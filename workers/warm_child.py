@@ -1,9 +1,12 @@
 """The run loop inside a warm pytest process (`-p dtf.workers.warm_child`; see `warm` for the parent).
 
 pytest has no "serve node ids on demand" mode, so, like pytest-xdist's worker, this plugin takes over
-`pytest_runtestloop`: pytest starts and collects the whole suite once as usual, then instead of
-running every item the loop answers requests read from a pipe the parent passed (its fd number in
-DTF_WARM_REQUEST_FD; not stdin, which pytest's capture keeps on /dev/null), one JSON line each:
+`pytest_runtestloop`: pytest starts and collects the files it was given (the first shard's) as usual,
+then instead of running every item the loop answers requests read from a pipe the parent passed (its
+fd number in DTF_WARM_REQUEST_FD; not stdin, which pytest's capture keeps on /dev/null), one JSON
+line each. A request naming files not collected yet collects them first, into the same session
+(`Session.perform_collect`), so each process imports only the test modules of the shards it serves,
+where every pytest-xdist worker collects, and so imports, the whole suite:
 
     {"nodeids": [...], "report": "<path>"}   run these items (ids relative to the working directory,
                                              as `dtf submit --split` collected them), in this order,
@@ -15,7 +18,8 @@ the tests' output, so everything a shard printed comes before its reply:
 
     <token> {"ready": true, "items": n}      collected, waiting (false: collection failed)
     <token> {"exitstatus": 0|1, "missing": [...]}   a request is done (missing: ids not collected;
-                                             nothing ran)
+                                             nothing ran; with "collection_errors": n when
+                                             collecting its files failed)
 
 `<token>` comes from the environment (DTF_WARM_TOKEN), so a test cannot forge a reply by printing.
 Each request starts with fresh failure counters (`-x`/`--maxfail` count per request) and ends with
@@ -39,6 +43,11 @@ import pytest
 TOKEN_ENV = "DTF_WARM_TOKEN"
 REQUEST_FD_ENV = "DTF_WARM_REQUEST_FD"
 IDLE_ENV = "DTF_WARM_IDLE_S"
+
+
+def file_of(arg: str) -> str:
+    """The path part of a node id or test argument, normalized (`./a/b.py::t` -> `a/b.py`)."""
+    return os.path.normpath(arg.partition("::")[0])
 
 
 def runnable_id(item: Any, cwd: str) -> str:
@@ -74,6 +83,11 @@ class WarmLoop:
         self.config = config
         self.token = os.environ[TOKEN_ENV]
         self.requests = Lines(int(os.environ[REQUEST_FD_ENV]), float(os.environ.get(IDLE_ENV, "60")))
+        self.cwd = ""
+        self.items: dict[str, Any] = {}
+        """Collected so far, by node id relative to the working directory."""
+        self.collected: set[str] = set()
+        """The files (or directories) collection has been asked for."""
         self.failures: list[pytest.TestReport] = []
         self.counts: dict[str, int] = {}
 
@@ -87,17 +101,35 @@ class WarmLoop:
         if session.testsfailed and not session.config.option.continue_on_collection_errors:
             self.reply({"ready": False, "collection_errors": session.testsfailed})
             return True
-        cwd = str(session.config.invocation_params.dir)
-        items = {runnable_id(item, cwd): item for item in session.items}
-        self.reply({"ready": True, "items": len(items)})
+        self.cwd = str(session.config.invocation_params.dir)
+        self.items = {runnable_id(item, self.cwd): item for item in session.items}
+        self.collected = {file_of(arg) for arg in session.config.args}
+        self.reply({"ready": True, "items": len(self.items)})
         while (request := self.requests.next()) is not None:
-            self.serve(session, items, request)
+            self.serve(session, request)
         return True
 
-    def serve(self, session: pytest.Session, items: dict[str, Any], request: dict) -> None:
+    def collect_more(self, session: pytest.Session, nodeids: list[str]) -> int:
+        """Collect the files of `nodeids` not collected yet; the number of collection errors."""
+        files = sorted({file_of(n) for n in nodeids} - self.collected)
+        if not files:
+            return 0
+        self.collected.update(files)
+        failed_before = session.testsfailed
+        try:
+            new = session.perform_collect(files)
+        except pytest.UsageError:  # "not found": the ids are then reported missing
+            return 0
+        self.items.update((runnable_id(item, self.cwd), item) for item in new)
+        return session.testsfailed - failed_before
+
+    def serve(self, session: pytest.Session, request: dict) -> None:
+        items = self.items
         missing = [n for n in request["nodeids"] if n not in items]
-        if missing:
-            self.reply({"exitstatus": None, "missing": missing[:20]})
+        errors = self.collect_more(session, missing) if missing else 0
+        missing = [n for n in missing if n not in items]
+        if missing or errors:
+            self.reply({"exitstatus": None, "missing": missing[:20], "collection_errors": errors})
             return
         recorder = self.config.pluginmanager.get_plugin("dtf-test-report")
         if recorder is not None:

@@ -279,7 +279,8 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                 shards = None
                 if splitting_request is not None:
                     base, shards = await splitting.plan_shards(nc, js, splitting_request, base, root, list(paths),
-                                                               project or acting_name(creds))
+                                                               project or acting_name(creds),
+                                                               ref.sha256 if ref else None)
                 specs = sub.task_specs(kind="test", paths=list(paths), command=None, base=base, root=root,
                                        workspace=ref, shards=shards)
         except SpecError as exc:
