@@ -119,6 +119,70 @@ def test_a_suite_whose_root_is_a_package_is_imported_under_its_own_name(system, 
     assert report["summary"] == {"passed": 12, "failed": 0, "skipped": 0, "errors": 0}
 
 
+def tasks_of(system: Up, run_id: str) -> dict[str, dict]:
+    done = system.dtf("tasks", "--run", run_id, "--json")
+    return {t["task_id"]: t for t in json.loads(done.stdout)["tasks"]}
+
+
+def events_of(system: Up, task_id: str) -> list[dict]:
+    lines = system.dtf("replay", "--task", task_id, "--json").stdout.splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_a_split_suite_with_a_retry_then_a_dependency_chain_with_a_cancel_settles_as_declared(
+        system, tmp_path):
+    """One flow over both workers: a split suite one of whose shards loses its pytest process once
+    (an infrastructure error, retried), a command depending on every shard, a long task depending on
+    that one, cancelled while it runs, and a task after it, cancelled for its dependency."""
+    root = tmp_path / "flow"
+    root.mkdir()
+    marker = tmp_path / "died-once"
+    (root / "test_dies_once.py").write_text(
+        "import os, pathlib\n\n"
+        f"def test_survives_a_second_attempt():\n    marker = pathlib.Path({str(marker)!r})\n"
+        "    if not marker.exists():\n        marker.touch()\n        os._exit(3)\n")
+    for i in range(5):
+        (root / f"test_work_{i}.py").write_text(
+            "import time\n\n" + "".join(f"def test_{j}():\n    time.sleep(0.3)\n\n" for j in range(3)))
+    submitted = system.dtf("submit", str(root), "--split", "2", "--group", "file", "--retries", "1",
+                           "--run-id", "flow", "--json", check_json=True)
+    shards = json.loads(submitted.stdout)["tasks"]
+    assert len(shards) >= 2
+    after_suite = system.dtf("submit", "--command", "true", "--run-id", "flow-after", "--json",
+                             *(arg for shard in shards for arg in ("--depends-on", shard)), check_json=True)
+    [after] = json.loads(after_suite.stdout)["tasks"]
+    long = json.loads(system.dtf("submit", "--command", "sleep 600", "--run-id", "flow-long", "--depends-on",
+                                 after, "--json", check_json=True).stdout)["tasks"][0]
+    last = json.loads(system.dtf("submit", "--command", "true", "--run-id", "flow-last", "--depends-on",
+                                 long, "--json", check_json=True).stdout)["tasks"][0]
+
+    suite = json.loads(system.dtf("wait", "flow", "--json", timeout=300).stdout)
+    assert suite["summary"] == {"passed": 16, "failed": 0, "skipped": 0, "errors": 0}
+    assert sorted(t["attempts"] for t in suite["tasks"]) == [1] * (len(shards) - 1) + [2]
+    assert len({t["worker_id"] for t in suite["tasks"]}) == 2  # split across both workers
+    for _ in range(600):
+        if tasks_of(system, "flow-long")[long]["state"] == "running":
+            break
+        time.sleep(0.1)
+    assert system.dtf("cancel", long).returncode == 0
+    assert system.dtf("wait", "flow-after").returncode == 0
+    assert system.dtf("wait", "flow-long").returncode != 0
+    assert system.dtf("wait", "flow-last").returncode != 0
+    assert tasks_of(system, "flow-long")[long]["state"] == "cancelled"
+    assert tasks_of(system, "flow-last")[last]["state"] == "cancelled"
+
+    settled = max(e["seq"] for shard in shards for e in events_of(system, shard)
+                  if e["event"]["type"] == "ResultReported")
+    started = [e["seq"] for e in events_of(system, after) if e["event"]["type"] == "TaskStarted"]
+    assert started and started[0] > settled  # the dependency waited for every shard
+    long_events = [e["event"] for e in events_of(system, long)]
+    assert "TaskStarted" in [e["type"] for e in long_events]  # cancelled while it ran, not before
+    assert not any(e["type"] == "ResultReported" and e["outcome"] == "passed" for e in long_events)
+    [cancelled] = [e["event"] for e in events_of(system, last) if e["event"]["type"] == "TaskCancelled"]
+    assert long in cancelled["reason"]
+    assert not any(e["event"]["type"] == "TaskStarted" for e in events_of(system, last))
+
+
 def test_split_refuses_what_it_cannot_split(system, suite):
     done = system.dtf("submit", "--command", "true", "--split", "2")
     assert done.returncode == 2 and "--split splits test PATHS" in done.stderr
