@@ -62,7 +62,8 @@ def pack(path: str | os.PathLike[str]) -> tuple[bytes, WorkspaceRef]:
     names = list_files(root)
     raw = io.BytesIO()
     with (
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+        # level 6: a third of level 9's time for an archive 1% bigger
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         for name in names:
