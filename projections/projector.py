@@ -4,10 +4,12 @@ plus the query service that answers the CLI from it.
     run_projector(nc, db_path, stop)
 
 One loop per stream fetches up to `batch` messages (a short fetch timeout: nothing new is not an
-error), fetches the test lists those results keep in the artifacts store, applies the batch in one
-DuckDB transaction in a worker thread (never on the event loop) and then acks each message. Acks
-come after the commit, so a crash redelivers at most a committed batch, which the checkpoint and the
-event ledger make harmless. A batch that fails is nak'd and retried; the loops never die on an error.
+error; once something came, it lingers up to LINGER_S for more, because a DuckDB transaction costs
+about the same for 5 rows as for 500, so a busy bus is written in few big batches, for a read model
+at most 0.1 s later), fetches the test lists those results keep in the artifacts store, applies the
+batch in one DuckDB transaction in a worker thread (never on the event loop) and then acks each
+message. Acks come after the commit, so a crash redelivers at most a committed batch, which the
+checkpoint and the event ledger make harmless. A batch that fails is nak'd and retried; the loops never die on an error.
 
 On `stop`, each loop finishes the batch in hand (an outstanding fetch ends within its timeout and
 its messages are applied too), then every task is cancelled and the database closed.
@@ -37,6 +39,7 @@ log = logging.getLogger("dtf.projector")
 
 BATCH = 500
 FETCH_TIMEOUT_S = 1.0
+LINGER_S = 0.1
 RETRY_DELAY_S = 1.0
 HOLD_DELAY_S = 1.0
 """How long a message that arrived after a gap waits before it is offered again."""
@@ -96,6 +99,7 @@ async def _consume(
                     msgs = await psub.fetch(batch, timeout=fetch_timeout)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
+                msgs += await _more(psub, batch - len(msgs), LINGER_S, stop)
                 await _handle(js, projection, stream, msgs)
             except asyncio.CancelledError:
                 raise
@@ -111,6 +115,22 @@ async def _consume(
     finally:
         if psub is not None:
             await _unsubscribe(psub)
+
+
+async def _more(psub: JetStreamContext.PullSubscription, room: int, linger: float,
+                stop: asyncio.Event) -> list[Msg]:
+    """What else arrives within `linger` seconds, up to `room` messages (none once stopping)."""
+    more: list[Msg] = []
+    deadline = asyncio.get_running_loop().time() + linger
+    while len(more) < room and not stop.is_set():
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0.001:
+            break
+        try:
+            more += await psub.fetch(room - len(more), timeout=left)
+        except (TimeoutError, nats.errors.TimeoutError):
+            break
+    return more
 
 
 async def _handle(js: JetStreamContext, projection: Projection, stream: str, msgs: list[Msg]) -> None:

@@ -5,6 +5,7 @@ prints (and so the ResultReported's output_tail) cannot carry the worker's secre
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 
 from dtf.workers import process
@@ -89,3 +90,34 @@ def test_the_worker_sets_its_task_limits_from_its_options(monkeypatch):
                                      "--task-max-memory-mb", "300", "--task-max-open-files", "128"])
     assert done.exit_code == 0, done.output
     assert seen["limits"] == Limits(memory_bytes=300 * 1024 * 1024, open_files=128)
+
+
+def test_a_worker_holding_its_open_files_limit_spawns_without_a_preexec_and_its_task_still_gets_it(tmp_path):
+    """Without a preexec_fn Python spawns with vfork (far cheaper for a big worker); the task must get
+    the same limits either way. In a child interpreter: holding a limit cannot be undone."""
+    script = """
+import asyncio, pathlib, sys
+from dtf.workers import process
+from dtf.workers.process import Limits, LogSink, run_process
+
+limits = Limits(open_files=256)
+assert limits.preexec() is not None, "not held yet: the child must set it"
+limits.hold_open_files()
+assert limits.preexec() is None, "held: inherited"
+assert Limits(open_files=256, memory_bytes=2**40).preexec() is not None, "memory is never held"
+
+async def main():
+    process.use_pidfd_child_watcher()
+    sink = LogSink(pathlib.Path(sys.argv[1]))
+    code = "import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE))"
+    result = await run_process([sys.executable, "-c", code], cwd=".", env={}, sink=sink, timeout=60,
+                               cancel=asyncio.Event(), limits=limits)
+    sink.close()
+    assert result.exit_code == 0
+
+asyncio.run(main())
+"""
+    log = tmp_path / "out.log"
+    done = subprocess.run([PY, "-c", script, str(log)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "(256, 256)" in log.read_text()

@@ -11,11 +11,17 @@ stdout and stderr go through one pipe into `log_path`; each chunk is also handed
 are always kept in memory for the result's `output_tail`. `note` lines the worker adds (why a task
 was killed, why it errored) go to the log even past the cap.
 
-The child starts under `Limits` (set between fork and exec, so they bind the task and everything it
-starts, and it cannot raise them again): open files always, address space when configured
-(`dtf worker --task-max-memory-mb`). RLIMIT_AS is off by default because CUDA, JVMs and sanitizers
-reserve far more address space than they use, and a limit would break them rather than protect.
-Where the OS refuses a limit (a hard limit below the wish, no such resource) the task runs without it.
+The child starts under `Limits` (soft and hard, so they bind the task and everything it starts, and
+it cannot raise them again): open files always, address space when configured (`dtf worker
+--task-max-memory-mb`). RLIMIT_AS is off by default because CUDA, JVMs and sanitizers reserve far
+more address space than they use, and a limit would break them rather than protect. Where the OS
+refuses a limit (a hard limit below the wish, no such resource) the task runs without it.
+
+Limits the worker already holds itself (`dtf worker` takes the open-files one at start) are simply
+inherited; only the others are set between fork and exec. That matters for speed: Python spawns
+with vfork only without a preexec_fn, and a full fork of a worker process costs several times more
+(`bench/dispatch.py` runs thousands of no-op tasks). For the same reason Python 3.11, whose asyncio
+starts a thread per child to wait for it, is given the pidfd watcher 3.12 uses by default.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,18 +59,50 @@ class Limits:
     open_files: int | None = 65536
     """RLIMIT_NOFILE."""
 
+    def _wanted(self) -> list[tuple[int, int]]:
+        return [(which, wanted) for which, wanted in (
+            (resource.RLIMIT_AS, self.memory_bytes), (resource.RLIMIT_NOFILE, self.open_files),
+        ) if wanted is not None]
+
     def apply(self) -> None:
         """In the child, between fork and exec: soft and hard limit both, so the task cannot raise
         them. Never raises (an exception here would abort the exec with an unclear error)."""
-        for which, wanted in ((resource.RLIMIT_AS, self.memory_bytes), (resource.RLIMIT_NOFILE, self.open_files)):
-            if wanted is None:
-                continue
+        for which, wanted in self._wanted():
             try:
                 _, hard = resource.getrlimit(which)
                 value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
                 resource.setrlimit(which, (value, value))
             except (ValueError, OSError):
                 pass  # the OS does not allow it here: run without
+
+    def preexec(self) -> Callable[[], None] | None:
+        """`apply`, for a child to run between fork and exec; None when this process holds exactly
+        these limits already, so a child inherits them and can be spawned with vfork."""
+        for which, wanted in self._wanted():
+            soft, hard = resource.getrlimit(which)
+            value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)  # as `apply` sets
+            if (soft, hard) != (value, value):
+                return self.apply
+        return None
+
+    def hold_open_files(self) -> None:
+        """Take the open-files limit on this process itself (a worker: it needs far fewer), so its
+        children inherit it instead of each setting it between fork and exec."""
+        Limits(open_files=self.open_files).apply()
+
+
+def use_pidfd_child_watcher() -> None:
+    """Python 3.11 only (3.12 does this by itself): wait for children through pidfds on the running
+    event loop instead of a thread per child. A no-op where unsupported."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # the kernel may lack it (before 5.3) or a sandbox refuse it
+    except OSError:
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
 
 
 DEFAULT_LIMITS = Limits()
@@ -185,7 +224,7 @@ async def run_process(
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
             stdout=write_fd, stderr=write_fd, start_new_session=True,
-            preexec_fn=(limits or task_limits).apply,
+            preexec_fn=(limits or task_limits).preexec(),
         )
     except BaseException:
         transport.close()

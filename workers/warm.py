@@ -142,7 +142,7 @@ class WarmProcess:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env={**env, TOKEN_ENV: token, REQUEST_FD_ENV: str(request_read)},
                 stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, pass_fds=(request_read,),
-                start_new_session=True, preexec_fn=process.task_limits.apply,  # the limits a cold task gets
+                start_new_session=True, preexec_fn=process.task_limits.preexec(),  # a cold task's limits
             )
         except BaseException:
             transport.close()

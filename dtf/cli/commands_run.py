@@ -202,6 +202,8 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
     cache = cache_dir or Path.home() / ".cache" / "dtf" / "worker"
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
+        process.task_limits.hold_open_files()  # this process is the worker: its tasks inherit them
+        process.use_pidfd_child_watcher()
         agent = WorkerAgent(nc, worker_id=worker_id, concurrency=concurrency, tags=tags, cache_dir=cache,
                             heartbeat_interval=heartbeat_interval)
         if endpoint is not None:
