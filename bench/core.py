@@ -48,7 +48,7 @@ def start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
 @contextlib.contextmanager
 def local_system(scratch: Path, workers: int, concurrency: int) -> Iterator[tuple[str, list[subprocess.Popen]]]:
     """`dtf up` without its own workers (no auth, no dashboard) and `workers` bench workers: the URL and
-    every process (for CPU accounting); all stopped with SIGTERM afterwards."""
+    every process (for CPU accounting); all stopped with SIGTERM afterwards, the workers first."""
     env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
     up = start(["up", "--workers", "0", "--data-dir", str(scratch / "d"), "--nats-port", str(free_port()),
                 "--no-dashboard", "--no-auth"], scratch / "up.log", env)
@@ -58,11 +58,13 @@ def local_system(scratch: Path, workers: int, concurrency: int) -> Iterator[tupl
                  for i in range(workers)]
     try:
         yield url, [*processes, up]
-    finally:
-        for process in [*processes, up]:
+    finally:  # the workers first: each publishes WorkerLeft, which needs the server up
+        for process in processes:
             process.send_signal(signal.SIGTERM)
-        for process in [*processes, up]:
-            process.wait(60)
+        for process in processes:
+            process.wait(90)
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
 
 
 async def end_to_end(url: str, tasks: int) -> float:
