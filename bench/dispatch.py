@@ -194,7 +194,7 @@ def cpu_seconds(processes: list) -> dict[str, float]:
                 times = p.cpu_times()
             except psutil.Error:
                 continue
-            name = next((a for a in args if a in ("up", "worker", "coordinator", "projector", "dashboard")), p.name())
+            name = next((a for a in args if a in ("up", "worker", "coordinator", "projector", "detector", "dashboard")), p.name())
             spent[name] = spent.get(name, 0.0) + times.user + times.system
     return spent
 
