@@ -264,31 +264,60 @@ class WaitTimeout(Exception):
         self.tasks = tasks
 
 
+PROGRESS_EVERY_S = 0.2
+"""How often at most `follow_run` shows progress: each showing looks at every task of the run."""
+
+
 async def follow_run(
     js: JetStreamContext, run_id: str, on_change: Callable[[list[TaskState]], None] | None = None,
     timeout: float | None = None,
 ) -> list[TaskState]:
     """Fold the run's events until every task in it is terminal; returns the final task states.
-    With `timeout` (seconds), raises WaitTimeout with the states so far when it runs out."""
+    With `timeout` (seconds), raises WaitTimeout with the states so far when it runs out.
+    `on_change` sees the states whenever the follow has caught up, at most every PROGRESS_EVERY_S
+    (a change held back is shown when that time is up) and once at the end. What is unsettled is
+    tracked per event, so following a run of 10,000 tasks costs per event, not per task."""
     fold = Fold()
+    unsettled: set[str] = set()
+    loop = asyncio.get_running_loop()
+    shown = -PROGRESS_EVERY_S
+    held_back: asyncio.TimerHandle | None = None
+
+    def show() -> None:
+        nonlocal shown, held_back
+        held_back = None
+        shown = loop.time()
+        if on_change is not None:
+            on_change(list(fold.tasks.values()))
 
     async def follow() -> list[TaskState]:
+        nonlocal held_back
         messages = bus.read(js, topology.EVENTS, [subjects.run_all(run_id)], follow=True)
         async with contextlib.aclosing(messages):
             async for msg in messages:
                 fold.apply(msg.subject, msg.seq, msg.data)
-                if msg.pending == 0:
-                    tasks = list(fold.tasks.values())
-                    if on_change is not None:
-                        on_change(tasks)
-                    if tasks and all(t.terminal for t in tasks):
-                        return tasks
+                task = fold.tasks.get(subjects.parse(msg.subject).task_id or "")
+                if task is not None:
+                    (unsettled.discard if task.terminal else unsettled.add)(task.task_id)
+                if msg.pending != 0:
+                    continue
+                if fold.tasks and not unsettled:
+                    show()
+                    return list(fold.tasks.values())
+                wait = shown + PROGRESS_EVERY_S - loop.time()
+                if wait <= 0:
+                    show()
+                elif held_back is None:
+                    held_back = loop.call_later(wait, show)
         return list(fold.tasks.values())
 
     try:
         return await asyncio.wait_for(follow(), timeout)
     except TimeoutError:
         raise WaitTimeout(list(fold.tasks.values())) from None
+    finally:
+        if held_back is not None:
+            held_back.cancel()
 
 
 async def read_run(js: JetStreamContext, run_id: str) -> tuple[Fold, dict[str, ev.ResultReported]]:
