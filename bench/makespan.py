@@ -6,7 +6,8 @@
 The package's installed directory (networkx 3.6: 6,890 tests, about 105 s serially here) is copied
 to a scratch directory and run (a) by `pytest -n 2` there, (b) by `dtf up --workers 2` with
 `dtf submit DIR --split 2 --wait`: a first run with no history (which collects the suite at
-submit), then a warm-history run (collection cached by content, durations from the first run).
+submit), then a warm-history run (collection cached by content, durations from the first run),
+then one after a one-line edit, as CI sees each commit (history, but the collection again).
 Two lower bounds for 2 workers: the recorded test time / 2 (pytest's per-test durations, so
 without importing the modules or pytest's own per-test work), and, unless --no-serial, one plain
 `pytest` process's wall time / 2 (all of the suite's work, perfectly halved). Prints wall times and
@@ -49,12 +50,17 @@ def main() -> None:
             bound = sum(r["duration_s"] or 0.0 for r in rows) / 2
             print(f"dtf first run: {first:.1f}s ({tests} tests, {len(report['tasks'])} shards)", flush=True)
             warm_run, _ = system.submit(suite, "--split", "2")
+            print(f"dtf warm history: {warm_run:.1f}s", flush=True)
+            edited = next(iter(sorted(suite.rglob("test_*.py"))))
+            edited.write_text(edited.read_text() + "\n# a commit later\n")  # as CI sees each commit
+            changed, _ = system.submit(suite, "--split", "2")
         finally:
             system.stop()
         print(f"{args.package}: pytest -n 2 {xdist:.1f}s; dtf --split 2 first run {first:.1f}s, "
-              f"warm history {warm_run:.1f}s; lower bound (recorded test time / 2) {bound:.1f}s")
+              f"warm history {warm_run:.1f}s, history but a changed tree {changed:.1f}s; "
+              f"lower bound (recorded test time / 2) {bound:.1f}s")
         print(f"ratios: dtf first / xdist = {first / xdist:.2f}, dtf warm / xdist = {warm_run / xdist:.2f}, "
-              f"dtf warm / lower bound = {warm_run / bound:.2f}")
+              f"dtf changed tree / xdist = {changed / xdist:.2f}, dtf warm / lower bound = {warm_run / bound:.2f}")
         if serial is not None:
             print(f"serial pytest / 2 = {serial / 2:.1f}s: dtf warm / that = {warm_run / (serial / 2):.2f}, "
                   f"pytest -n 2 / that = {xdist / (serial / 2):.2f}")

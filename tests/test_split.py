@@ -10,7 +10,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dtf import split
-from dtf.cli.splitting import parse_collection, parse_split
+from dtf.cli.collection import parse_collection
+from dtf.cli.splitting import parse_split
 
 files = st.sampled_from(["tests/test_a.py", "tests/sub/test_b.py", "test_c.py", "tests/test_d.py"])
 classes = st.sampled_from(["", "TestOne::", "TestTwo::"])
