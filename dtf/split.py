@@ -205,6 +205,36 @@ def plan(nodeids: Sequence[str], history: Mapping[str, float], slots: int, *, gr
     return pack(units(collected, durations, group, slots), slots, min_shard_s=min_shard_s, order=order)
 
 
+def plan_files(files: Sequence[str], history: Mapping[str, float], slots: int, *, group: Group = "auto",
+               min_shard_s: float = MIN_SHARD_S, overhead_s: float = TEST_OVERHEAD_S) -> list[Shard] | None:
+    """Shards of whole files (`files` in collection order), each estimated from the tests it recorded,
+    for a suite that was not collected. A file with no recorded passing test (new, or all skipped
+    here) gets the median of the others. None when that would plan worse than collecting: when
+    fewer than half the files have recorded tests, or, under `auto`, when a file is so long that it
+    should be cut by class or test (as `units` would)."""
+    if group not in ("auto", "file") or not files:
+        return None
+    recorded: dict[str, list[float]] = {}
+    for nodeid, seconds in history.items():
+        recorded.setdefault(file_of(nodeid), []).append(seconds)
+    known: dict[str, float] = {}
+    for file in dict.fromkeys(files):
+        parts = file.split("/")
+        found = next((recorded[suffix] for suffix in ("/".join(parts[start:]) for start in range(len(parts)))
+                      if suffix in recorded), None)  # as `match_history` does, by file
+        if found:
+            known[file] = sum(found) + overhead_s * len(found)
+    ordered = list(dict.fromkeys(files))
+    if 2 * len(known) < len(ordered):
+        return None
+    guess = statistics.median(known.values())
+    estimate = {file: known.get(file, guess) for file in ordered}
+    if group == "auto" and max(estimate.values()) > sum(estimate.values()) / max(slots, 1) / 2:
+        return None
+    items = [Unit(file, (file,), seconds) for file, seconds in estimate.items()]
+    return pack(items, slots, min_shard_s=min_shard_s, order={file: i for i, file in enumerate(ordered)})
+
+
 def pull_makespan(shard_durations: Sequence[float], slots: int) -> float:
     """When the last of the shards ends if `slots` workers each take the next one in order as soon as
     they are free (what the coordinator does with a queue of equal-priority tasks)."""

@@ -158,3 +158,33 @@ def test_a_slower_worker_takes_fewer_tail_shards_so_the_run_ends_sooner_than_wit
     assert sum(len(s.nodeids) for s in one_each) == 40
     ours = split.plan(ids, history, 2, group="test")
     assert makespan(ours) < makespan(one_each)
+
+
+@given(st.lists(st.sampled_from([f"t/test_{i}.py" for i in range(12)]), min_size=1, max_size=12, unique=True),
+       st.dictionaries(st.sampled_from([f"t/test_{i}.py::test_{j}" for i in range(12) for j in range(3)]),
+                       durations, max_size=36),
+       slot_counts)
+def test_a_split_by_file_puts_every_file_in_one_shard_or_declines(files, history, slots):
+    shards = split.plan_files(files, history, slots, group="file")
+    known = {split.file_of(n) for n in history} & set(files)
+    if 2 * len(known) < len(files):
+        assert shards is None  # mostly unknown: collecting plans better
+        return
+    assert shards is not None
+    assert sorted(f for s in shards for f in s.nodeids) == sorted(files)
+    total = sum(s.estimate_s for s in shards)
+    expected = sum(history[n] + split.TEST_OVERHEAD_S for n in history if split.file_of(n) in files)
+    assert total >= expected - 1e-9  # unknown files add their guess on top
+
+
+def test_a_split_by_file_guesses_unknown_files_and_declines_what_auto_would_cut():
+    history = {"a/test_x.py::t": 1.0, "b/test_y.py::t": 1.2, "test_z.py::t": 0.8, "test_w.py::t": 1.0}
+    files = ["tests/a/test_x.py", "tests/b/test_y.py", "tests/test_z.py", "tests/test_w.py", "tests/test_new.py"]
+    shards = split.plan_files(files, history, 2, group="auto")  # recorded under another rootdir: by suffix
+    assert sorted(f for s in shards for f in s.nodeids) == sorted(files)
+    assert sum(s.estimate_s for s in shards) == pytest.approx(1 + 1.2 + 0.8 + 1 + 1 + 5 * split.TEST_OVERHEAD_S)
+    long_one = {**history, "c/test_big.py::t": 100.0}
+    files = ["a/test_x.py", "b/test_y.py", "test_z.py", "c/test_big.py"]
+    assert split.plan_files(files, long_one, 2, group="auto") is None  # auto would cut test_big.py
+    assert split.plan_files(files, long_one, 2, group="file") is not None
+    assert split.plan_files(files, long_one, 2, group="test") is None

@@ -97,6 +97,25 @@ def test_a_split_suite_reports_every_test_once_and_its_second_run_is_better_bala
     assert shard_makespan(second, again, 2) < shard_makespan(first, rows, 2)
 
 
+def test_a_changed_tree_with_history_is_split_by_file_without_collecting_it(system, tmp_path):
+    root = tmp_path / "bigger"
+    root.mkdir()
+    for i in range(6):
+        (root / f"test_f{i}.py").write_text(
+            "import time\n\n" + "".join(f"def test_{j}():\n    time.sleep(0.05)\n\n" for j in range(4)))
+    first = submit_split(system, str(root), "--split", "2")
+    assert first["returncode"] == 0, first["stderr"]
+    results_of(system, first["run_id"], 24)  # the history the next split reads
+    (root / "test_f0.py").write_text((root / "test_f0.py").read_text() + "\n# a commit later\n")
+    (root / "test_new.py").write_text("def test_new():\n    pass\n")
+    again = submit_split(system, str(root), "--split", "2")
+    assert again["returncode"] == 0, again["stderr"]
+    assert "7 test files" in again["stderr"] and "without collecting them" in again["stderr"]
+    assert again["summary"] == {"passed": 25, "failed": 0, "skipped": 0, "errors": 0}
+    rows = results_of(system, again["run_id"], 25)
+    assert len(rows) == len({r["nodeid"] for r in rows}) == 25  # every test once
+
+
 def test_a_split_run_counts_failures_and_skips_as_an_unsplit_one_does(system):
     report = submit_split(system, str(EXAMPLES / "mixed"), "--split", "auto", "--group", "test")
     assert report["returncode"] == 1, report["stderr"]

@@ -216,6 +216,19 @@ async def test_a_first_shard_whose_file_fails_to_collect_runs_cold(suite, pool, 
     assert pool.processes == []
 
 
+async def test_a_shard_of_whole_files_runs_every_test_in_them_and_a_file_without_tests_passes(
+        suite, pool, tmp_path):
+    (suite / "test_skipped.py").write_text("import pytest\n\npytest.skip('not here', allow_module_level=True)\n")
+    (suite / "test_empty.py").write_text("HELPER = 1\n")
+    whole = await run(pool, shard(["test_other.py", "test_skipped.py", "test_state.py"]), suite, tmp_path / "w1")
+    assert outcomes(whole) == {"test_other.py::test_loud": "failed",
+                               "test_state.py::test_first_to_run_in_this_process": "passed"}
+    assert "warm pytest not used" not in whole.output_tail
+    for runner in (lambda spec, d: run(pool, spec, suite, d), lambda spec, d: run_attempt(spec, suite, d)):
+        empty = await runner(shard(["test_empty.py"]), tmp_path / "w2")  # warm, then cold
+        assert empty.outcome == "passed" and empty.tests == []
+
+
 def test_only_split_shards_that_want_it_and_do_not_use_xdist_go_warm():
     assert warm.suite_of(shard(["a.py::t"])) == ["."]
     assert warm.suite_of(shard(["a.py::t"], warm_wanted=False)) is None

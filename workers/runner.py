@@ -2,8 +2,9 @@
 
     test       python -m pytest <paths> <pytest_args> -p dtf.workers.pytest_plugin -p no:cacheprovider -q
                exit 0 passed, 1 failed (error if no test was reported: pytest itself is missing),
-               5 (no tests collected) and anything else error; per-test outcomes come from the
-               plugin's DTF_TEST_REPORT file.
+               5 (no tests collected) and anything else error, except that a split shard of whole
+               files that hold no test passes; per-test outcomes come from the plugin's
+               DTF_TEST_REPORT file.
     command    /bin/sh -c <command>: exit 0 passed, else failed; it counts as one test.
     benchmark  like command, plus DTF_METRICS=<attempt_dir>/metrics.json for the benchmark to write
                a JSON object of numbers into, DTF_CONFIG=<json> and DTF_CONFIG_<KEY>=<value> for each
@@ -157,6 +158,9 @@ async def _judge_tests(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, s
         outcome, reason = early
     elif proc.exit_code == 0:
         outcome, reason = "passed", ""
+    elif proc.exit_code == 5 and _whole_files_shard(spec):  # its files hold no test here: nothing failed
+        outcome, reason = "passed", ""
+        sink.note("pytest collected no tests from this shard's files")
     elif proc.exit_code == 1 and tests:
         outcome, reason = "failed", ""
     elif proc.exit_code == 1:  # e.g. "No module named pytest": nothing ran, so nothing failed
@@ -169,6 +173,11 @@ async def _judge_tests(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, s
         reason = f"{reason} (exit code {proc.exit_code})"
         sink.note(reason)
     return _result(outcome, proc, tests, {}, sink, reason)
+
+
+def _whole_files_shard(spec: TaskSpec) -> bool:
+    """A shard of `dtf submit --split` that split by file, naming whole files pytest listed."""
+    return isinstance(spec.config.get("split"), dict) and all("::" not in p for p in test_paths(spec))
 
 
 async def _judge_command(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, sink: LogSink) -> RunResult:

@@ -9,7 +9,8 @@ line each. A request naming files not collected yet collects them first, into th
 where every pytest-xdist worker collects, and so imports, the whole suite:
 
     {"nodeids": [...], "report": "<path>"}   run these items (ids relative to the working directory,
-                                             as `dtf submit --split` collected them), in this order,
+                                             as `dtf submit --split` collected them, or whole files
+                                             when it split by file), in this order,
                                              through the normal `pytest_runtest_protocol`; the dtf
                                              report plugin writes their outcomes to "report"
 
@@ -88,6 +89,9 @@ class WarmLoop:
         """Collected so far, by node id relative to the working directory."""
         self.collected: set[str] = set()
         """The files (or directories) collection has been asked for."""
+        self.not_found: set[str] = set()
+        self.by_file: dict[str, list[Any]] = {}
+        """Collected items by file, in collection order."""
         self.failures: list[pytest.TestReport] = []
         self.counts: dict[str, int] = {}
 
@@ -102,12 +106,18 @@ class WarmLoop:
             self.reply({"ready": False, "collection_errors": session.testsfailed})
             return True
         self.cwd = str(session.config.invocation_params.dir)
-        self.items = {runnable_id(item, self.cwd): item for item in session.items}
+        self.add(session.items)
         self.collected = {file_of(arg) for arg in session.config.args}
         self.reply({"ready": True, "items": len(self.items)})
         while (request := self.requests.next()) is not None:
             self.serve(session, request)
         return True
+
+    def add(self, items: list[Any]) -> None:
+        for item in items:
+            nodeid = runnable_id(item, self.cwd)
+            self.items[nodeid] = item
+            self.by_file.setdefault(file_of(nodeid), []).append(item)
 
     def collect_more(self, session: pytest.Session, nodeids: list[str]) -> int:
         """Collect the files of `nodeids` not collected yet; the number of collection errors."""
@@ -119,15 +129,31 @@ class WarmLoop:
         try:
             new = session.perform_collect(files)
         except pytest.UsageError:  # "not found": the ids are then reported missing
+            self.not_found.update(files)
             return 0
-        self.items.update((runnable_id(item, self.cwd), item) for item in new)
+        self.add(new)
         return session.testsfailed - failed_before
 
+    def chosen(self, nodeids: list[str]) -> tuple[list[Any], list[str]]:
+        """The items a request names, in its order, and the ids it names that are not here. An id
+        without `::` that is not an item is a whole file (a shard of `--split` by file): its items,
+        none if it has none (every test skipped at module level, say)."""
+        chosen: list[Any] = []
+        missing: list[str] = []
+        for nodeid in nodeids:
+            if nodeid in self.items:
+                chosen.append(self.items[nodeid])
+            elif "::" not in nodeid and file_of(nodeid) in self.collected - self.not_found:
+                chosen.extend(self.by_file.get(file_of(nodeid), []))
+            else:
+                missing.append(nodeid)
+        return chosen, missing
+
     def serve(self, session: pytest.Session, request: dict) -> None:
-        items = self.items
-        missing = [n for n in request["nodeids"] if n not in items]
+        chosen, missing = self.chosen(request["nodeids"])
         errors = self.collect_more(session, missing) if missing else 0
-        missing = [n for n in missing if n not in items]
+        if missing:
+            chosen, missing = self.chosen(request["nodeids"])
         if missing or errors:
             self.reply({"exitstatus": None, "missing": missing[:20], "collection_errors": errors})
             return
@@ -138,7 +164,6 @@ class WarmLoop:
         session.shouldfail = session.shouldstop = False
         self.failures, self.counts = [], {}
         started = time.monotonic()
-        chosen = [items[n] for n in request["nodeids"]]
         for i, item in enumerate(chosen):
             nextitem = chosen[i + 1] if i + 1 < len(chosen) else None
             item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)

@@ -103,12 +103,17 @@ def slices(files: list[str], sizes: list[int], parts: int) -> list[list[str]]:
     return result
 
 
+def whole_files(args: list[str], pytest_args: list[str]) -> bool:
+    """Whether the arguments name whole files and directories (not node ids, not `--pyargs`
+    packages), so that the files `discover` lists stand for them."""
+    return all("::" not in arg for arg in args) and "--pyargs" not in pytest_args
+
+
 def collect(root: Path, args: list[str], pytest_args: list[str], python: str = sys.executable,
             *, collectors: int | None = None) -> list[str]:
     """The suite's node ids, relative to `root`: in parallel slices where that pays (see above)."""
     collectors = collectors or min(os.cpu_count() or 1, MAX_COLLECTORS)
-    whole_files = all("::" not in arg for arg in args) and "--pyargs" not in pytest_args
-    worth_it = collectors > 1 and whole_files and _python_files(root, args, PARALLEL_MIN_FILES)
+    worth_it = collectors > 1 and whole_files(args, pytest_args) and _python_files(root, args, PARALLEL_MIN_FILES)
     files = discover(root, args, pytest_args, python) if worth_it else None
     if files is None or len(files) < PARALLEL_MIN_FILES:
         return collect_once(root, args, pytest_args, python)
@@ -162,25 +167,39 @@ def collection_key(workspace_sha: str, args: list[str], pytest_args: list[str], 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _cache_entry(workspace_sha: str | None, args: list[str], pytest_args: list[str], python: str) -> Path | None:
+    if workspace_sha is None or python != sys.executable:
+        return None
+    return collections_dir() / f"{collection_key(workspace_sha, args, pytest_args, python)}.json"
+
+
+def cached(args: list[str], pytest_args: list[str], workspace_sha: str | None,
+           python: str = sys.executable) -> list[str] | None:
+    """The node ids of the same workspace collected the same way before, if they are cached."""
+    path = _cache_entry(workspace_sha, args, pytest_args, python)
+    if path is None:
+        return None
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=list[str]) or None
+    except (OSError, msgspec.DecodeError):
+        return None  # not cached yet, or a damaged entry: collect again
+
+
 def cached_collect(root: Path, args: list[str], pytest_args: list[str], workspace_sha: str | None,
                    python: str = sys.executable) -> tuple[list[str], bool]:
     """`collect`, answered from the cache when the same workspace was collected the same way before;
     whether it was. Blocking: call it in a thread."""
-    if workspace_sha is None or python != sys.executable:
-        return collect(root, args, pytest_args, python), False
-    path = collections_dir() / f"{collection_key(workspace_sha, args, pytest_args, python)}.json"
-    try:
-        nodeids = msgspec.json.decode(path.read_bytes(), type=list[str])
-        if nodeids:
-            return nodeids, True
-    except (OSError, msgspec.DecodeError):
-        pass  # not cached yet, or a damaged entry: collect again
+    nodeids = cached(args, pytest_args, workspace_sha, python)
+    if nodeids is not None:
+        return nodeids, True
     nodeids = collect(root, args, pytest_args, python)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_bytes(msgspec.json.encode(nodeids))
-        scratch.replace(path)  # atomic: a concurrent submit reads the old entry or the new one
-    except OSError:
-        pass  # a read-only home: collect every time
+    path = _cache_entry(workspace_sha, args, pytest_args, python)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = path.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_bytes(msgspec.json.encode(nodeids))
+            scratch.replace(path)  # atomic: a concurrent submit reads the old entry or the new one
+        except OSError:
+            pass  # a read-only home: collect every time
     return nodeids, False

@@ -1,5 +1,11 @@
 """`dtf submit PATHS --split auto|N`: collect the suite once (`collection`), ask the read model how
-long each test took, and pack the node ids into shards (`dtf.split`) sized for the capable workers."""
+long each test took, and pack the node ids into shards (`dtf.split`) sized for the capable workers.
+
+A tree not collected before (the collection cache is by content, so every commit of a CI run) whose
+every test file has recorded tests is split by whole files instead, without collecting it: pytest
+lists the files (no test module imported), each is estimated from the tests it recorded, and the
+shards name files. Only under `--group auto|file`, and only when no file is so long that it
+should be cut (`split.plan_files`); otherwise the suite is collected as above."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from dtf import split, subjects
-from dtf.cli.collection import cached_collect
+from dtf.cli import collection
 from dtf.cli.common import CliError, query_scope
 from dtf.schedule import capable
 from dtf.spec import Requirements, TaskSpec, test_args
@@ -82,22 +88,40 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
         raise CliError("--split auto sizes the split by the workers in the event log, which submitter "
                        "credentials cannot read; give --split N")
     args = relative_args(paths, root)
-    nodeids, cached = await asyncio.to_thread(cached_collect, root, args, test_args(base), workspace_sha)
+    pytest_args = test_args(base)
+    slots = await _slots(js, request, base)
+    config = {**base.config, "split": {"suite": args, "warm": request.warm}}
+    marked = msgspec.structs.replace(base, config=config)
+    nodeids = await asyncio.to_thread(collection.cached, args, pytest_args, workspace_sha)
+    if nodeids is None and request.group in ("auto", "file") and collection.whole_files(args, pytest_args):
+        files = await asyncio.to_thread(collection.discover, root, args, pytest_args)
+        by_file = split.plan_files(files, await history(nc, files, project), slots, group=request.group) \
+            if files else None
+        if by_file is not None:
+            click.echo(f"dtf: split {len(files)} test files into {len(by_file)} shards for {slots} slots "
+                       f"by the tests they recorded, without collecting them "
+                       f"(~{sum(s.estimate_s for s in by_file):.1f}s estimated)", err=True)
+            return marked, [list(s.nodeids) for s in by_file]
+    was_cached = nodeids is not None
+    if nodeids is None:
+        nodeids, _ = await asyncio.to_thread(collection.cached_collect, root, args, pytest_args, workspace_sha)
     if not nodeids:
         raise CliError(f"pytest listed no node ids under {' '.join(args)}")
-    slots = request.slots
-    if slots is None:
-        slots = await capable_slots(js, base.requirements)
-        if slots == 0:
-            click.echo("dtf: no capable worker is online to size the split for; planning for 1 "
-                       "(give --split N to plan for N)", err=True)
-            slots = 1
     known = await history(nc, sorted({split.file_of(n) for n in nodeids}), project)
     planned = split.plan(nodeids, known, slots, group=request.group)
     matched = len(split.match_history(nodeids, known))
     click.echo(f"dtf: split {len(nodeids)} tests into {len(planned)} shards for {slots} slots "
                f"({matched} with history, ~{sum(s.estimate_s for s in planned):.1f}s estimated"
-               f"{'; collection cached' if cached else ''})", err=True)
-    config = {**base.config, "split": {"suite": args, "warm": request.warm}}
-    marked = msgspec.structs.replace(base, config=config)
+               f"{'; collection cached' if was_cached else ''})", err=True)
     return marked, [list(s.nodeids) for s in planned]
+
+
+async def _slots(js: JetStreamContext, request: Request, base: TaskSpec) -> int:
+    if request.slots is not None:
+        return request.slots
+    slots = await capable_slots(js, base.requirements)
+    if slots == 0:
+        click.echo("dtf: no capable worker is online to size the split for; planning for 1 "
+                   "(give --split N to plan for N)", err=True)
+        slots = 1
+    return slots
