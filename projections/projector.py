@@ -9,7 +9,8 @@ about the same for 5 rows as for 500, so a busy bus is written in few big batche
 at most 0.1 s later), fetches the test lists those results keep in the artifacts store, applies the
 batch in one DuckDB transaction in a worker thread (never on the event loop) and then acks each
 message. Acks come after the commit, so a crash redelivers at most a committed batch, which the
-checkpoint and the event ledger make harmless. A batch that fails is nak'd and retried; the loops never die on an error.
+checkpoint and the event ledger make harmless. A batch that fails is nak'd and retried; the loops
+never die on an error.
 
 On `stop`, each loop finishes the batch in hand (an outstanding fetch ends within its timeout and
 its messages are applied too), then every task is cancelled and the database closed.

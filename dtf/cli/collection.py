@@ -55,7 +55,8 @@ def parse_collection(output: str) -> list[str]:
 def _pytest(root: Path, args: list[str], pytest_args: list[str], python: str,
             env: dict[str, str] | None = None, *plugins: str) -> subprocess.CompletedProcess:
     argv = [python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-            *(arg for plugin in plugins for arg in ("-p", plugin)), "--rootdir", str(root), *args, *pytest_args]
+            *(arg for plugin in plugins for arg in ("-p", plugin)), "--rootdir", str(root),
+            *args, *pytest_args]
     try:
         return subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=COLLECT_TIMEOUT_S,
                               stdin=subprocess.DEVNULL, check=False, env=env)
@@ -78,7 +79,8 @@ def collect_once(root: Path, args: list[str], pytest_args: list[str], python: st
     return parse_collection(done.stdout)
 
 
-def discover(root: Path, args: list[str], pytest_args: list[str], python: str = sys.executable) -> list[str] | None:
+def discover(root: Path, args: list[str], pytest_args: list[str],
+             python: str = sys.executable) -> list[str] | None:
     """The files a collection of `args` would import, in its order; None when pytest cannot say
     (the caller then collects in one go, which reports any error properly)."""
     with tempfile.TemporaryDirectory(prefix="dtf-discover-") as tmp:
@@ -110,11 +112,16 @@ def whole_files(args: list[str], pytest_args: list[str]) -> bool:
 
 
 def collect(root: Path, args: list[str], pytest_args: list[str], python: str = sys.executable,
-            *, collectors: int | None = None) -> list[str]:
-    """The suite's node ids, relative to `root`: in parallel slices where that pays (see above)."""
+            *, collectors: int | None = None, files: list[str] | None = None) -> list[str]:
+    """The suite's node ids, relative to `root`: in parallel slices where that pays (see above).
+    `files`: what `discover` said for these arguments, if it was asked already."""
     collectors = collectors or min(os.cpu_count() or 1, MAX_COLLECTORS)
-    worth_it = collectors > 1 and whole_files(args, pytest_args) and _python_files(root, args, PARALLEL_MIN_FILES)
-    files = discover(root, args, pytest_args, python) if worth_it else None
+    worth_it = (collectors > 1 and whole_files(args, pytest_args)
+                and _python_files(root, args, PARALLEL_MIN_FILES))
+    if files is None and worth_it:
+        files = discover(root, args, pytest_args, python)
+    elif not worth_it:
+        files = None
     if files is None or len(files) < PARALLEL_MIN_FILES:
         return collect_once(root, args, pytest_args, python)
     sizes = [_size(root / name) for name in files]
@@ -167,7 +174,8 @@ def collection_key(workspace_sha: str, args: list[str], pytest_args: list[str], 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _cache_entry(workspace_sha: str | None, args: list[str], pytest_args: list[str], python: str) -> Path | None:
+def _cache_entry(workspace_sha: str | None, args: list[str], pytest_args: list[str],
+                 python: str) -> Path | None:
     if workspace_sha is None or python != sys.executable:
         return None
     return collections_dir() / f"{collection_key(workspace_sha, args, pytest_args, python)}.json"
@@ -186,13 +194,13 @@ def cached(args: list[str], pytest_args: list[str], workspace_sha: str | None,
 
 
 def cached_collect(root: Path, args: list[str], pytest_args: list[str], workspace_sha: str | None,
-                   python: str = sys.executable) -> tuple[list[str], bool]:
+                   python: str = sys.executable, *, files: list[str] | None = None) -> tuple[list[str], bool]:
     """`collect`, answered from the cache when the same workspace was collected the same way before;
     whether it was. Blocking: call it in a thread."""
     nodeids = cached(args, pytest_args, workspace_sha, python)
     if nodeids is not None:
         return nodeids, True
-    nodeids = collect(root, args, pytest_args, python)
+    nodeids = collect(root, args, pytest_args, python, files=files)
     path = _cache_entry(workspace_sha, args, pytest_args, python)
     if path is not None:
         try:

@@ -2,7 +2,7 @@
 long each test took, and pack the node ids into shards (`dtf.split`) sized for the capable workers.
 
 A tree not collected before (the collection cache is by content, so every commit of a CI run) whose
-every test file has recorded tests is split by whole files instead, without collecting it: pytest
+files mostly have recorded tests is split by whole files instead, without collecting it: pytest
 lists the files (no test module imported), each is estimated from the tests it recorded, and the
 shards name files. Only under `--group auto|file`, and only when no file is so long that it
 should be cut (`split.plan_files`); otherwise the suite is collected as above."""
@@ -93,6 +93,7 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
     config = {**base.config, "split": {"suite": args, "warm": request.warm}}
     marked = msgspec.structs.replace(base, config=config)
     nodeids = await asyncio.to_thread(collection.cached, args, pytest_args, workspace_sha)
+    files = None
     if nodeids is None and request.group in ("auto", "file") and collection.whole_files(args, pytest_args):
         files = await asyncio.to_thread(collection.discover, root, args, pytest_args)
         by_file = split.plan_files(files, await history(nc, files, project), slots, group=request.group) \
@@ -104,7 +105,8 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
             return marked, [list(s.nodeids) for s in by_file]
     was_cached = nodeids is not None
     if nodeids is None:
-        nodeids, _ = await asyncio.to_thread(collection.cached_collect, root, args, pytest_args, workspace_sha)
+        nodeids, _ = await asyncio.to_thread(collection.cached_collect, root, args, pytest_args,
+                                             workspace_sha, files=files)
     if not nodeids:
         raise CliError(f"pytest listed no node ids under {' '.join(args)}")
     known = await history(nc, sorted({split.file_of(n) for n in nodeids}), project)
