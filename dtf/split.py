@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import re
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,6 +72,12 @@ def class_of(nodeid: str) -> str:
     return "::".join(parts[:-1]) if len(parts) > 2 else parts[0]
 
 
+def _suffixes(path: str) -> Iterator[str]:
+    """`a/b/c.py`, `b/c.py`, `c.py`: the path as recorded relative to ever deeper rootdirs."""
+    parts = path.split("/")
+    return ("/".join(parts[start:]) for start in range(len(parts)))
+
+
 def match_history(nodeids: Iterable[str], history: Mapping[str, float]) -> dict[str, float]:
     """The recorded duration of each collected node id that has one. The collected ids are relative to
     the shipped root; pytest reports them relative to its rootdir, which may be a folder below it
@@ -80,9 +86,8 @@ def match_history(nodeids: Iterable[str], history: Mapping[str, float]) -> dict[
     found: dict[str, float] = {}
     for nodeid in nodeids:
         file, sep, rest = nodeid.partition("::")
-        parts = file.split("/")
-        for start in range(len(parts)):
-            candidate = "/".join(parts[start:]) + sep + rest
+        for suffix in _suffixes(file):
+            candidate = suffix + sep + rest
             if candidate in history:
                 found[nodeid] = history[candidate]
                 break
@@ -217,14 +222,12 @@ def plan_files(files: Sequence[str], history: Mapping[str, float], slots: int, *
     recorded: dict[str, list[float]] = {}
     for nodeid, seconds in history.items():
         recorded.setdefault(file_of(nodeid), []).append(seconds)
+    ordered = list(dict.fromkeys(files))
     known: dict[str, float] = {}
-    for file in dict.fromkeys(files):
-        parts = file.split("/")
-        found = next((recorded[suffix] for suffix in ("/".join(parts[start:]) for start in range(len(parts)))
-                      if suffix in recorded), None)  # as `match_history` does, by file
+    for file in ordered:
+        found = next((recorded[s] for s in _suffixes(file) if s in recorded), None)  # as `match_history`
         if found:
             known[file] = sum(found) + overhead_s * len(found)
-    ordered = list(dict.fromkeys(files))
     if 2 * len(known) < len(ordered):
         return None
     guess = statistics.median(known.values())

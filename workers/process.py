@@ -59,18 +59,26 @@ class Limits:
     open_files: int | None = 65536
     """RLIMIT_NOFILE."""
 
-    def _wanted(self) -> list[tuple[int, int]]:
-        return [(which, wanted) for which, wanted in (
-            (resource.RLIMIT_AS, self.memory_bytes), (resource.RLIMIT_NOFILE, self.open_files),
-        ) if wanted is not None]
+    def _targets(self) -> list[tuple[int, int]]:
+        """Each limit to set, with the value soft and hard both get: the wish, or the hard limit
+        where that is lower (a limit can only be lowered)."""
+        targets = []
+        wishes = ((resource.RLIMIT_AS, self.memory_bytes), (resource.RLIMIT_NOFILE, self.open_files))
+        for which, wanted in wishes:
+            if wanted is not None:
+                _, hard = resource.getrlimit(which)
+                targets.append((which, wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)))
+        return targets
 
     def apply(self) -> None:
         """In the child, between fork and exec: soft and hard limit both, so the task cannot raise
         them. Never raises (an exception here would abort the exec with an unclear error)."""
-        for which, wanted in self._wanted():
+        try:
+            targets = self._targets()
+        except (ValueError, OSError):
+            return
+        for which, value in targets:
             try:
-                _, hard = resource.getrlimit(which)
-                value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
                 resource.setrlimit(which, (value, value))
             except (ValueError, OSError):
                 pass  # the OS does not allow it here: run without
@@ -78,12 +86,8 @@ class Limits:
     def preexec(self) -> Callable[[], None] | None:
         """`apply`, for a child to run between fork and exec; None when this process holds exactly
         these limits already, so a child inherits them and can be spawned with vfork."""
-        for which, wanted in self._wanted():
-            soft, hard = resource.getrlimit(which)
-            value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)  # as `apply` sets
-            if (soft, hard) != (value, value):
-                return self.apply
-        return None
+        held = all(resource.getrlimit(which) == (value, value) for which, value in self._targets())
+        return None if held else self.apply
 
     def hold_open_files(self) -> None:
         """Take the open-files limit on this process itself (a worker: it needs far fewer), so its

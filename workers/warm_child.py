@@ -141,10 +141,11 @@ class WarmLoop:
         chosen: list[Any] = []
         missing: list[str] = []
         for nodeid in nodeids:
+            file = file_of(nodeid)
             if nodeid in self.items:
                 chosen.append(self.items[nodeid])
-            elif "::" not in nodeid and file_of(nodeid) in self.collected - self.not_found:
-                chosen.extend(self.by_file.get(file_of(nodeid), []))
+            elif "::" not in nodeid and file in self.collected and file not in self.not_found:
+                chosen.extend(self.by_file.get(file, []))
             else:
                 missing.append(nodeid)
         return chosen, missing

@@ -20,6 +20,7 @@ every package installed in it. Submitting the same tree again skips the collecti
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -39,6 +40,8 @@ COLLECT_TIMEOUT_S = 600.0
 PARALLEL_MIN_FILES = 40
 """Below this, a second pytest start-up costs more than the imports it would share out."""
 MAX_COLLECTORS = 8
+SKIP_DIRS = frozenset({"__pycache__", "node_modules", "venv", "build", "dist"})
+"""Not walked when counting a tree's .py files (pytest's own norecursedirs, roughly)."""
 
 
 def parse_collection(output: str) -> list[str]:
@@ -116,12 +119,12 @@ def collect(root: Path, args: list[str], pytest_args: list[str], python: str = s
     """The suite's node ids, relative to `root`: in parallel slices where that pays (see above).
     `files`: what `discover` said for these arguments, if it was asked already."""
     collectors = collectors or min(os.cpu_count() or 1, MAX_COLLECTORS)
-    worth_it = (collectors > 1 and whole_files(args, pytest_args)
+    parallel = (collectors > 1 and whole_files(args, pytest_args)
                 and _python_files(root, args, PARALLEL_MIN_FILES))
-    if files is None and worth_it:
+    if not parallel:
+        return collect_once(root, args, pytest_args, python)
+    if files is None:
         files = discover(root, args, pytest_args, python)
-    elif not worth_it:
-        files = None
     if files is None or len(files) < PARALLEL_MIN_FILES:
         return collect_once(root, args, pytest_args, python)
     sizes = [_size(root / name) for name in files]
@@ -132,9 +135,6 @@ def collect(root: Path, args: list[str], pytest_args: list[str], python: str = s
     if not nodeids:
         raise CliError(f"pytest collected no tests under {' '.join(args)}")
     return nodeids
-
-
-SKIP_DIRS = frozenset({"__pycache__", "node_modules", "venv", "build", "dist"})
 
 
 def _python_files(root: Path, args: list[str], enough: int) -> bool:
@@ -169,9 +169,15 @@ def collection_key(workspace_sha: str, args: list[str], pytest_args: list[str], 
     """What decides a collection's node ids besides the files: arguments, interpreter, installed
     packages (a plugin or a dependency upgrade can change parametrization). Only the running
     interpreter's packages can be listed, so another `python` is never cached."""
-    installed = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
-    blob = json.dumps([workspace_sha, args, pytest_args, python, sys.version, installed])
+    blob = json.dumps([workspace_sha, args, pytest_args, python, sys.version, _installed()])
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@functools.cache
+def _installed() -> list[str]:
+    """This interpreter's packages and versions: listed once per process (it reads every package's
+    metadata), however often a key is made."""
+    return sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
 
 
 def _cache_entry(workspace_sha: str | None, args: list[str], pytest_args: list[str],

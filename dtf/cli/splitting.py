@@ -26,6 +26,7 @@ from dtf.spec import Requirements, TaskSpec, test_args
 from dtf.state import Fold
 from dtf.streams import bus, topology
 
+
 def parse_split(value: str) -> int | None:
     """`auto` (None: as many slots as the capable workers offer) or a number of parallel slots."""
     if value == "auto":
@@ -93,23 +94,25 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
     config = {**base.config, "split": {"suite": args, "warm": request.warm}}
     marked = msgspec.structs.replace(base, config=config)
     nodeids = await asyncio.to_thread(collection.cached, args, pytest_args, workspace_sha)
-    files = None
-    if nodeids is None and request.group in ("auto", "file") and collection.whole_files(args, pytest_args):
-        files = await asyncio.to_thread(collection.discover, root, args, pytest_args)
-        by_file = split.plan_files(files, await history(nc, files, project), slots, group=request.group) \
-            if files else None
-        if by_file is not None:
-            click.echo(f"dtf: split {len(files)} test files into {len(by_file)} shards for {slots} slots "
-                       f"by the tests they recorded, without collecting them "
-                       f"(~{sum(s.estimate_s for s in by_file):.1f}s estimated)", err=True)
-            return marked, [list(s.nodeids) for s in by_file]
     was_cached = nodeids is not None
+    files = known = None
+    if not was_cached and request.group in ("auto", "file") and collection.whole_files(args, pytest_args):
+        files = await asyncio.to_thread(collection.discover, root, args, pytest_args)
+        if files:
+            known = await history(nc, files, project)  # the same files the node ids would come from
+            by_file = split.plan_files(files, known, slots, group=request.group)
+            if by_file is not None:
+                click.echo(f"dtf: split {len(files)} test files into {len(by_file)} shards for {slots} slots "
+                           f"by the tests they recorded, without collecting them "
+                           f"(~{sum(s.estimate_s for s in by_file):.1f}s estimated)", err=True)
+                return marked, [list(s.nodeids) for s in by_file]
     if nodeids is None:
         nodeids, _ = await asyncio.to_thread(collection.cached_collect, root, args, pytest_args,
                                              workspace_sha, files=files)
     if not nodeids:
         raise CliError(f"pytest listed no node ids under {' '.join(args)}")
-    known = await history(nc, sorted({split.file_of(n) for n in nodeids}), project)
+    if known is None:
+        known = await history(nc, sorted({split.file_of(n) for n in nodeids}), project)
     planned = split.plan(nodeids, known, slots, group=request.group)
     matched = len(split.match_history(nodeids, known))
     click.echo(f"dtf: split {len(nodeids)} tests into {len(planned)} shards for {slots} slots "

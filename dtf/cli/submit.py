@@ -285,7 +285,9 @@ async def follow_run(
 
     def show() -> None:
         nonlocal shown, held_back
-        held_back = None
+        if held_back is not None:  # shown now: a held-back showing would only repeat it
+            held_back.cancel()
+            held_back = None
         shown = loop.time()
         if on_change is not None:
             on_change(list(fold.tasks.values()))
