@@ -10,6 +10,7 @@ Regenerate after changing an event class:  python -m dtf.streams.schemas
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -47,9 +48,20 @@ def subject_template(cls: type[ev.Event]) -> str:
     return subjects.task("{run_id}", "{task_id}", subjects.TASK_KINDS[cls], party)
 
 
+def tidy_descriptions(node: Any) -> Any:
+    """Every `description` dedented by `inspect.cleandoc`: msgspec 0.23 began to tidy docstrings itself
+    and older releases did not, so the committed files must not depend on which one is installed."""
+    if isinstance(node, dict):
+        return {key: inspect.cleandoc(value) if key == "description" and isinstance(value, str)
+                else tidy_descriptions(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [tidy_descriptions(item) for item in node]
+    return node
+
+
 def schema_for(cls: type[ev.Event]) -> dict[str, Any]:
     name = cls.__name__
-    schema = msgspec.json.schema(cls)
+    schema = tidy_descriptions(msgspec.json.schema(cls))
     definition = schema["$defs"][name]
     definition["required"] = sorted(set(definition.get("required", [])) | set(REQUIRED_ON_THE_WIRE))
     return {
