@@ -23,7 +23,7 @@ import pytest
 import yaml
 from nats.js.api import StreamConfig
 
-from dtf.cli import main
+from cli_lines import resolve_dtf_command
 from dtf.streams import auth
 from dtf.streams.server import binary
 
@@ -40,21 +40,6 @@ ROLES = {"coordinator-a": "coordinator", "coordinator-b": "coordinator", "projec
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
-
-
-def resolve_dtf_command(argv: list[str]) -> click.Context:
-    """Parse `dtf <command> [options]` with the real CLI, without running it. Raises click's
-    UsageError family (NoSuchOption, BadParameter, ...) exactly as `dtf` itself would."""
-    if not argv or argv[0] != "dtf":
-        raise click.UsageError(f"not a dtf command: {argv!r}")
-    if len(argv) < 2 or argv[1].startswith("-"):
-        raise click.UsageError(f"expected `dtf <command> ...`, got {argv!r}")
-    root = click.Context(main, info_name="dtf")
-    command = main.get_command(root, argv[1])
-    if command is None:
-        raise click.UsageError(f"no such dtf command: {argv[1]!r}")
-    # resilient_parsing=False: unknown options, missing values and bad types all raise.
-    return command.make_context(argv[1], list(argv[2:]), parent=root)
 
 
 def test_compose_parses_and_has_every_service(compose):
