@@ -29,7 +29,7 @@ import duckdb
 import msgspec
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import subjects, wire
 from dtf.projections import anomalies, rows, schema
 from dtf.state import ACTIVE, Fold, TaskState, WorkerState
 from dtf.streams.topology import EVENTS, HEARTBEATS
@@ -78,9 +78,10 @@ _worker_state = msgspec.json.Decoder(WorkerState)
 
 
 def _event_id(data: bytes) -> str:
+    """The event id the ledger keys on; "" for a message that is no event (the fold records why)."""
     try:
-        return _envelope.decode(data).id
-    except msgspec.DecodeError:
+        return wire.decode(data, _envelope).id
+    except wire.WireError:
         return ""
 
 

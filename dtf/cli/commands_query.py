@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import subjects, wire
 from dtf.cli.common import CliError, connected, nats_options, query_scope
 from dtf.replay import Cutoff
 from dtf.streams import bus, topology
@@ -47,7 +47,12 @@ async def ask(nc, name: str, request: dict) -> list[dict]:
             raise CliError("no projector answered (is `dtf up` or `dtf projector` running?)") from None
         except NatsTimeout:
             raise CliError("the projector did not answer in time") from None
-        body = json.loads(reply.data)
+        try:
+            body = wire.decode(reply.data)
+        except wire.WireError as exc:
+            raise CliError(f"the projector's reply is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise CliError("the projector's reply is not a JSON object")
         if "error" in body:
             raise CliError(f"projector: {body['error']}")
         rows.extend(body.get(name, []))
