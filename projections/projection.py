@@ -122,9 +122,12 @@ class Projection:
     def _load(self) -> None:
         """The snapshot: fold state and checkpoints exactly as last committed."""
         self.fold = Fold()
-        for (state,) in self.con.execute("SELECT state FROM tasks").fetchall():
+        # In submission order, so each run's owner is the submitter of its first admitted task.
+        for (state,) in self.con.execute("SELECT state FROM tasks ORDER BY submitted_at, task_id").fetchall():
             task = _task_state.decode(state)
             self.fold.tasks[task.task_id] = task
+            if task.submitter:
+                self.fold.owners.setdefault(task.run_id, task.submitter)
             if task.status in ACTIVE:
                 self.fold.active.setdefault(task.worker_id, set()).add(task.task_id)
         for (state,) in self.con.execute("SELECT state FROM workers").fetchall():
