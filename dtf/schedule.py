@@ -425,9 +425,11 @@ def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(
     yield from lost_workers(fold, now, policy)
     yield from lost_attempts(fold, now)
     yield from quarantines(fold, now, policy)
-    yield from rejections(fold, now)
+    # A rejection may land on a known task's subject (its id submitted again): that task waits a round.
+    rejected = rejections(fold, now)
+    yield from rejected
     cancelled = dependency_cancellations(fold, now)
-    touched = {d.task_id for d in cancelled}
+    touched = {d.task_id for d in rejected} | {d.task_id for d in cancelled}
     yield from cancelled
     stuck = unschedulable(fold, now, policy, touched)
     touched |= {d.task_id for d in stuck}
