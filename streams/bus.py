@@ -40,11 +40,16 @@ class TooLarge(ValueError):
     nats-py checks only the payload, and the server closes a connection that sends more."""
 
 
+def message_size(data: bytes, headers: dict[str, str]) -> int:
+    """What the server counts against max_payload: the payload and the headers as nats-py frames
+    them ("NATS/1.0\r\n", "key: value\r\n" each, then a blank line)."""
+    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 def encoded(js: JetStreamContext, event: ev.Event, headers: dict[str, str]) -> bytes:
     """The event's bytes, once they are known to fit the server's max_payload with `headers`."""
     data = ev.encode(event)
-    # As nats-py frames them: "NATS/1.0\r\n", "key: value\r\n" each, then a blank line.
-    size = len(data) + 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+    size = message_size(data, headers)
     limit = js._nc.max_payload  # noqa: SLF001 - the server's own figure, from its INFO
     if size > limit:
         raise TooLarge(f"{type(event).__name__} {event.id} is {size} bytes with its headers; the server takes {limit}")
