@@ -9,6 +9,10 @@ messages for the same reasons (each refused submission gets a TaskRejected on th
     task ids   a task id is submitted once; the same event stored again (a republish after the
                dedup window) is harmless, any other submission of the id is refused
 
+A rejection counts as its submitter's task too (it claims a new run, and it fails the run it is in),
+so the rejection of anyone else's message in an owned run is kept on the record but is no task of
+that run: garbage published into your run cannot flip its verdict either.
+
 The CLI runs the same checks before it publishes (`dtf submit` exits 2 on them).
 """
 
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from dtf import events as ev
+from dtf import subjects
 from dtf.limits import MAX_SUBMISSION_BYTES
 
 if TYPE_CHECKING:
@@ -46,6 +51,13 @@ def foreign_run(run_id: str, submitter: str, owners: Mapping[str, str]) -> str |
     if owner is not None and owner != submitter:
         return f"run {run_id} belongs to submitter {owner}"
     return None
+
+
+def rejected_submitter(event: ev.TaskRejected) -> str:
+    """Who sent the message a TaskRejected refuses: the party of a submission's subject ("" for
+    anything else, e.g. a message on a malformed task subject)."""
+    source = subjects.parse(event.source_subject)
+    return source.party if source.kind == "submitted" else ""
 
 
 def taken_task_id(event: ev.TaskSubmitted, known: TaskState | None) -> str | None:

@@ -156,6 +156,7 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
         case ev.TaskRejected() if task is None:
             return TaskState(
                 run_id=event.run_id, task_id=event.task_id, status="rejected",
+                submitter=admission.rejected_submitter(event),
                 reason=event.reason, submitted_at=event.time, finished_at=event.time,
             )
         case _ if task is None or task.terminal:
@@ -490,9 +491,13 @@ class Fold:
 
     def apply_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.TaskEvent):
+            before = self.tasks.get(event.task_id)
             if isinstance(event, ev.TaskRejected):
                 self.invalid.pop(event.source_seq, None)
-            before = self.tasks.get(event.task_id)
+                if before is None and admission.foreign_run(
+                        event.run_id, admission.rejected_submitter(event), self.owners) is not None:
+                    self.ignored += 1  # someone else's message in an owned run: on the record, not a task of it
+                    return
             if before is not None and before.run_id != event.run_id:
                 self.ignored += 1
                 return
