@@ -166,6 +166,27 @@ def test_a_projector_restarted_from_its_tables_knows_every_runs_owner(items):
     assert Projection(con).fold.owners == live.owners
 
 
+@SOME
+@given(submissions, st.lists(st.tuples(st.sampled_from(["ra", "rb"]), st.sampled_from(["g1", "g2"]),
+                                       st.sampled_from(["alice", "bob", "mallory"])), max_size=4), st.randoms())
+def test_no_one_can_fail_anothers_run_with_garbage_or_foreign_tasks(items, garbage, random):
+    """Whatever is submitted or thrown at a run's subjects, and rejected on the record in between,
+    every task a run ends up with is its owner's."""
+    messages = [(subjects.subject_for(e), ev.encode(e)) for e in (submitted(t, r, w, n) for r, t, w, n in items)]
+    messages += [(subjects.task(run, task, "submitted", who), b"{garbage") for run, task, who in garbage]
+    random.shuffle(messages)
+    fold = Fold()
+    for seq, (subject, data) in enumerate(messages, 1):
+        fold.apply(subject, seq, data)
+        if random.random() < 0.3:  # the coordinator rejects what is set aside so far
+            for rejection in schedule.rejections(fold, T0):
+                fold.apply_event(rejection)
+    for rejection in schedule.rejections(fold, T0):
+        fold.apply_event(rejection)
+    for task in fold.tasks.values():
+        assert task.submitter == fold.owners[task.run_id], task
+
+
 def test_the_same_submission_stored_again_changes_nothing_and_another_under_its_id_is_refused():
     first = submitted("t1", n=0)
     other = msgspec.structs.replace(submitted("t1", n=0, extra="x"), id="submit-t1-other")
