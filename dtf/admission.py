@@ -61,12 +61,14 @@ def rejected_submitter(event: ev.TaskRejected) -> str:
 
 
 def taken_task_id(event: ev.TaskSubmitted, known: TaskState | None) -> str | None:
-    """Why the task id cannot be submitted again (None when it is new, or this very event again).
-    A task from a snapshot written before submissions kept their id is matched by its time."""
+    """Why the task id cannot be submitted again (None when it is new, or this very event again:
+    same id, time, submitter and spec; a task from a snapshot written before submissions kept their
+    id is matched by the rest)."""
     if known is None:
         return None
     if known.run_id != event.run_id:
         return f"task id {event.task_id} is already used by run {known.run_id}"
-    if known.submitted_at == event.time and known.submission in ("", event.id):
+    same = (known.submitted_at, known.submitter, known.spec) == (event.time, event.submitter, event.spec)
+    if same and known.submission in ("", event.id):
         return None
     return f"task id {event.task_id} is already submitted in run {known.run_id}; submit new work under a new task id"
