@@ -10,6 +10,7 @@ wherever it is read.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -26,31 +27,22 @@ class WireError(ValueError):
 # linear even for input made of quotes and backslashes.
 _STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_OPENERS = frozenset(b"[{")
-_PAIR = re.compile(rb"\[\]|\{\}")  # one scan: a pair that only meets once another is gone waits a pass
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 def nesting_error(data: bytes, limit: int = MAX_DEPTH) -> str | None:
-    """Why `data` nests too deep (None when it does not). Brackets inside strings do not count;
-    unbalanced input counts as deep as it gets before it breaks off."""
+    """Why `data` nests too deep (None when it does not): how deep its brackets outside strings get
+    (for unbalanced input, as deep as any prefix gets)."""
     if data.count(b"[") + data.count(b"{") <= limit:
         return None  # the common case: cannot nest deeper than it has brackets
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
     if brackets.count(b"[") + brackets.count(b"{") <= limit:
         return None
-    # Strip innermost pairs, one level per pass: valid JSON is empty after as many passes as it nests.
-    passes = 0
-    while brackets and passes <= limit:
-        shorter = _PAIR.sub(b"", brackets)
-        if len(shorter) == len(brackets):
-            break  # unbalanced: what is left never closes
-        brackets, passes = shorter, passes + 1
-    level = passes  # what is left (unclosed openers) nests around what the passes removed
-    for byte in brackets:
-        level += 1 if byte in _OPENERS else -1
-        if level > limit:
-            return f"nested more than {limit} levels deep"
-    return None if passes <= limit else f"nested more than {limit} levels deep"
+    # The deepest prefix, summed at C speed: +1 per opener, -1 per closer (as signed bytes).
+    steps = memoryview(brackets.translate(_STEPS)).cast("b")
+    if max(itertools.accumulate(steps)) > limit:
+        return f"nested more than {limit} levels deep"
+    return None
 
 
 def decode(data: bytes | str, decoder: msgspec.json.Decoder | None = None, *, as_type: Any = Any) -> Any:
