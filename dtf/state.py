@@ -439,7 +439,8 @@ class Fold:
         self.queues = Queues()
         """The waiting work, indexed for the scheduler (derived)."""
         self.owners: dict[str, str] = {}
-        """run id -> its owner, the submitter of its first admitted task (`admission.foreign_run`)."""
+        """run id -> its owner: the submitter of its first task, admitted or rejected on the record
+        (`admission.foreign_run`)."""
         self.task_seq: dict[tuple[str, str], int] = {}
         self.invalid: dict[int, Invalid] = {}
         self.ignored = 0
