@@ -5,6 +5,7 @@
                (a consumer's whole input path: subject, decode, admission, state machines), and
                no decision the scheduler then makes outgrows one NATS message
     replay     dtf.replay.Cutoff (`dtf replay --until`, rebuilds): reads any message's time or none
+    hostile    the fold on a submission subject, hostile inputs only: each refused, with its reason
     spec       dtf.spec.spec_from_json(bytes) -> a validated TaskSpec, or SpecError with a reason
     spec_file  the CLI's `--spec FILE` loader -> specs, or a one-line CliError (exit 2)
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -185,8 +187,8 @@ fold_inputs = st.tuples(
 
 
 def reason_class(message: str) -> str:
-    """The first words of a rejection, to count rejections by kind."""
-    return " ".join(message.replace(":", " ").split()[:3]) or "(empty reason)"
+    """The first words of a rejection (numbers as N), to count rejections by kind."""
+    return " ".join(re.sub(r"\d+", "N", message).replace(":", " ").split()[:3]) or "(empty reason)"
 
 
 def check_event(data: bytes) -> str:
@@ -256,6 +258,7 @@ TARGETS: dict[str, tuple[st.SearchStrategy, Callable[[Any], str]]] = {
     "events": (event_inputs, check_event),
     "fold": (fold_inputs, check_fold),
     "replay": (event_inputs, check_replay),
+    "hostile": (hostile, lambda data: check_fold(("dtf.task.run-1.run-1-1.submitted.alice", data))),
     "spec": (spec_inputs, check_spec),
     "spec_file": (spec_inputs, SpecFile()),
 }
