@@ -332,8 +332,9 @@ async def _first_index(nc, js, run_id: str, submitter: str) -> int:
 
 
 async def _check_admitted(nc, js, run_id: str, events: list[ev.TaskSubmitted], acks) -> None:
-    """Exit 2 unless every event became its task: not dropped by the stream as a duplicate, not
-    refused by admission (read back from the log, folded as every other reader folds it)."""
+    """Exit 2 when some event is no task of this run: dropped by the stream as a duplicate, or
+    refused for a task id or a run that is someone else's (read back from the log, folded as every
+    reader folds it), where waiting would report another's work as ours."""
     messages = []
     if query_scope(nc) is None:
         messages = [(m.subject, m.seq, m.data) async for m in bus.read(js, topology.EVENTS, [subjects.run_all(run_id)])]

@@ -242,17 +242,22 @@ def joining(fold: Fold, run_id: str, submitter: str) -> int:
 
 def refusals(fold_messages: list[tuple[str, int, bytes]], events: list[ev.TaskSubmitted],
              acks: list[PubAck]) -> list[str]:
-    """Why each of `events` (stored at `acks`) did not become its task, from the run's log folded up
-    to now: a duplicate the stream dropped, or a submission admission refused. Empty when all
-    became tasks."""
+    """Why some of `events` (stored at `acks`) are not tasks of this run, from the run's log folded
+    up to now: a duplicate the stream dropped, a task id someone submitted first, or a run another
+    submitter owns. Empty when none: any other refusal (a cycle, a spec that cannot run) makes a
+    rejected task of the run, which its report shows."""
     problems = [f"task {e.task_id}: the stream already holds this very submission (stored at seq {a.seq}); "
                 "nothing new was submitted" for e, a in zip(events, acks) if a.duplicate]
     ours = {a.seq: e for e, a in zip(events, acks) if not a.duplicate}
     fold = Fold()
     for subject, seq, data in fold_messages:
-        applied = fold.apply(subject, seq, data)
-        if seq in ours and applied.event is None:
-            problems.append(f"task {ours[seq].task_id}: {applied.invalid_reason}")
+        if seq in ours:
+            event = ours[seq]
+            why = (admission.foreign_run(event.run_id, event.submitter, fold.owners)
+                   or admission.taken_task_id(event, fold.tasks.get(event.task_id)))
+            if why is not None:
+                problems.append(f"task {event.task_id}: {why}")
+        fold.apply(subject, seq, data)
     return problems
 
 
