@@ -24,8 +24,6 @@ RAW_KEEP = 64 * 1024
 """How much of a rejected payload (bytes) a TaskRejected keeps for audit."""
 REASON_KEEP = 2000
 """How much of a reason (characters) a decision keeps: reasons may quote user input."""
-DECISION_HEADROOM = 64 * 1024
-"""Room left in max_payload for a decision's ids, headers and JSON escapes beyond its user data."""
 
 
 def clip(text: str, keep: int = REASON_KEEP) -> str:
