@@ -2,12 +2,17 @@
 
     events     dtf.events.decode(bytes) -> an event, or DecodeError with a reason; nothing else
     fold       dtf.state.Fold.apply(subject, seq, bytes): never raises; a refused message says why
-               (a consumer's whole input path: subject, decode, admission, state machines)
+               (a consumer's whole input path: subject, decode, admission, state machines), and
+               no decision the scheduler then makes outgrows one NATS message
+    replay     dtf.replay.Cutoff (`dtf replay --until`, rebuilds): reads any message's time or none
+    hostile    the fold on a submission subject, hostile inputs only: each refused, with its reason
     spec       dtf.spec.spec_from_json(bytes) -> a validated TaskSpec, or SpecError with a reason
     spec_file  the CLI's `--spec FILE` loader -> specs, or a one-line CliError (exit 2)
 
 Inputs mix random bytes, arbitrary JSON, valid events and specs with fields replaced, dropped or
-added, truncated or bit-flipped encodings, and deeply nested documents. An accepted input must
+added, truncated or bit-flipped encodings, deeply nested documents, and hostile ones: submissions
+around the size limit up to 1 MiB, events nesting past the depth limit up to 20,000 levels, up to
+100 KB of unclosed brackets, and times without an offset or outside UTC. An accepted input must
 round-trip (encode, decode, equal). Each call is timed: a call over HANG_S twice counts as a hang.
 
     .venv/bin/python bench/fuzz.py [--examples 10000] [--seed N]
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -39,10 +45,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import schedule, subjects
 from dtf.cli.common import CliError
+from dtf.limits import MAX_DEPTH, MAX_SUBMISSION_BYTES, NATS_MAX_PAYLOAD
+from dtf.replay import Cutoff, event_time
 from dtf.spec import RetryPolicy, SpecError, TaskSpec, spec_from_json, validate
 from dtf.state import Fold
+from dtf.streams import bus
 
 HANG_S = 1.0
 
@@ -128,7 +137,45 @@ def documents(originals: list[dict]) -> st.SearchStrategy[bytes]:
     )
 
 
-event_inputs = documents(EVENT_DICTS)
+def _submission(**config: Any) -> dict:
+    doc = json.loads(json.dumps(EVENT_DICTS[0]))
+    doc["spec"]["config"].update(config)
+    return doc
+
+
+def oversize(size: int) -> bytes:
+    """A well-formed submission of about `size` bytes."""
+    return _dumps(_submission(blob="x" * max(0, size - len(_dumps(_submission())))))
+
+
+def nested_in_event(levels: int) -> bytes:
+    return _dumps(_submission()).replace(b'"pytest_args"', b'"deep": ' + b"[" * levels + b"]" * levels
+                                         + b', "pytest_args"')
+
+
+BAD_TIMES = ["2026-01-01T00:00:00", "2026-01-01 00:00:00", "9999-12-31T23:59:59-23:59",
+             "0001-01-01T00:00:00+23:59", "2026-01-01T00:00:00+25:00"]
+
+
+@st.composite
+def offsetless(draw: st.DrawFn) -> bytes:
+    """A valid event whose time (or deadline) has no offset, or one outside UTC's range."""
+    doc = json.loads(json.dumps(draw(st.sampled_from(EVENT_DICTS))))
+    bad = draw(st.sampled_from(BAD_TIMES))
+    if "deadline" in doc.get("spec", {}) and draw(st.booleans()):
+        doc["spec"]["deadline"] = bad
+    else:
+        doc["time"] = bad
+    return _dumps(doc)
+
+
+hostile = st.one_of(
+    st.integers(MAX_SUBMISSION_BYTES - 2000, 1_040_000).map(oversize),
+    st.integers(MAX_DEPTH - 8, 20_000).map(nested_in_event),
+    st.integers(1, 100_000).map(lambda n: b"[" * n),
+    offsetless(),
+)
+event_inputs = st.one_of(documents(EVENT_DICTS), hostile)
 spec_inputs = documents(SPEC_DICTS)
 fold_inputs = st.tuples(
     st.one_of(st.sampled_from([subjects.subject_for(e) for e in EVENTS]), st.text(max_size=60),
@@ -140,8 +187,8 @@ fold_inputs = st.tuples(
 
 
 def reason_class(message: str) -> str:
-    """The first words of a rejection, to count rejections by kind."""
-    return " ".join(message.replace(":", " ").split()[:3]) or "(empty reason)"
+    """The first words of a rejection (numbers as N), to count rejections by kind."""
+    return " ".join(re.sub(r"\d+", "N", message).replace(":", " ").split()[:3]) or "(empty reason)"
 
 
 def check_event(data: bytes) -> str:
@@ -160,10 +207,21 @@ def check_fold(subject_and_data: tuple[str, bytes]) -> str:
     for seq, event in enumerate(EVENTS[:2], 1):  # a task that exists and is assigned
         fold.apply(subjects.subject_for(event), seq, ev.encode(event))
     applied = fold.apply(subject, 3, data)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    for decision in schedule.decide(fold, now, "c" * 80):
+        size = bus.message_size(ev.encode(decision), bus.headers_for(decision, expected_seq=1 << 62))
+        assert size <= NATS_MAX_PAYLOAD, f"a {type(decision).__name__} of {size} bytes"
     if applied.event is None:
         assert applied.invalid_reason, "a refused message without a reason"
         return reason_class(applied.invalid_reason)
     return "accepted"
+
+
+def check_replay(data: bytes) -> str:
+    cutoff = Cutoff(until=datetime(2026, 1, 1, tzinfo=UTC))
+    cutoff.ends_before(1, data)
+    cutoff.heartbeat_counts(data)
+    return "accepted" if event_time(data) is not None else "no event time"
 
 
 def check_spec(data: bytes) -> str:
@@ -199,6 +257,8 @@ class SpecFile:
 TARGETS: dict[str, tuple[st.SearchStrategy, Callable[[Any], str]]] = {
     "events": (event_inputs, check_event),
     "fold": (fold_inputs, check_fold),
+    "replay": (event_inputs, check_replay),
+    "hostile": (hostile, lambda data: check_fold(("dtf.task.run-1.run-1-1.submitted.alice", data))),
     "spec": (spec_inputs, check_spec),
     "spec_file": (spec_inputs, SpecFile()),
 }

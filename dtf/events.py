@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from dtf import wire
 from dtf.spec import TaskSpec
 
 ErrorCategory = Literal[
@@ -23,6 +24,11 @@ ErrorCategory = Literal[
 ]
 Outcome = Literal["passed", "failed", "error", "timed_out", "cancelled"]
 TestStatus = Literal["passed", "failed", "skipped", "error"]
+
+
+Time = Annotated[datetime, msgspec.Meta(tz=True)]
+"""Every time on the wire carries its UTC offset: a naive one is refused at decoding, so no fold ever
+compares a naive time with an aware one (live and in replay alike)."""
 
 
 def now() -> datetime:
@@ -37,7 +43,7 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=False)
     """Common envelope. Subclasses set `v` to their current schema version."""
 
     id: str = msgspec.field(default_factory=new_id)
-    time: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=now)
+    time: Time = msgspec.field(default_factory=now)
     v: int = 1
 
 
@@ -157,7 +163,7 @@ class TaskDeadlineMissed(TaskEvent, tag=True, kw_only=True):
     """A task not settled by its `spec.deadline`. Informational: the task keeps its place and runs on.
     Published once per task, with id `deadline-<task>`."""
 
-    deadline: Annotated[datetime, msgspec.Meta(tz=True)]
+    deadline: Time
     status: str = ""
     """The task's state when the deadline passed (pending, unschedulable, assigned or running)."""
 
@@ -216,7 +222,7 @@ class WorkerLost(Event, tag=True, kw_only=True):
     back online for new work, and its late results are recorded but settle nothing."""
 
     worker_id: str
-    last_seen: datetime | None = None
+    last_seen: Time | None = None
     reason: str = ""
 
 
@@ -225,7 +231,7 @@ class WorkerQuarantined(Event, tag=True, kw_only=True):
     for infrastructure reasons. After that it gets one probe attempt; success ends the quarantine."""
 
     worker_id: str
-    until: datetime
+    until: Time
     reason: str = ""
 
 
@@ -336,11 +342,34 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
+def _times(event: Event) -> list[datetime]:
+    times = [event.time]
+    if isinstance(event, TaskSubmitted | TaskAssigned) and event.spec.deadline is not None:
+        times.append(event.spec.deadline)
+    for name in ("deadline", "last_seen", "until"):
+        value = getattr(event, name, None)
+        if isinstance(value, datetime):
+            times.append(value)
+    return times
+
+
+def _out_of_range(event: Event) -> str | None:
+    """A time whose offset moves it past year 1 or 9999 in UTC: comparing or converting it would
+    raise OverflowError in whoever folds it."""
+    for value in _times(event):
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            return f"time {value.isoformat()} is out of range in UTC"
+    return None
+
+
 def decode(data: bytes) -> AnyEvent:
-    """Decode one event of any known type and version; DecodeError otherwise (never anything else)."""
+    """Decode one event of any known type and version; DecodeError otherwise (never anything else).
+    Nesting is bounded (`dtf.wire`), times must carry an offset and lie within range in UTC."""
     try:
-        header = _header_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+        header = wire.decode(data, _header_decoder)
+    except wire.WireError as exc:
         raise DecodeError(f"not an event object: {exc}") from None
     current = CURRENT_VERSION.get(header.type)
     if current is None:
@@ -350,14 +379,19 @@ def decode(data: bytes) -> AnyEvent:
         raise DecodeError(f"{header.type} needs both `id` and `time`")
     try:
         if header.v == current:
-            return _decoders[header.type].decode(data)
-        if header.v > current or header.v < 1:
+            event = _decoders[header.type].decode(data)
+        elif header.v > current or header.v < 1:
             raise DecodeError(f"{header.type} schema version {header.v} is not supported (<= {current})")
-        raw = msgspec.json.decode(data)
-        for version in range(header.v, current):
-            raw = UPCASTERS[(header.type, version)](raw)
-        return msgspec.convert(raw, EVENT_TYPES[header.type])
+        else:
+            raw = msgspec.json.decode(data)
+            for version in range(header.v, current):
+                raw = UPCASTERS[(header.type, version)](raw)
+            event = msgspec.convert(raw, EVENT_TYPES[header.type])
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError) as exc:
         raise DecodeError(f"invalid {header.type}: {exc}") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise DecodeError(f"cannot upgrade {header.type} v{header.v}: {exc!r}") from None
+    problem = _out_of_range(event)
+    if problem is not None:
+        raise DecodeError(f"invalid {header.type}: {problem}")
+    return event

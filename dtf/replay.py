@@ -1,7 +1,11 @@
 """Where a replay of the log stops, one rule for `dtf replay`, `dtf replay --db` (a rebuilt read model)
 and the dashboard's replay: after stream sequence N, or before the first event later than time T.
 A worker's newest heartbeat (the heartbeat stream keeps nothing older) counts only if it is not
-later than the cut: T itself, or with N the newest event time before the cut."""
+later than the cut: T itself, or with N the newest event time before the cut.
+
+Times are read the way `dtf.events.decode` reads them (bounded nesting, an offset required, within
+range in UTC): a message whose time is not an event's time never ends a replay, so one bad message
+cannot stop or crash a replay of the whole stream; the fold skips it with its reason."""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from dtf import wire
+from dtf.events import Time
+
 
 class _Time(msgspec.Struct):
-    time: datetime | None = None
+    time: Time | None = None
 
 
 _time_decoder = msgspec.json.Decoder(_Time)
@@ -20,8 +27,9 @@ _time_decoder = msgspec.json.Decoder(_Time)
 def event_time(data: bytes) -> datetime | None:
     """An event's time, or None for bytes that are not an event (those never end a replay)."""
     try:
-        return _time_decoder.decode(data).time
-    except msgspec.DecodeError:
+        moment = wire.decode(data, _time_decoder).time
+        return None if moment is None else moment.astimezone(UTC)
+    except (wire.WireError, OverflowError):
         return None
 
 

@@ -23,6 +23,7 @@ import msgspec
 
 from dtf import events as ev
 from dtf import subjects
+from dtf.limits import RAW_KEEP, clip
 from dtf.spec import Requirements
 from dtf.state import ACTIVE, TERMINAL, Fold, TaskState, WorkerState
 
@@ -42,10 +43,6 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     no_workers_grace: timedelta = timedelta(seconds=HEARTBEAT_TIMEOUT_S)
     """With no worker registered at all, how long a task waits before it is called unschedulable
     ("no workers registered"): workers started beside the coordinator register well within it."""
-
-
-RAW_KEEP = 64 * 1024
-"""How much of a rejected payload the TaskRejected keeps for audit."""
 
 
 def capable(worker: WorkerState, req: Requirements) -> bool:
@@ -154,7 +151,7 @@ def unschedulable(fold: Fold, now: datetime, policy: Policy, skip: set[str] = fr
                 continue
             decisions.append(ev.TaskUnschedulable(
                 id=f"unschedulable-{task_id}-{task.unschedulable + 1}", time=now, run_id=task.run_id,
-                task_id=task_id, reason=reason,
+                task_id=task_id, reason=clip(reason),
             ))
     return decisions
 
@@ -363,7 +360,7 @@ def rejections(fold: Fold, now: datetime) -> list[ev.TaskRejected]:
             id=f"reject-{bad.seq}", time=now,
             run_id=parsed.run_id if usable else subjects.INVALID_RUN,
             task_id=parsed.task_id if usable else f"seq{bad.seq}",
-            reason=bad.reason, raw=bad.raw[:RAW_KEEP].decode("utf-8", "replace"),
+            reason=clip(bad.reason), raw=bad.raw[:RAW_KEEP].decode("utf-8", "replace"),
             source_subject=bad.subject, source_seq=bad.seq,
         ))
     return decisions
@@ -395,7 +392,7 @@ def lost_attempts(fold: Fold, now: datetime) -> list[ev.TaskFailed]:
             decisions.append(ev.TaskFailed(
                 id=f"lost-{task_id}-{task.attempt}", time=now, run_id=task.run_id, task_id=task_id,
                 attempt=task.attempt, worker_id=worker_id, category="worker",
-                reason=f"worker {worker_id} {worker.status}" + (f" ({worker.reason})" if worker.reason else ""),
+                reason=clip(f"worker {worker_id} {worker.status}" + (f" ({worker.reason})" if worker.reason else "")),
             ))
     return decisions
 
@@ -428,9 +425,11 @@ def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(
     yield from lost_workers(fold, now, policy)
     yield from lost_attempts(fold, now)
     yield from quarantines(fold, now, policy)
-    yield from rejections(fold, now)
+    # A rejection may land on a known task's subject (its id submitted again): that task waits a round.
+    rejected = rejections(fold, now)
+    yield from rejected
     cancelled = dependency_cancellations(fold, now)
-    touched = {d.task_id for d in cancelled}
+    touched = {d.task_id for d in rejected} | {d.task_id for d in cancelled}
     yield from cancelled
     stuck = unschedulable(fold, now, policy, touched)
     touched |= {d.task_id for d in stuck}

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from dtf import wire
+
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")
 """Ids that appear as NATS subject tokens: no dots, wildcards or whitespace."""
 
@@ -149,7 +151,7 @@ _spec_decoder = msgspec.json.Decoder(TaskSpec)
 def spec_from_json(data: bytes | str) -> TaskSpec:
     """Parse and validate a seeds-style task spec; SpecError names the first problem."""
     try:
-        spec = _spec_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+        spec = wire.decode(data, _spec_decoder)
+    except wire.WireError as exc:
         raise SpecError(f"invalid task spec: {exc}") from None
     return validate(spec)

@@ -29,8 +29,8 @@ from typing import Literal, NamedTuple
 import msgspec
 from sortedcontainers import SortedList
 
+from dtf import admission, subjects
 from dtf import events as ev
-from dtf import subjects
 from dtf.spec import RetryPolicy, SpecError, TaskSpec, validate
 
 TaskStatus = Literal[
@@ -55,6 +55,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     submitter: str = ""
     project: str = ""
     spec: TaskSpec | None = None
+    submission: str = ""
+    """The id of the TaskSubmitted that made the task ("" if rejected, or from an older snapshot)."""
     status: TaskStatus = "pending"
     attempt: int = 0
     failures: int = 0
@@ -148,11 +150,13 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
         case ev.TaskSubmitted() if task is None:
             return TaskState(
                 run_id=event.run_id, task_id=event.task_id, submitter=event.submitter,
-                project=event.project or event.submitter, spec=event.spec, submitted_at=event.time,
+                project=event.project or event.submitter, spec=event.spec, submission=event.id,
+                submitted_at=event.time,
             )
         case ev.TaskRejected() if task is None:
             return TaskState(
                 run_id=event.run_id, task_id=event.task_id, status="rejected",
+                submitter=admission.rejected_submitter(event),
                 reason=event.reason, submitted_at=event.time, finished_at=event.time,
             )
         case _ if task is None or task.terminal:
@@ -379,10 +383,14 @@ class Invalid(msgspec.Struct, frozen=True):
     reason: str
 
 
-def admit(event: ev.Event, subject: str) -> str | None:
-    """Why an otherwise decodable event cannot be accepted (None when it can)."""
+def admit(event: ev.Event, subject: str, data: bytes | None = None) -> str | None:
+    """Why an otherwise decodable event cannot be accepted (None when it can), whatever the fold
+    knows; `data` is the message as stored (for its size)."""
     reason = subjects.mismatch(event, subject)
     if reason is None and isinstance(event, ev.TaskSubmitted):
+        too_big = admission.oversize(event, data)
+        if too_big is not None:
+            return too_big
         for token in (event.run_id, event.task_id, event.submitter):
             if not subjects.is_token(token):
                 return f"{token!r} is not a valid id (letters, digits, _ and -; at most 80)"
@@ -430,6 +438,9 @@ class Fold:
         """worker id -> ids of its assigned or running tasks (derived, kept for the scheduler)."""
         self.queues = Queues()
         """The waiting work, indexed for the scheduler (derived)."""
+        self.owners: dict[str, str] = {}
+        """run id -> its owner: the submitter of its first task, admitted or rejected on the record
+        (`admission.foreign_run`)."""
         self.task_seq: dict[tuple[str, str], int] = {}
         self.invalid: dict[int, Invalid] = {}
         self.ignored = 0
@@ -445,24 +456,25 @@ class Fold:
             event = ev.decode(data)
         except ev.DecodeError as exc:
             return self._set_aside(seq, subject, data, str(exc))
-        reason = admit(event, subject) or self._conflict(event)
+        reason = admit(event, subject, data) or self._conflict(event)
         if reason is not None:
             return self._set_aside(seq, subject, data, reason)
         self.apply_event(event)
         return Applied(event, None)
 
     def _conflict(self, event: ev.Event) -> str | None:
-        """A second submission of a task id that is taken, under another run or as another event; a
-        new submission whose dependencies would close a cycle with the tasks known so far; or a cancel
-        without authority over the task (see `subjects.may_cancel`)."""
-        if isinstance(event, ev.TaskSubmitted) and event.task_id in self.tasks:
-            known = self.tasks[event.task_id]
-            if known.run_id != event.run_id or known.submitted_at != event.time:
-                return f"task id {event.task_id} is already used by run {known.run_id}"
-        elif isinstance(event, ev.TaskSubmitted):
-            cycle = dependency_cycle(event.task_id, event.spec.dependencies, self.tasks)
-            if cycle:
-                return f"dependency cycle: {' -> '.join(cycle)}"
+        """A submission of a task id that is taken (by another run, or as another event), into a run
+        another submitter owns, or whose dependencies would close a cycle with the tasks known so far
+        (see `dtf.admission`); or a cancel without authority over the task (`subjects.may_cancel`)."""
+        if isinstance(event, ev.TaskSubmitted):
+            known = self.tasks.get(event.task_id)
+            reason = (admission.foreign_run(event.run_id, event.submitter, self.owners)
+                      or admission.taken_task_id(event, known))
+            if reason is None and known is None:
+                cycle = dependency_cycle(event.task_id, event.spec.dependencies, self.tasks)
+                if cycle:
+                    return f"dependency cycle: {' -> '.join(cycle)}"
+            return reason
         elif isinstance(event, ev.TaskCancelled) and (task := self.tasks.get(event.task_id)) is not None \
                 and not subjects.may_cancel(event.by, task.submitter):
             return f"{event.by} may not cancel task {event.task_id} of {task.submitter}"
@@ -480,9 +492,13 @@ class Fold:
 
     def apply_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.TaskEvent):
+            before = self.tasks.get(event.task_id)
             if isinstance(event, ev.TaskRejected):
                 self.invalid.pop(event.source_seq, None)
-            before = self.tasks.get(event.task_id)
+                if before is None and admission.foreign_run(
+                        event.run_id, admission.rejected_submitter(event), self.owners) is not None:
+                    self.ignored += 1  # someone else's message in an owned run: on the record, not a task of it
+                    return
             if before is not None and before.run_id != event.run_id:
                 self.ignored += 1
                 return
@@ -491,6 +507,8 @@ class Fold:
                 self.ignored += 1
                 return
             self.tasks[event.task_id] = after
+            if before is None and after.submitter:
+                self.owners.setdefault(after.run_id, after.submitter)
             self._index(before, after)
             if isinstance(event, (ev.ResultReported, ev.TaskFailed)) and event.worker_id in self.workers:
                 self.workers[event.worker_id] = note_outcome(self.workers[event.worker_id], event)

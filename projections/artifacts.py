@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidObjectNameError, NotFoundError, ObjectDeletedError
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import subjects, wire
 from dtf.streams.topology import ARTIFACTS_BUCKET
 
 log = logging.getLogger("dtf.projector.artifacts")
@@ -37,10 +37,10 @@ _refs = msgspec.json.Decoder(_Refs)
 
 
 def decode_tests(data: bytes) -> list[ev.TestOutcome]:
-    """A stored test list: a JSON array, or JSON lines. Raises msgspec.DecodeError on neither."""
+    """A stored test list: a JSON array, or JSON lines. Raises wire.WireError on neither."""
     if data.lstrip()[:1] == b"[":
-        return _list.decode(data)
-    return [_one.decode(line) for line in data.splitlines() if line.strip()]
+        return wire.decode(data, _list)
+    return [wire.decode(line, _one) for line in data.splitlines() if line.strip()]
 
 
 def refs_in(messages: Iterable) -> set[str]:
@@ -50,9 +50,9 @@ def refs_in(messages: Iterable) -> set[str]:
         if subjects.parse(message.subject).kind != "result":
             continue
         try:
-            header = _refs.decode(message.data)
-        except msgspec.DecodeError:
-            continue
+            header = wire.decode(message.data, _refs)
+        except wire.WireError:
+            continue  # not a result: the fold records why
         if header.type == "ResultReported" and header.tests_ref and not header.tests:
             refs.add(header.tests_ref)
     return refs
@@ -69,7 +69,7 @@ async def fetch_tests(js: JetStreamContext, messages: Iterable) -> dict[str, lis
         try:
             result = await store.get(ref)
             found[ref] = decode_tests(result.data or b"")
-        except msgspec.DecodeError as exc:
+        except wire.WireError as exc:
             log.warning("test list %s in %s is not readable: %s", ref, ARTIFACTS_BUCKET, exc)
         except (NotFoundError, ObjectDeletedError, InvalidObjectNameError) as exc:
             log.warning("test list %s not found in %s: %s", ref, ARTIFACTS_BUCKET, exc)

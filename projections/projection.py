@@ -29,7 +29,7 @@ import duckdb
 import msgspec
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import subjects, wire
 from dtf.projections import anomalies, rows, schema
 from dtf.state import ACTIVE, Fold, TaskState, WorkerState
 from dtf.streams.topology import EVENTS, HEARTBEATS
@@ -78,9 +78,10 @@ _worker_state = msgspec.json.Decoder(WorkerState)
 
 
 def _event_id(data: bytes) -> str:
+    """The event id the ledger keys on; "" for a message that is no event (the fold records why)."""
     try:
-        return _envelope.decode(data).id
-    except msgspec.DecodeError:
+        return wire.decode(data, _envelope).id
+    except wire.WireError:
         return ""
 
 
@@ -121,9 +122,12 @@ class Projection:
     def _load(self) -> None:
         """The snapshot: fold state and checkpoints exactly as last committed."""
         self.fold = Fold()
-        for (state,) in self.con.execute("SELECT state FROM tasks").fetchall():
+        # In submission order, so each run's owner is the submitter of its first admitted task.
+        for (state,) in self.con.execute("SELECT state FROM tasks ORDER BY submitted_at, task_id").fetchall():
             task = _task_state.decode(state)
             self.fold.tasks[task.task_id] = task
+            if task.submitter:
+                self.fold.owners.setdefault(task.run_id, task.submitter)
             if task.status in ACTIVE:
                 self.fold.active.setdefault(task.worker_id, set()).add(task.task_id)
         for (state,) in self.con.execute("SELECT state FROM workers").fetchall():

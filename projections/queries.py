@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import duckdb
 import msgspec
 
+from dtf import wire
 from dtf.projections import aggregate, anomalies, durations, flaky, report, schema
 
 MAX_REPLY_BYTES = 900_000
@@ -186,8 +187,8 @@ def parse(name: str, data: bytes) -> msgspec.Struct:
         raise QueryError(f"unknown query {name!r} (known: {', '.join(QUERIES)})")
     request_type = QUERIES[name][0]
     try:
-        return msgspec.json.decode(data.strip() or b"{}", type=request_type)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return wire.decode(data.strip() or b"{}", as_type=request_type)
+    except wire.WireError as exc:
         raise QueryError(f"bad {name} request: {exc}") from None
 
 

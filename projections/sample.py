@@ -202,8 +202,9 @@ def history(run_id: str = "r1") -> History:
     b.result(t6, 1, w1, "passed", exit_code=0, duration_s=30.0,
              metrics={"throughput": 1234.5, "latency_ms": 8.25}, labels={"model": "bert"})
 
-    # Garbage on a submission subject, and the coordinator's rejection of it.
-    garbage = subjects.task(run_id, t9, "submitted", "mallory")
+    # Garbage on a submission subject (the run owner's own broken message: anyone else's would be no
+    # task of this run), and the coordinator's rejection of it.
+    garbage = subjects.task(run_id, t9, "submitted", "alice")
     b.raw(garbage, b"{not json", f"{t9}-garbage")
     b.emit(ev.TaskRejected(id=f"{t9}-rejected", time=b.tick(), run_id=run_id, task_id=t9,
                            reason="not an event object", raw="{not json", source_subject=garbage,

@@ -35,6 +35,27 @@ class Conflict(Exception):
     """Another writer moved the task on first: our decision was made on stale state."""
 
 
+class TooLarge(ValueError):
+    """An event that, with its headers, exceeds what the server takes in one message. Refused here:
+    nats-py checks only the payload, and the server closes a connection that sends more."""
+
+
+def message_size(data: bytes, headers: dict[str, str]) -> int:
+    """What the server counts against max_payload: the payload and the headers as nats-py frames
+    them ("NATS/1.0\r\n", "key: value\r\n" each, then a blank line)."""
+    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def encoded(js: JetStreamContext, event: ev.Event, headers: dict[str, str]) -> bytes:
+    """The event's bytes, once they are known to fit the server's max_payload with `headers`."""
+    data = ev.encode(event)
+    size = message_size(data, headers)
+    limit = js._nc.max_payload  # noqa: SLF001 - the server's own figure, from its INFO
+    if size > limit:
+        raise TooLarge(f"{type(event).__name__} {event.id} is {size} bytes with its headers; the server takes {limit}")
+    return data
+
+
 async def connect(url: str, name: str, creds: str | None = None, **options) -> Client:
     """A client that keeps reconnecting and logs connection trouble instead of printing tracebacks.
     `url` may list several servers separated by commas (the nodes of a cluster)."""
@@ -69,9 +90,10 @@ async def publish(
     """Publish one event on its subject. With `expected_seq`, the server refuses it (Conflict) unless
     the task's last message is still the one at that sequence. `timeout` bounds the wait for the ack
     (default: the JetStream context's)."""
+    headers = headers_for(event, expected_seq)
     try:
         return await js.publish(
-            subjects.subject_for(event), ev.encode(event), headers=headers_for(event, expected_seq),
+            subjects.subject_for(event), encoded(js, event, headers), headers=headers,
             **({} if timeout is None else {"timeout": timeout}),
         )
     except APIError as exc:
@@ -84,8 +106,9 @@ async def publish_many(js: JetStreamContext, events: Iterable[ev.Event], window:
     """Pipelined publishes: up to `window` in flight, every ack awaited, failures raised."""
     pending: list[asyncio.Future[PubAck]] = []
     for event in events:
+        headers = headers_for(event)
         pending.append(await js.publish_async(
-            subjects.subject_for(event), ev.encode(event), headers=headers_for(event),
+            subjects.subject_for(event), encoded(js, event, headers), headers=headers,
         ))
         if len(pending) % window == 0:
             await asyncio.gather(*pending[-window:])

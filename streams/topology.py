@@ -19,7 +19,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from dtf import subjects
+from dtf import limits, subjects
 
 EVENTS = "DTF_EVENTS"
 HEARTBEATS = "DTF_HEARTBEATS"
@@ -29,7 +29,8 @@ PROJECTOR = "projector"
 
 DUPLICATE_WINDOW_S = 120.0
 """Publishes retried within this window with the same Nats-Msg-Id are stored once."""
-MAX_MSG_SIZE = 1024 * 1024
+MAX_MSG_SIZE = limits.MAX_MSG_SIZE
+"""The largest event the stream stores (see dtf.limits for what fits inside it)."""
 ASSIGNMENT_ACK_WAIT_S = 30.0
 """A worker renews its claim on a running assignment with in-progress acks well inside this."""
 

@@ -33,6 +33,23 @@ def test_any_message_on_any_subject_is_folded_or_refused_with_a_reason(subject_a
 
 
 @FUZZ
+@given(fuzz.hostile)
+def test_oversize_deep_and_offsetless_events_are_refused_with_a_reason_and_decide_nothing_too_big(data):
+    fuzz.check_event(data)
+    verdict = fuzz.check_fold(("dtf.task.run-1.run-1-1.submitted.alice", data))
+    assert verdict != "accepted"  # too big, too deep, timeless, or (within the limits) a task id taken
+    if len(data) > fuzz.MAX_SUBMISSION_BYTES:
+        assert verdict.startswith("submission is")
+    fuzz.check_replay(data)
+
+
+@FUZZ
+@given(fuzz.event_inputs)
+def test_any_message_has_an_event_time_for_a_replay_or_none(data):
+    fuzz.check_replay(data)
+
+
+@FUZZ
 @given(fuzz.spec_inputs)
 def test_any_bytes_parse_to_a_valid_spec_or_a_spec_error_with_a_reason(data):
     fuzz.check_spec(data)

@@ -35,6 +35,7 @@ HISTORIES = sorted(HISTORY_DIR.glob("*.jsonl"))
 REQUIRED = {
     "two_tasks_two_workers_pass", "retry_after_task_failed", "v1_submission_still_replays",
     "garbage_submission_rejected", "late_result_from_released_attempt",
+    "foreign_run_and_reused_task_id_rejected", "oversize_deep_and_offsetless_submissions_rejected",
 }
 
 

@@ -88,7 +88,7 @@ def test_messages_that_cannot_be_accepted_are_kept_with_the_reason(projected):
     invalid = rows(projected, "SELECT stream, subject, reason FROM invalid_events ORDER BY stream, seq")
     assert [(stream, subject) for stream, subject, _ in invalid] == [
         (EVENTS, "dtf.task.r1.r1-t3.result.r1-w1"),
-        (EVENTS, "dtf.task.r1.r1-t9.submitted.mallory"),
+        (EVENTS, "dtf.task.r1.r1-t9.submitted.alice"),
         (HEARTBEATS, "dtf.hb.r1-w3"),
     ]
     assert "belongs on dtf.task.r1.r1-t3.result.r1-w2" in invalid[0][2]

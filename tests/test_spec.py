@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dtf import spec as sp
+from dtf.limits import MAX_DEPTH
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -109,13 +110,13 @@ def test_any_config_for_any_task_type_is_a_spec_or_a_spec_error(task_type, confi
     parse_or_spec_error(json.dumps({"type": task_type, "config": config}))
 
 
-@pytest.mark.parametrize("depth", [200, 5_000, 50_000])
+@pytest.mark.parametrize("depth", [60, 63, 200, 5_000, 50_000])
 def test_deeply_nested_config_is_a_spec_error_not_a_recursion_error(depth):
     doc = '{"type": "command", "config": {"command": "true", "deep": ' + "[" * depth + "]" * depth + "}}"
-    if depth < 1000:
+    if depth + 2 <= MAX_DEPTH:  # the spec object and its config nest two levels of their own
         assert sp.spec_from_json(doc).config["command"] == "true"
     else:
-        with pytest.raises(sp.SpecError):
+        with pytest.raises(sp.SpecError, match=f"nested more than {MAX_DEPTH} levels deep"):
             sp.spec_from_json(doc)
 
 

@@ -23,7 +23,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 
-from dtf import subjects
+from dtf import subjects, wire
 from dtf.streams import bus, topology
 from dtf.ui.board import Board, Point, SeriesOf, Stored, metric_series
 
@@ -135,8 +135,8 @@ class Feed:
         except (NatsError, TimeoutError) as exc:
             raise LookupError(f"dtf.query.{name} did not answer ({type(exc).__name__})") from None
         try:
-            body = json.loads(reply.data)
-        except ValueError:
+            body = wire.decode(reply.data)
+        except wire.WireError:
             raise LookupError(f"dtf.query.{name} answered something that is not JSON") from None
         if not isinstance(body, dict) or "error" in body:
             raise LookupError(str(body.get("error") if isinstance(body, dict) else body))

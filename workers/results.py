@@ -36,7 +36,7 @@ def read_test_report(path: Path) -> list[TestOutcome]:
             continue
         try:
             tests.append(_outcome_decoder.decode(line))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             log.warning("%s:%d: not a test outcome: %s", path, number, exc)
     return tests
 
@@ -61,7 +61,7 @@ def read_metrics(path: Path) -> dict[str, float]:
         raw = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise MetricsError(f"the benchmark wrote no metrics file ($DTF_METRICS = {path})") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
         raise MetricsError(f"the metrics file is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise MetricsError(f"the metrics file must hold a JSON object, not {type(raw).__name__}")

@@ -17,9 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dtf import events as ev
-from dtf import subjects
+from dtf import subjects, wire
 from dtf.cli.common import CliError, connected, nats_options, query_scope
+from dtf.limits import clip
 from dtf.replay import Cutoff
+from dtf.state import Fold
 from dtf.streams import bus, topology
 
 QUERY_TIMEOUT_S = 10.0
@@ -47,7 +49,12 @@ async def ask(nc, name: str, request: dict) -> list[dict]:
             raise CliError("no projector answered (is `dtf up` or `dtf projector` running?)") from None
         except NatsTimeout:
             raise CliError("the projector did not answer in time") from None
-        body = json.loads(reply.data)
+        try:
+            body = wire.decode(reply.data)
+        except wire.WireError as exc:
+            raise CliError(f"the projector's reply is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise CliError("the projector's reply is not a JSON object")
         if "error" in body:
             raise CliError(f"projector: {body['error']}")
         rows.extend(body.get(name, []))
@@ -109,23 +116,27 @@ def parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def replay_line(msg: bus.StoredMsg) -> dict:
-    """One stored message as the JSON object `dtf replay --json` prints."""
+def replay_line(msg: bus.StoredMsg, refused: str | None = None) -> dict:
+    """One stored message as the JSON object `dtf replay --json` prints; `refused` is why the fold
+    did not accept it (an event it refused keeps its body and gets the reason as "skipped")."""
     try:
         event = ev.decode(msg.data)
     except ev.DecodeError as exc:
         body = {"type": "Invalid", "reason": str(exc), "raw": msg.data[:4096].decode("utf-8", "replace")}
-        return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": None, "event": body}
+        return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": None, "event": body,
+                "skipped": str(exc)}
     body = msgspec.to_builtins(event)
-    return {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": body["time"], "event": body}
+    line = {"stream": msg.stream, "seq": msg.seq, "subject": msg.subject, "time": body["time"], "event": body}
+    return {**line, "skipped": refused} if refused else line
 
 
 def human_line(line: dict) -> str:
     event = line["event"]
     detail = {k: v for k, v in event.items()
               if k in ("worker_id", "attempt", "outcome", "reason", "submitter", "deadline", "status")}
-    return (f"{line['seq']:>7} {line['time'] or '-':<32} {event['type']:<17} "
+    text = (f"{line['seq']:>7} {line['time'] or '-':<32} {event['type']:<17} "
             f"{event.get('task_id', event.get('worker_id', ''))} {cell(detail)}")
+    return f"{text} [skipped: {line['skipped']}]" if line.get("skipped") and event["type"] != "Invalid" else text
 
 
 @click.command()
@@ -160,12 +171,23 @@ async def _replay(task_id, until_time, upto_seq, db_path, as_json, nats_url, cre
             return
         filters = [subjects.task_any_run(task_id)] if task_id else [subjects.TASKS, subjects.WORKERS]
         cutoff = Cutoff(upto_seq, until_time)
+        # The whole log is folded as the coordinator folds it, so what it refused is marked; one
+        # task's messages alone are too little to judge admission, so only undecodable ones are.
+        fold = Fold() if task_id is None else None
+        shown, skipped = 0, []
         async with contextlib.aclosing(bus.read(js, topology.EVENTS, filters)) as messages:
             async for msg in messages:  # (closed before the connection drains, which would wait for it)
                 if cutoff.ends_before(msg.seq, msg.data):
                     break
-                line = replay_line(msg)
+                refused = fold.apply(msg.subject, msg.seq, msg.data).invalid_reason if fold else None
+                line = replay_line(msg, refused)
+                shown += 1
+                if line.get("skipped"):
+                    skipped.append(f"seq {msg.seq}: {line['skipped']}")
                 click.echo(json.dumps(line) if as_json else human_line(line))
+        click.echo(f"dtf replay: {shown} messages, {len(skipped)} skipped"
+                   + (f" ({'; '.join(clip(s, 200) for s in skipped[:10])}{'; ...' if len(skipped) > 10 else ''})"
+                      if skipped else ""), err=True)
 
 
 @click.command()

@@ -21,8 +21,10 @@ from dtf import split
 from dtf.cli import splitting
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
+from dtf.cli.commands_query import ask
 from dtf.cli.common import (
     EXIT_PERMISSION, CliError, acting_name, connected, credential_identity, nats_options, parse_pairs,
+    query_scope,
 )
 from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json
@@ -241,13 +243,14 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
     )
     if pytest_args:
         base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
+    joining = run_id is not None  # a run that may exist already: its new tasks take new task ids
     run_id = run_id or sub.new_run_id()
     asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json,
-                        no_ship, project, wait_timeout, nats_url, creds, splitting_request))
+                        no_ship, project, wait_timeout, nats_url, creds, splitting_request, joining))
 
 
 async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json, no_ship,
-                  project, wait_timeout, nats_url, creds, splitting_request=None) -> None:
+                  project, wait_timeout, nats_url, creds, splitting_request=None, joining=False) -> None:
     from dtf.workers import workspace
 
     root = sub.workspace_root([Path(p) for p in paths]) if paths else None
@@ -287,10 +290,17 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             raise CliError(str(exc)) from None
         if not specs:
             raise CliError(f"no test files found under {', '.join(paths)}")
-        events = sub.submissions(run_id, specs, acting_name(creds), project)
+        submitter = acting_name(creds)
+        first = await _first_index(nc, js, run_id, submitter) if joining else 1
+        events = sub.submissions(run_id, specs, submitter, project, first)
         if old_ids is not None:
             events = sub.remap_dependencies(events, old_ids)
-        await sub.submit_run(js, events)
+        try:
+            sub.oversized(events)
+        except sub.Refused as exc:
+            raise CliError(f"not submitted: {exc}") from None
+        acks = await sub.submit_run(js, events)
+        await _check_admitted(nc, js, run_id, events, acks)
         click.echo(f"dtf: submitted run {run_id} ({len(events)} tasks)"
                    + (f", rerunning {', '.join(old_ids)} of {rerun_failed}" if old_ids else ""), err=True)
         if not wait:
@@ -305,6 +315,33 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
         code = await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json))
     ctx.exit(code)
+
+
+async def _first_index(nc, js, run_id: str, submitter: str) -> int:
+    """Where new tasks start in a `--run-id` run that may exist: after its tasks, if it is ours."""
+    if query_scope(nc) is None:  # may read the log: the fold says who owns the run and what it holds
+        fold, _ = await sub.read_run(js, run_id)
+        try:
+            return sub.joining(fold, run_id, submitter)
+        except sub.Refused as exc:
+            raise CliError(f"not submitted: {exc}") from None
+    # A submitter reads only its own runs, through the projector; a run of another's is refused on
+    # the record by the coordinator (TaskRejected "run R belongs to submitter S").
+    rows = await ask(nc, "tasks", {"run_id": run_id})
+    return sub.next_index(run_id, [row["task_id"] for row in rows])
+
+
+async def _check_admitted(nc, js, run_id: str, events: list[ev.TaskSubmitted], acks) -> None:
+    """Exit 2 when some event is no task of this run: dropped by the stream as a duplicate, or
+    refused for a task id or a run that is someone else's (read back from the log, folded as every
+    reader folds it), where waiting would report another's work as ours."""
+    messages = []
+    if query_scope(nc) is None:
+        messages = [(m.subject, m.seq, m.data) async for m in bus.read(js, topology.EVENTS, [subjects.run_all(run_id)])]
+    problems = sub.refusals(messages, events, acks)
+    if problems:
+        raise CliError(f"run {run_id}: {len(problems)} of {len(events)} tasks not submitted: "
+                       + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
 
 
 def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:

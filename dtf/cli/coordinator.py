@@ -210,6 +210,9 @@ class Coordinator:
             self.conflicts += 1
             log.debug("lost the race for %s %s", type(decision).__name__, decision.id)
             return 0
+        except bus.TooLarge as exc:  # a bug (admission and dtf.limits bound every decision): keep the connection
+            log.error("not publishing a decision: %s", exc)
+            return 0
         except (NatsError, JetStreamError, TimeoutError) as exc:
             log.warning("publishing %s failed (%s); retrying next round", decision.id, exc)
             if not isinstance(exc, JetStreamError) or isinstance(exc, (NoStreamResponseError, ServiceUnavailableError)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
+from dtf import admission, subjects
 from dtf import events as ev
-from dtf import subjects
 from dtf.spec import SpecError, TaskSpec, WorkspaceRef, test_paths, validate
 from dtf.state import Fold, TaskState
 from dtf.streams import bus, topology
@@ -169,8 +171,8 @@ def remap_dependencies(events: list[ev.TaskSubmitted], old_ids: list[str]) -> li
     passed (or is not rerun) stays as it was, already settled."""
     new_id = {old: event.task_id for old, event in zip(old_ids, events)}
     return [
-        msgspec.structs.replace(event, spec=msgspec.structs.replace(
-            event.spec, dependencies=[new_id.get(dep, dep) for dep in event.spec.dependencies]))
+        _identified(msgspec.structs.replace(event, spec=msgspec.structs.replace(
+            event.spec, dependencies=[new_id.get(dep, dep) for dep in event.spec.dependencies])))
         if any(dep in new_id for dep in event.spec.dependencies) else event
         for event in events
     ]
@@ -190,18 +192,77 @@ def last_results(run_events: list[tuple[str, int, bytes]]) -> tuple[Fold, dict[s
     return fold, results
 
 
-def submissions(run_id: str, specs: list[TaskSpec], submitter: str, project: str) -> list[ev.TaskSubmitted]:
+def _identified(event: ev.TaskSubmitted) -> ev.TaskSubmitted:
+    """The event with an id derived from what it asks for: JetStream's dedup (on Nats-Msg-Id) then
+    only ever drops this very submission sent twice, never a different one under a reused task id."""
+    digest = hashlib.blake2b(msgspec.json.encode([event.task_id, event.submitter, event.project, event.spec]),
+                             digest_size=8).hexdigest()
+    return msgspec.structs.replace(event, id=f"submit-{event.task_id}-{digest}")
+
+
+def submissions(run_id: str, specs: list[TaskSpec], submitter: str, project: str, first: int = 1,
+                ) -> list[ev.TaskSubmitted]:
+    """One TaskSubmitted per spec, task ids `<run>-<first>`, `<run>-<first + 1>`, ..."""
     return [
-        ev.TaskSubmitted(
-            id=f"submit-{run_id}-{i}", run_id=run_id, task_id=f"{run_id}-{i}", submitter=submitter,
-            project=project, spec=spec,
-        )
-        for i, spec in enumerate(specs, 1)
+        _identified(ev.TaskSubmitted(
+            run_id=run_id, task_id=f"{run_id}-{i}", submitter=submitter, project=project, spec=spec,
+        ))
+        for i, spec in enumerate(specs, first)
     ]
 
 
-async def submit_run(js: JetStreamContext, events: list[ev.TaskSubmitted]) -> None:
-    await bus.publish_many(js, events)
+class Refused(Exception):
+    """A submission the log would refuse, or did: the message says which tasks and why."""
+
+
+def oversized(events: list[ev.TaskSubmitted]) -> None:
+    """Refuse up front what admission would reject for its size (`dtf.admission.oversize`)."""
+    problems = [f"task {e.task_id} ({e.spec.name or e.spec.type}): {why}"
+                for e in events if (why := admission.oversize(e)) is not None]
+    if problems:
+        raise Refused("; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+
+
+def next_index(run_id: str, task_ids: list[str]) -> int:
+    """The first task number after every `<run>-<n>` already in the run: new work in an existing run
+    gets new task ids (submitting a task id twice is refused)."""
+    prefix = f"{run_id}-"
+    taken = [int(t[len(prefix):]) for t in task_ids if t.startswith(prefix) and t[len(prefix):].isdigit()]
+    return max(taken, default=0) + 1
+
+
+def joining(fold: Fold, run_id: str, submitter: str) -> int:
+    """Where `submitter`'s new tasks start in run `run_id` as folded so far (1 for a new run);
+    Refused when another submitter owns the run."""
+    why = admission.foreign_run(run_id, submitter, fold.owners)
+    if why is not None:
+        raise Refused(why)
+    return next_index(run_id, [t.task_id for t in fold.run_tasks(run_id)])
+
+
+def refusals(fold_messages: list[tuple[str, int, bytes]], events: list[ev.TaskSubmitted],
+             acks: list[PubAck]) -> list[str]:
+    """Why some of `events` (stored at `acks`) are not tasks of this run, from the run's log folded
+    up to now: a duplicate the stream dropped, a task id someone submitted first, or a run another
+    submitter owns. Empty when none: any other refusal (a cycle, a spec that cannot run) makes a
+    rejected task of the run, which its report shows."""
+    problems = [f"task {e.task_id}: the stream already holds this very submission (stored at seq {a.seq}); "
+                "nothing new was submitted" for e, a in zip(events, acks) if a.duplicate]
+    ours = {a.seq: e for e, a in zip(events, acks) if not a.duplicate}
+    fold = Fold()
+    for subject, seq, data in fold_messages:
+        if seq in ours:
+            event = ours[seq]
+            why = (admission.foreign_run(event.run_id, event.submitter, fold.owners)
+                   or admission.taken_task_id(event, fold.tasks.get(event.task_id)))
+            if why is not None:
+                problems.append(f"task {event.task_id}: {why}")
+        fold.apply(subject, seq, data)
+    return problems
+
+
+async def submit_run(js: JetStreamContext, events: list[ev.TaskSubmitted]) -> list[PubAck]:
+    return await bus.publish_many(js, events)
 
 
 # --- following a run ------------------------------------------------------------------------------
