@@ -18,7 +18,7 @@ from rich.table import Table
 from dtf import events as ev
 from dtf import subjects
 from dtf import split
-from dtf.cli import splitting
+from dtf.cli import project, splitting
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.common import (
@@ -206,9 +206,10 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
            nats_url: str | None, creds: str | None) -> None:
     """Submit tests (PATHS), a --command, a --benchmark, a --spec file, or --rerun-failed RUN_ID.
 
-    PATHS are shipped to the workers (packed once, cached by content hash) unless --no-ship; with
-    --command/--benchmark/--spec they are the directory the task runs in. Arguments after `--` go to
-    pytest."""
+    Test PATHS ship their whole project to the workers (the directory pytest takes as its rootdir for
+    them; packed once, cached by content hash) unless --no-ship, and run from its root, as `pytest
+    PATHS` there would; with --command/--benchmark/--spec PATHS are the directory the task runs in.
+    Arguments after `--` go to pytest."""
     pytest_args = ctx.meta.get("passthrough", [])
     kinds = [k for k, given in (("command", command), ("benchmark", benchmark), ("spec", spec_file),
                                 ("rerun-failed", rerun_failed)) if given]
@@ -250,7 +251,14 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                   project, wait_timeout, nats_url, creds, splitting_request=None) -> None:
     from dtf.workers import workspace
 
-    root = sub.workspace_root([Path(p) for p in paths]) if paths else None
+    root = None
+    if paths and (command or benchmark or spec_file):  # the directory the tasks run in
+        root = project.common_ancestor([Path(p) for p in paths])
+    elif paths:  # tests: their whole project, as pytest roots it
+        found = await asyncio.to_thread(project.find, [Path(p) for p in paths])
+        root = found.root
+        click.echo(f"dtf: project {root}" + (f" (pytest configuration {found.configfile.name})"
+                                             if found.configfile else ""), err=True)
     old_ids: list[str] | None = None
     async with connected(nats_url, creds, "dtf-submit") as nc:
         js = nc.jetstream()
