@@ -18,7 +18,7 @@ from rich.table import Table
 from dtf import events as ev
 from dtf import subjects
 from dtf import split
-from dtf.cli import project, splitting
+from dtf.cli import rootdir, splitting
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.common import (
@@ -253,9 +253,9 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
 
     root = None
     if paths and (command or benchmark or spec_file):  # the directory the tasks run in
-        root = project.common_ancestor([Path(p) for p in paths])
+        root = rootdir.common_ancestor([Path(p) for p in paths])
     elif paths:  # tests: their whole project, as pytest roots it
-        found = await asyncio.to_thread(project.find, [Path(p) for p in paths])
+        found = await asyncio.to_thread(rootdir.find, [Path(p) for p in paths])
         root = found.root
         click.echo(f"dtf: project {root}" + (f" (pytest configuration {found.configfile.name})"
                                              if found.configfile else ""), err=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _pytest.config import findpaths
 
-from dtf.cli import project
+from dtf.cli import rootdir
 
 CONFIGURED_PYPROJECT = "[tool.pytest.ini_options]\npythonpath = ['src']\n"
 BARE_PYPROJECT = "[project]\nname = 'x'\n"
@@ -69,10 +69,10 @@ def test_the_project_root_is_the_rootdir_pytest_picks(tmp_path, layout):
     files, args, expected = layout
     base = build(tmp_path, files)
     paths = [base / a for a in args]
-    found = project.find(paths)
-    rootdir, configfile = pytest_setup(paths, invocation_dir=project.common_ancestor(paths))
-    assert found.root == rootdir == base / expected
-    assert found.configfile == configfile
+    found = rootdir.find(paths)
+    pytests_rootdir, pytests_configfile = pytest_setup(paths, invocation_dir=rootdir.common_ancestor(paths))
+    assert found.root == pytests_rootdir == base / expected
+    assert found.configfile == pytests_configfile
 
 
 def git_init(directory: Path) -> None:
@@ -83,17 +83,17 @@ def test_without_configuration_the_git_work_tree_is_shipped_as_pytest_run_from_i
     base = build(tmp_path, {"repo/conftest.py": "", "repo/pkg/tests/test_a.py": ""})
     git_init(base / "repo")
     paths = [base / "repo/pkg/tests"]
-    found = project.find(paths)
-    assert found == project.Project(base / "repo", None)
+    found = rootdir.find(paths)
+    assert found == rootdir.Project(base / "repo", None)
     assert pytest_setup(paths, invocation_dir=base / "repo")[0] == found.root
 
 
 def test_a_configuration_file_above_the_git_work_tree_ships_only_the_work_tree(tmp_path):
     base = build(tmp_path, {"home/pytest.ini": "[pytest]\n", "home/repo/tests/test_a.py": ""})
     git_init(base / "home/repo")
-    assert project.find([base / "home/repo/tests"]) == project.Project(base / "home/repo", None)
+    assert rootdir.find([base / "home/repo/tests"]) == rootdir.Project(base / "home/repo", None)
 
 
 def test_a_broken_pyproject_toml_configures_nothing_but_still_roots_the_project(tmp_path):
     base = build(tmp_path, {"proj/pyproject.toml": "[tool.pytest.ini_options\n", "proj/tests/test_a.py": ""})
-    assert project.find([base / "proj/tests"]).root == base / "proj"
+    assert rootdir.find([base / "proj/tests"]).root == base / "proj"
