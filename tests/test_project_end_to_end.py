@@ -104,3 +104,19 @@ def test_broken_test_files_and_bad_arguments_are_the_tasks_errors_never_retried_
     # the second run's task could be assigned to it.
     verdicts = asyncio.run(_events(one_worker.url, [subjects.worker("*", "quarantined")]))
     assert verdicts == []
+
+
+def test_a_project_without_configuration_ignores_the_one_around_the_workers_directory(tmp_path, tmp_path_factory):
+    """Workers started with `dtf up --data-dir .dtf` inside a checkout keep their copies of projects
+    under that checkout; its pytest configuration must not reach a project that has none."""
+    host = tmp_path / "host"
+    write_project(host, {"pytest.ini": "[pytest]\naddopts = --no-such-option\n"})
+    proj = tmp_path_factory.mktemp("noconfig")
+    write_project(proj, {"setup.py": "", "tests/test_a.py": "def test_a():\n    pass\n"})
+    system = Up(host / "d", tmp_path / "state", workers=1).start()
+    try:
+        report, said = submit(system, str(proj / "tests"))
+        assert report["returncode"] == 0, (said, report)
+        assert reported_nodeids(system, report["run_id"]) == ["tests/test_a.py::test_a"]
+    finally:
+        assert system.stop() == 0

@@ -25,7 +25,7 @@ from dtf.cli.common import (
     EXIT_PERMISSION, CliError, acting_name, connected, credential_identity, nats_options, parse_pairs,
 )
 from dtf.cli.progress import RunProgress
-from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json
+from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json, test_args
 from dtf.state import Fold, TaskState
 from dtf.streams import bus, topology
 
@@ -259,6 +259,9 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
         root = found.root
         click.echo(f"dtf: project {root}" + (f" (pytest configuration {found.configfile.name})"
                                              if found.configfile else ""), err=True)
+        if not no_ship:  # the user's own arguments come after, and win
+            pytest_args = [*rootdir.pinned_args(found), *test_args(base)]
+            base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
     old_ids: list[str] | None = None
     async with connected(nats_url, creds, "dtf-submit") as nc:
         js = nc.jetstream()

@@ -69,6 +69,17 @@ def find(paths: list[Path]) -> Project:
     return Project(ceiling if ceiling in candidates else ancestor, None)
 
 
+def pinned_args(found: Project) -> list[str]:
+    """pytest arguments that hold a worker's pytest, in its copy of the project, to the project's
+    configuration: left to itself it would also look above the copy (whose directory may lie inside
+    another project, as `dtf up --data-dir .dtf` puts it) for a configuration file the project does
+    not have. `-c FILE` names the project's own (pytest then roots at its directory); a project
+    without one gets `-c /dev/null`, no configuration, and `--rootdir .`, its root."""
+    if found.configfile is not None:
+        return ["-c", found.configfile.name]
+    return ["-c", os.devnull, "--rootdir", "."]
+
+
 def common_ancestor(paths: list[Path]) -> Path:
     """The deepest directory holding every existing path (node ids cut at `::`)."""
     existing = [Path(str(p).partition("::")[0]).resolve() for p in paths]
