@@ -101,7 +101,7 @@ def render_report(report: dict) -> None:
     s = report["summary"]
     console.print(f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped, {s['errors']} errors")
     for row in report["tasks"]:
-        if row["reason"] and row["state"] != "passed":
+        if row["reason"] and (row["state"] != "passed" or not any(row["tests"].values())):  # "no tests selected"
             console.print(f"[yellow]{row['task_id']}: {row['reason']}")
 
 
