@@ -140,7 +140,8 @@ async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, ca
     except SpecError as exc:
         return _without_process(spec, sink, "error", f"cannot run this task: {exc}", "task")
     if not planned.cwd.is_dir():
-        return _without_process(spec, sink, "error", f"working directory {planned.cwd} does not exist", "task")
+        return _without_process(spec, sink, "error", f"working directory {planned.cwd} does not exist",
+                                "task")
     if cancel.is_set():
         return _without_process(spec, sink, "cancelled", "cancelled before it started")
     try:

@@ -112,7 +112,8 @@ def _walk_files(root: Path) -> list[str]:
     names = []
     for dirpath, dirnames, filenames in os.walk(root):
         base = Path(dirpath).relative_to(root)
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not (base == Path() and d in WALK_SKIP_TOP)
+        dirnames[:] = [d for d in dirnames
+                       if d not in SKIP_DIRS and not (base == Path() and d in WALK_SKIP_TOP)
                        and not (Path(dirpath) / d / VENV_MARKER).is_file()]
         names.extend((base / f).as_posix() for f in filenames)
     return names

@@ -37,7 +37,8 @@ CONFIG_NAMES = ("pytest.toml", ".pytest.toml", "pytest.ini", ".pytest.ini", "pyp
                 "setup.cfg")
 """pytest's configuration files, in the order it prefers them within one directory."""
 
-_INI_SECTION = {"tox.ini": re.compile(r"^\[pytest\]", re.M), "setup.cfg": re.compile(r"^\[tool:pytest\]", re.M)}
+_INI_SECTION = {"tox.ini": re.compile(r"^\[pytest\]", re.M),
+                "setup.cfg": re.compile(r"^\[tool:pytest\]", re.M)}
 
 
 @dataclass(frozen=True)
