@@ -53,6 +53,8 @@ TASK_EXIT_CODES = frozenset({2, 4})
 """pytest's exit codes for what the tests themselves got wrong (pytest.ExitCode.INTERRUPTED, for a
 collection error or pytest.exit(); USAGE_ERROR, for bad arguments or a conftest that does not
 import): the same on any worker, so not retried and not the worker's fault."""
+MAX_REASON = 500
+"""A reason is a line for a report; the log holds the rest."""
 _COMPLAINT = re.compile(r"^(?:E {3}.*|ERROR: (?!usage:).*|.*: error: .*)$", re.M)
 """pytest's own words about what stopped it: an exception line, an ERROR line, argparse's error."""
 
@@ -196,11 +198,11 @@ def _pytest_complaint(exit_code: int | None, tests: list[TestOutcome], output: s
     broken = [t for t in tests if t.outcome == "error" and t.message.startswith("collection error")]
     if broken:
         more = f" (+{len(broken) - 1} more)" if len(broken) > 1 else ""
-        return f"{broken[0].nodeid}: {' '.join(broken[0].message.split())}{more}"
+        return f"{broken[0].nodeid}: {' '.join(broken[0].message.split())}"[:MAX_REASON - len(more)] + more
     meaning = PYTEST_EXIT_REASONS.get(exit_code or 0, "pytest ended abnormally")
     complaints = _COMPLAINT.findall(output)
     said = f": {' '.join(complaints[-1].split())}" if complaints else ""
-    return f"{meaning} (exit code {exit_code}){said}"
+    return f"{meaning} (exit code {exit_code}){said}"[:MAX_REASON]
 
 
 async def _judge_command(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, sink: LogSink) -> RunResult:
