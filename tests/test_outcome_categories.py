@@ -13,8 +13,11 @@ from hypothesis import strategies as st
 
 from dtf import events as ev
 from dtf import schedule
+from dtf.projections.projection import Projection
 from dtf.spec import RetryPolicy, TaskSpec
 from dtf.state import TaskState, WorkerState, evolve_task, note_outcome
+from dtf.streams.bus import StoredMsg
+from dtf.streams.topology import EVENTS
 from decision_log import DecisionLog
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -116,3 +119,21 @@ def test_a_probe_that_finds_a_broken_test_file_ends_the_quarantine():
     [probe] = log.settle(later)
     log.add(result(probe.task_id, probe.attempt, "error", "task", COLLECTION_ERROR))
     assert log.fold.workers["w1"].status == "online"
+
+
+def test_the_read_models_attempt_row_says_whose_fault_an_error_was_and_why():
+    log = DecisionLog(POLICY)
+    log.add(ev.WorkerRegistered(id="reg", time=T0, worker_id="w1", host="h", pid=1, concurrency=1),
+            ev.WorkerHeartbeat(id="hb", time=T0, worker_id="w1"), submitted("t1"), submitted("t2"))
+    for reported in (lambda a: result(a.task_id, 1, "error", "task", COLLECTION_ERROR),
+                     lambda a: result(a.task_id, 1, "passed", reason="no tests selected: pytest collected none")):
+        [assigned] = [e for e in log.settle(T0) if isinstance(e, ev.TaskAssigned)]
+        log.add(reported(assigned))
+    projection = Projection.open(":memory:")
+    try:
+        projection.apply_batch([StoredMsg(EVENTS, seq, subject, data) for subject, seq, data in log.messages])
+        attempts = projection.con.execute("SELECT task_id, status, reason FROM attempts ORDER BY ALL").fetchall()
+    finally:
+        projection.close()
+    assert attempts == [("t1", "error", f"task: {COLLECTION_ERROR}"),
+                        ("t2", "passed", "no tests selected: pytest collected none")]
