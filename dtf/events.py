@@ -116,6 +116,13 @@ class ResultReported(AttemptEvent, tag=True, kw_only=True):
     labels: dict[str, str] = {}
     output_tail: str = ""
     log_ref: str | None = None
+    category: ErrorCategory | None = None
+    """Whose fault an `error` outcome is. "task": the task's own code, arguments or spec (a
+    collection error, bad pytest arguments, a benchmark without metrics): it settles the task, is
+    never retried and says nothing against the worker. Anything else, or none (results from before
+    this field), is the infrastructure's: retried, and counted towards the worker's quarantine."""
+    reason: str = ""
+    """Why the worker judged the attempt so, in a line (the collection error, "no tests selected")."""
 
 
 class TaskFailed(AttemptEvent, tag=True, kw_only=True):

@@ -41,7 +41,7 @@ ACTIVE: frozenset[str] = frozenset({"assigned", "running"})
 QUEUED: frozenset[str] = frozenset({"pending", "unschedulable"})
 """Waiting for a worker: an unschedulable task is assigned like a pending one once a worker fits."""
 RETRYABLE_OUTCOMES: frozenset[str] = frozenset({"error", "timed_out"})
-"""Tests that ran and failed are not retried by default; infrastructure trouble is."""
+"""Tests that ran and failed are not retried by default; infrastructure trouble is (`task_error`s not)."""
 INFRA_CATEGORIES: frozenset[str] = frozenset({"network", "resource", "worker", "hardware"})
 """TaskFailed categories that speak of the worker, not of the task: they count towards quarantine."""
 MAX_LOST_ATTEMPTS = 3
@@ -173,9 +173,10 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
                 task, duration_s=event.duration_s, counts=event.counts,
                 started_at=task.started_at or task.assigned_at,
             )
-            if event.outcome in RETRYABLE_OUTCOMES:
-                return _after_failure(settled, event, event.outcome, event.output_tail[-200:])
-            return msgspec.structs.replace(settled, status=event.outcome, finished_at=event.time)
+            if event.outcome in RETRYABLE_OUTCOMES and not task_error(event):
+                return _after_failure(settled, event, event.outcome, event.reason or event.output_tail[-200:])
+            return msgspec.structs.replace(settled, status=event.outcome, finished_at=event.time,
+                                           reason=event.reason)
         case ev.TaskFailed() if _current_attempt(task, event) and event.category == "worker":
             if task.lost + 1 < MAX_LOST_ATTEMPTS:
                 return msgspec.structs.replace(
@@ -204,14 +205,21 @@ def evolve_task(task: TaskState | None, event: ev.TaskEvent) -> TaskState | None
     return task
 
 
+def task_error(event: ev.ResultReported) -> bool:
+    """An `error` of the task's own making (a collection error, bad pytest arguments): final, and no
+    mark against the worker that found it."""
+    return event.outcome == "error" and event.category == "task"
+
+
 def note_outcome(worker: WorkerState, event: ev.AttemptEvent) -> WorkerState:
     """A settled attempt's verdict on its worker's health: infrastructure failures in a row count
-    towards quarantine; a real result (even failing tests) shows the worker works."""
+    towards quarantine; a real result (even failing tests, or a test file that does not import) shows
+    the worker works."""
     infra = (isinstance(event, ev.TaskFailed) and event.category in INFRA_CATEGORIES) or (
-        isinstance(event, ev.ResultReported) and event.outcome == "error")
+        isinstance(event, ev.ResultReported) and event.outcome == "error" and not task_error(event))
     if infra:
         return msgspec.structs.replace(worker, infra_failures=worker.infra_failures + 1)
-    if isinstance(event, ev.ResultReported) and event.outcome in ("passed", "failed"):
+    if isinstance(event, ev.ResultReported) and (event.outcome in ("passed", "failed") or task_error(event)):
         if worker.status == "quarantined":  # the probe came through
             return msgspec.structs.replace(worker, status="online", infra_failures=0, quarantines=0,
                                            quarantined_until=None, reason="")

@@ -68,7 +68,7 @@ def attempt_row(before: TaskState | None, after: TaskState, event: ev.TaskEvent)
             return _attempt(
                 before, event.outcome, finished_at=event.time, outcome=event.outcome,
                 exit_code=event.exit_code, duration_s=event.duration_s, log_ref=event.log_ref,
-                reason="" if event.outcome == "passed" else event.output_tail[-200:],
+                reason=_result_reason(event),
             )
         case ev.TaskFailed() if before is not None:
             return _attempt(
@@ -79,6 +79,14 @@ def attempt_row(before: TaskState | None, after: TaskState, event: ev.TaskEvent)
         case ev.TaskCancelled() if before is not None and before.status in ACTIVE:
             return _attempt(before, "cancelled", finished_at=event.time, reason=event.reason)
     return None
+
+
+def _result_reason(event: ev.ResultReported) -> str:
+    """What the worker said about the attempt ("task: <the collection error>"); results from before
+    it said anything fall back to the end of their output."""
+    if event.reason:
+        return f"{event.category}: {event.reason}" if event.category else event.reason
+    return "" if event.outcome == "passed" else event.output_tail[-200:]
 
 
 def test_rows(event: ev.ResultReported, tests: list[ev.TestOutcome], hardware: list[str]) -> list[dict]:

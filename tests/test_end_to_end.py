@@ -355,7 +355,7 @@ def test_rerun_failed_runs_again_only_the_failed_test(up):
     report = json.loads(again.stdout)
     assert report["run_id"] != run_id
     assert report["summary"] == {"passed": 0, "failed": 1, "skipped": 0, "errors": 0}
-    assert report["tasks"][0]["name"] == "test_mixed.py"
+    assert report["tasks"][0]["name"] == "examples/mixed/test_mixed.py"  # as run from the dtf checkout, its project
     ok = up.dtf("submit", "--command", "true", "--wait", "--json", check_json=True)
     nothing = up.dtf("submit", "--rerun-failed", json.loads(ok.stdout)["run_id"])
     assert nothing.returncode == 0 and "nothing to rerun" in nothing.stderr

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
+import pytest
 
 from dtf.spec import TaskSpec
 from dtf.workers.runner import run_attempt
@@ -115,22 +116,39 @@ async def test_a_passing_pytest_task_passes_and_honours_pytest_args_and_cwd(tmp_
     assert [t.nodeid for t in result.tests] == ["tests/test_sample.py::test_one"]
 
 
-async def test_a_pytest_task_that_collects_nothing_is_an_error_with_a_reason(tmp_path):
+@pytest.mark.parametrize("selection", [["empty"], ["suite", "-k", "no_such_test"]], ids=["no test files", "-k"])
+async def test_a_pytest_task_that_selects_no_tests_passes_with_none_and_says_so(tmp_path, selection):
     (tmp_path / "empty").mkdir()
-    result = await run(TaskSpec(type="test", config={"paths": ["empty"]}), tmp_path)
-    assert (result.outcome, result.exit_code) == ("error", 5)
-    assert "no tests" in result.reason
-    assert "no tests" in result.output_tail
+    write_suite(tmp_path / "suite", "def test_fine():\n    pass\n")
+    path, *pytest_args = selection
+    result = await run(TaskSpec(type="test", config={"paths": [path], "pytest_args": pytest_args}), tmp_path)
+    assert (result.outcome, result.exit_code, result.tests, result.category) == ("passed", 5, [], None)
+    assert "no tests selected" in result.reason and "no tests selected" in result.output_tail
 
 
-async def test_a_suite_that_fails_to_collect_is_an_error_naming_the_broken_file(tmp_path):
+async def test_a_suite_that_fails_to_collect_is_an_error_of_the_task_naming_the_broken_file(tmp_path):
     write_suite(tmp_path / "suite", "def test_fine():\n    pass\n", name="test_fine.py")
     write_suite(tmp_path / "suite", "def test_broken(:\n", name="test_broken.py")
     result = await run(TaskSpec(type="test", config={"paths": ["suite"]}), tmp_path)
-    assert (result.outcome, result.exit_code) == ("error", 2)
+    assert (result.outcome, result.exit_code, result.category) == ("error", 2, "task")
     errors = [t for t in result.tests if t.outcome == "error"]
     assert [t.nodeid for t in errors] == ["suite/test_broken.py"] and "collection error" in errors[0].message
     assert result.counts.errors == 1
+    assert result.reason == "suite/test_broken.py: collection error: SyntaxError: invalid syntax"
+
+
+@pytest.mark.parametrize(("conftest", "arguments", "said"), [
+    ("", ["suite", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ("import no_such_module\n", ["suite"], "No module named 'no_such_module'"),
+    ("", ["suite/test_sample.py::test_gone"], "not found"),
+], ids=["bad option", "conftest that does not import", "missing node id"])
+async def test_a_pytest_usage_error_is_an_error_of_the_task_in_pytests_words(tmp_path, conftest, arguments, said):
+    write_suite(tmp_path / "suite", "def test_fine():\n    pass\n")
+    write_suite(tmp_path / "suite", conftest, name="conftest.py")
+    path, *pytest_args = arguments
+    result = await run(TaskSpec(type="test", config={"paths": [path], "pytest_args": pytest_args}), tmp_path)
+    assert (result.outcome, result.exit_code, result.category) == ("error", 4, "task")
+    assert said in result.reason and "usage error" in result.reason
 
 
 async def test_a_python_without_pytest_is_an_error_not_a_test_failure(tmp_path):
@@ -141,6 +159,7 @@ async def test_a_python_without_pytest_is_an_error_not_a_test_failure(tmp_path):
     spec = TaskSpec(type="test", config={"paths": ["suite"]})
     result = await run_attempt(spec, tmp_path, tmp_path / "attempt", python=str(fake_python))
     assert result.outcome == "error" and "without reporting any test" in result.reason
+    assert result.category == "worker"  # this worker's python cannot run tests: the worker's fault
 
 
 async def test_a_command_passes_on_exit_zero_and_counts_as_one_test(tmp_path):
@@ -197,6 +216,7 @@ async def test_a_benchmark_with_non_numeric_metrics_is_an_error_naming_them(tmp_
 async def test_a_benchmark_that_writes_no_metrics_is_an_error(tmp_path):
     result = await run(TaskSpec(type="benchmark", config={"command": "true"}), tmp_path)
     assert result.outcome == "error" and "no metrics file" in result.reason
+    assert result.category == "task"
 
 
 async def test_a_timeout_kills_the_whole_process_group_including_a_grandchild(tmp_path):

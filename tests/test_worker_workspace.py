@@ -71,6 +71,27 @@ def test_inside_a_git_work_tree_ignored_files_stay_out(tmp_path):
     assert names_in(data) == [".gitignore", "pkg/mod.py", "run.sh"]  # tracked + untracked, not ignored
 
 
+def with_environments(root):
+    """Virtual environments, tool caches and build outputs a project root holds beside its source."""
+    for name in (".venv/pyvenv.cfg", ".venv/lib/site.py", "env2/pyvenv.cfg", "env2/bin/python",
+                 ".tox/py311/x.py", "node_modules/left-pad/index.js", ".pytest_cache/v/x",
+                 "build/lib/pkg/mod.py", "dist/pkg.whl", "src/build/__init__.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    return root
+
+
+@pytest.mark.parametrize("in_git", [False, True], ids=["walked", "git-listed"])
+def test_environments_and_caches_stay_out_of_a_workspace_at_any_depth(tmp_path, in_git):
+    root = with_environments(make_tree(tmp_path / "proj"))
+    if in_git:  # nothing ignored: git lists every one of them
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    expected = ["pkg/mod.py", "run.sh", "src/build/__init__.py"]
+    if in_git:  # the top-level build outputs are git's to ignore
+        expected = ["build/lib/pkg/mod.py", "dist/pkg.whl", *expected]
+    assert names_in(workspace.pack(root)[0]) == expected
+
+
 def test_a_subdirectory_of_a_git_work_tree_packs_relative_to_itself(tmp_path):
     root = make_tree(tmp_path / "repo")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)

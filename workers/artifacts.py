@@ -63,7 +63,7 @@ async def result_event(
         task_id=assignment.task_id, attempt=assignment.attempt, worker_id=assignment.worker_id,
         outcome=result.outcome, exit_code=result.exit_code, duration_s=result.duration_s,
         counts=result.counts, tests=result.tests, metrics=result.metrics, labels=result.labels,
-        output_tail=result.output_tail, log_ref=log_ref,
+        output_tail=result.output_tail, log_ref=log_ref, category=result.category, reason=result.reason,
     )
     if len(ev.encode(event)) <= MAX_INLINE_EVENT:
         return event

@@ -83,8 +83,14 @@ class Recorder:
         if report.failed:
             self._write({
                 "nodeid": report.nodeid or "<collection>", "outcome": "error", "duration_s": 0.0,
-                "message": f"collection error: {_message(report)}"[:MAX_MESSAGE],
+                "message": f"collection error: {_raised(report)}"[:MAX_MESSAGE],
             })
+
+
+def _raised(report: Any) -> str:
+    """The exception a collection error ends in (`E   SyntaxError: ...`), not the traceback above it."""
+    raised = [line[1:].strip() for line in str(report.longrepr or "").splitlines() if line.startswith("E ")]
+    return raised[-1] if raised else _message(report)
 
 
 def _xfail_message(report: Any) -> str:

@@ -2,14 +2,19 @@
 
     test       python -m pytest <paths> <pytest_args> -p dtf.workers.pytest_plugin -p no:cacheprovider -q
                exit 0 passed, 1 failed (error if no test was reported: pytest itself is missing),
-               5 (no tests collected) and anything else error, except that a split shard of whole
-               files that hold no test passes; per-test outcomes come from the plugin's
-               DTF_TEST_REPORT file.
+               5 passed with no tests (nothing selected: `-k`, or a file without tests), 2 and 4
+               (collection errors, a conftest that does not import, bad arguments) an error of the
+               task's own, anything else an infrastructure error; per-test outcomes come from the
+               plugin's DTF_TEST_REPORT file.
     command    /bin/sh -c <command>: exit 0 passed, else failed; it counts as one test.
     benchmark  like command, plus DTF_METRICS=<attempt_dir>/metrics.json for the benchmark to write
                a JSON object of numbers into, DTF_CONFIG=<json> and DTF_CONFIG_<KEY>=<value> for each
                config key; the config also becomes the result's labels. A zero exit without valid
                metrics is an error.
+
+An error result says whose fault it is (`RunResult.category`, ResultReported.category): "task" when
+the task's code, arguments or spec are (final, and no mark against the worker), else the worker's
+("worker": it cannot run the task's program) or "unknown" (pytest's internal error, a killing signal).
 
 `config.cwd` (relative to workdir, or absolute) picks the working directory. Process handling
 (process group, timeout, cancel, capped log) lives in `process`; the child's environment in
@@ -20,12 +25,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtf.events import Outcome, TestCounts, TestOutcome
+from dtf.events import ErrorCategory, Outcome, TestCounts, TestOutcome
 from dtf.spec import SpecError, TaskSpec, benchmark_labels, command_line, test_args, test_paths
 from dtf.workers import environment, results
 from dtf.workers.process import MAX_LOG_BYTES, LogSink, ProcessResult, run_process
@@ -39,11 +45,18 @@ Launch = Callable[..., Awaitable[ProcessResult]]
 """`run_process`'s signature: (argv, *, cwd, env, sink, timeout, cancel) -> ProcessResult."""
 
 PYTEST_EXIT_REASONS = {
-    2: "pytest was interrupted (collection errors or ^C)",
+    2: "pytest was interrupted",
     3: "pytest hit an internal error",
-    4: "pytest was called with bad arguments",
-    5: "pytest collected no tests",
+    4: "pytest could not start the tests (a usage error)",
 }
+TASK_EXIT_CODES = frozenset({2, 4})
+"""pytest's exit codes for what the tests themselves got wrong (pytest.ExitCode.INTERRUPTED, for a
+collection error or pytest.exit(); USAGE_ERROR, for bad arguments or a conftest that does not
+import): the same on any worker, so not retried and not the worker's fault."""
+MAX_REASON = 500
+"""A reason is a line for a report; the log holds the rest."""
+_COMPLAINT = re.compile(r"^(?:E {3}.*|ERROR: (?!usage:).*|.*: error: .*)$", re.M)
+"""pytest's own words about what stopped it: an exception line, an ERROR line, argparse's error."""
 
 
 @dataclass
@@ -59,6 +72,8 @@ class RunResult:
     log_path: Path
     reason: str = ""
     log_truncated: bool = False
+    category: ErrorCategory | None = None
+    """Whose fault an "error" is (module docstring); None for the other outcomes."""
 
 
 @dataclass
@@ -125,16 +140,17 @@ async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, ca
     try:
         planned = plan(spec, Path(workdir), attempt_dir, python)
     except SpecError as exc:
-        return _without_process(spec, sink, "error", f"cannot run this task: {exc}")
+        return _without_process(spec, sink, "error", f"cannot run this task: {exc}", "task")
     if not planned.cwd.is_dir():
-        return _without_process(spec, sink, "error", f"working directory {planned.cwd} does not exist")
+        return _without_process(spec, sink, "error", f"working directory {planned.cwd} does not exist",
+                                "task")
     if cancel.is_set():
         return _without_process(spec, sink, "cancelled", "cancelled before it started")
     try:
         proc = await launch(planned.argv, cwd=planned.cwd, env=planned.env, sink=sink,
                             timeout=spec.timeout_seconds, cancel=cancel)
     except OSError as exc:
-        return _without_process(spec, sink, "error", f"cannot start {planned.argv[0]}: {exc}")
+        return _without_process(spec, sink, "error", f"cannot start {planned.argv[0]}: {exc}", "worker")
     if spec.type == "test":
         return await _judge_tests(spec, proc, attempt_dir, sink)
     return await _judge_command(spec, proc, attempt_dir, sink)
@@ -154,34 +170,44 @@ def _ended_early(proc: ProcessResult, timeout: float, sink: LogSink) -> tuple[Ou
 async def _judge_tests(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, sink: LogSink) -> RunResult:
     tests = await asyncio.to_thread(results.read_test_report, attempt_dir / TEST_REPORT_NAME)
     early = _ended_early(proc, spec.timeout_seconds, sink)
+    category: ErrorCategory | None = None
     if early is not None:
         outcome, reason = early
     elif proc.exit_code == 0:
         outcome, reason = "passed", ""
-    elif proc.exit_code == 5 and _whole_files_shard(spec):  # its files hold no test here: nothing failed
-        outcome, reason = "passed", ""
-        sink.note("pytest collected no tests from this shard's files")
+    elif proc.exit_code == 5:  # nothing selected (`-k`, a file without tests): nothing failed either
+        outcome, reason = "passed", "no tests selected: pytest collected none"
+        sink.note(reason)
     elif proc.exit_code == 1 and tests:
         outcome, reason = "failed", ""
     elif proc.exit_code == 1:  # e.g. "No module named pytest": nothing ran, so nothing failed
-        outcome = "error"
+        outcome, category = "error", "worker"
         reason = "pytest exited with code 1 without reporting any test (is pytest installed for this python?)"
         sink.note(reason)
     else:
         outcome = "error"
-        reason = PYTEST_EXIT_REASONS.get(proc.exit_code or 0, "pytest ended abnormally")
-        reason = f"{reason} (exit code {proc.exit_code})"
+        category = "task" if proc.exit_code in TASK_EXIT_CODES else "unknown"
+        reason = _pytest_complaint(proc.exit_code, tests, sink.tail_text())
         sink.note(reason)
-    return _result(outcome, proc, tests, {}, sink, reason)
+    return _result(outcome, proc, tests, {}, sink, reason, category)
 
 
-def _whole_files_shard(spec: TaskSpec) -> bool:
-    """A shard of `dtf submit --split` that split by file, naming whole files pytest listed."""
-    return isinstance(spec.config.get("split"), dict) and all("::" not in p for p in test_paths(spec))
+def _pytest_complaint(exit_code: int | None, tests: list[TestOutcome], output: str) -> str:
+    """One line on why pytest stopped: the first collection error (it names the file), else pytest's
+    last complaint in the output, after what the exit code means."""
+    broken = [t for t in tests if t.outcome == "error" and t.message.startswith("collection error")]
+    if broken:
+        more = f" (+{len(broken) - 1} more)" if len(broken) > 1 else ""
+        return f"{broken[0].nodeid}: {' '.join(broken[0].message.split())}"[:MAX_REASON - len(more)] + more
+    meaning = PYTEST_EXIT_REASONS.get(exit_code or 0, "pytest ended abnormally")
+    complaints = _COMPLAINT.findall(output)
+    said = f": {' '.join(complaints[-1].split())}" if complaints else ""
+    return f"{meaning} (exit code {exit_code}){said}"[:MAX_REASON]
 
 
 async def _judge_command(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path, sink: LogSink) -> RunResult:
     metrics: dict[str, float] = {}
+    category: ErrorCategory | None = None
     early = _ended_early(proc, spec.timeout_seconds, sink)
     if early is not None:
         outcome, reason = early
@@ -191,7 +217,7 @@ async def _judge_command(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path,
             try:
                 metrics = await asyncio.to_thread(results.read_metrics, attempt_dir / METRICS_NAME)
             except results.MetricsError as exc:
-                outcome, reason = "error", str(exc)
+                outcome, reason, category = "error", str(exc), "task"
                 sink.note(reason)
     else:
         outcome, reason = "failed", f"exited with code {proc.exit_code}"
@@ -201,7 +227,7 @@ async def _judge_command(spec: TaskSpec, proc: ProcessResult, attempt_dir: Path,
             except results.MetricsError:
                 pass
     tests = [] if outcome == "cancelled" else [_single_test(spec, outcome, proc.duration_s, reason)]
-    return _result(outcome, proc, tests, metrics, sink, reason)
+    return _result(outcome, proc, tests, metrics, sink, reason, category)
 
 
 def _single_test(spec: TaskSpec, outcome: Outcome, duration_s: float, reason: str) -> TestOutcome:
@@ -211,18 +237,21 @@ def _single_test(spec: TaskSpec, outcome: Outcome, duration_s: float, reason: st
 
 
 def _result(outcome: Outcome, proc: ProcessResult, tests: list[TestOutcome], metrics: dict[str, float],
-            sink: LogSink, reason: str) -> RunResult:
+            sink: LogSink, reason: str, category: ErrorCategory | None = None) -> RunResult:
     return RunResult(
         outcome=outcome, exit_code=proc.exit_code, duration_s=round(proc.duration_s, 6),
         counts=results.count(tests), tests=tests, metrics=metrics, labels={},
         output_tail=sink.tail_text(), log_path=sink.path, reason=reason, log_truncated=sink.truncated,
+        category=category,
     )
 
 
-def _without_process(spec: TaskSpec, sink: LogSink, outcome: Outcome, reason: str) -> RunResult:
+def _without_process(spec: TaskSpec, sink: LogSink, outcome: Outcome, reason: str,
+                     category: ErrorCategory | None = None) -> RunResult:
     sink.note(reason)
     tests = [] if outcome == "cancelled" or spec.type == "test" else [_single_test(spec, outcome, 0.0, reason)]
     return RunResult(
         outcome=outcome, exit_code=None, duration_s=0.0, counts=results.count(tests), tests=tests,
         metrics={}, labels={}, output_tail=sink.tail_text(), log_path=sink.path, reason=reason,
+        category=category,
     )

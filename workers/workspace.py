@@ -3,9 +3,11 @@
 `pack` builds a deterministic tar.gz (sorted names, zeroed mtime/uid/gid/owner names, gzip mtime 0):
 the same files give the same bytes, so the sha256 names the content. Inside a git work tree it takes
 what `git ls-files -co --exclude-standard` lists (tracked plus untracked-but-not-ignored); elsewhere, or
-when git lists nothing (the directory is ignored by an enclosing repository), every file. `.git`,
-`__pycache__` and `.dtf` are always left out. Symlinks to files are stored as the files they point to;
-symlinks to directories and special files are skipped, so an archive holds only regular files.
+when git lists nothing (the directory is ignored by an enclosing repository), every file except the
+top-level `build` and `dist` outputs. Version control, caches, tox/nox environments, node_modules, `.dtf`
+and virtual environments (any directory holding a pyvenv.cfg) are always left out, at any depth.
+Symlinks to files are stored as the files they point to; symlinks to directories and special files are
+skipped, so an archive holds only regular files.
 
 `upload` stores the archive once in the workspaces object store (name = sha256). `materialize` fetches
 it, checks the hash, extracts it safely (no absolute paths, no `..`, regular files and directories
@@ -39,7 +41,15 @@ from dtf.streams import topology
 
 log = logging.getLogger("dtf.worker.workspace")
 
-SKIP_DIRS = frozenset({".git", "__pycache__", ".dtf"})
+SKIP_DIRS = frozenset({
+    ".git", ".hg", ".svn", "__pycache__", ".dtf", ".tox", ".nox", "node_modules", ".pytest_cache",
+    ".mypy_cache", ".ruff_cache",
+})
+"""Never part of a workspace: a project root is shipped whole, and these are no one's source."""
+WALK_SKIP_TOP = frozenset({"build", "dist"})
+"""Build outputs, left out when no git ignore file can say so (a package may be called `build`, so
+only at the top)."""
+VENV_MARKER = "pyvenv.cfg"
 
 
 class WorkspaceError(Exception):
@@ -75,10 +85,9 @@ def pack(path: str | os.PathLike[str]) -> tuple[bytes, WorkspaceRef]:
 
 def list_files(root: Path) -> list[str]:
     """Sorted POSIX paths, relative to root, of the regular files a workspace of `root` holds."""
-    names = _git_files(root)
-    if not names:
-        names = _walk_files(root)
-    return sorted(name for name in set(names) if _wanted(root, name))
+    names = _git_files(root) or _walk_files(root)
+    venvs = {PurePosixPath(name).parent for name in names if PurePosixPath(name).name == VENV_MARKER}
+    return sorted(name for name in set(names) if _wanted(root, name, venvs))
 
 
 def _git_files(root: Path) -> list[str]:
@@ -102,15 +111,19 @@ def _git_files(root: Path) -> list[str]:
 def _walk_files(root: Path) -> list[str]:
     names = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
         base = Path(dirpath).relative_to(root)
+        dirnames[:] = [d for d in dirnames
+                       if d not in SKIP_DIRS and not (base == Path() and d in WALK_SKIP_TOP)
+                       and not (Path(dirpath) / d / VENV_MARKER).is_file()]
         names.extend((base / f).as_posix() for f in filenames)
     return names
 
 
-def _wanted(root: Path, name: str) -> bool:
-    parts = PurePosixPath(name).parts
-    if any(part in SKIP_DIRS for part in parts[:-1]) or ".." in parts:
+def _wanted(root: Path, name: str, venvs: set[PurePosixPath]) -> bool:
+    path = PurePosixPath(name)
+    if any(part in SKIP_DIRS for part in path.parts[:-1]) or ".." in path.parts:
+        return False
+    if any(parent in venvs for parent in path.parents):
         return False
     return (root / name).is_file()  # follows symlinks; drops deleted tracked files and special files
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from dtf import events as ev
 from dtf import subjects
 from dtf import split
-from dtf.cli import splitting
+from dtf.cli import rootdir, splitting
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.commands_query import ask
@@ -27,7 +27,7 @@ from dtf.cli.common import (
     query_scope,
 )
 from dtf.cli.progress import RunProgress
-from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json
+from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json, test_args
 from dtf.state import Fold, TaskState
 from dtf.streams import bus, topology
 
@@ -103,7 +103,7 @@ def render_report(report: dict) -> None:
     s = report["summary"]
     console.print(f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped, {s['errors']} errors")
     for row in report["tasks"]:
-        if row["reason"] and row["state"] != "passed":
+        if row["reason"] and (row["state"] != "passed" or not any(row["tests"].values())):  # "no tests selected"
             console.print(f"[yellow]{row['task_id']}: {row['reason']}")
 
 
@@ -208,9 +208,10 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
            nats_url: str | None, creds: str | None) -> None:
     """Submit tests (PATHS), a --command, a --benchmark, a --spec file, or --rerun-failed RUN_ID.
 
-    PATHS are shipped to the workers (packed once, cached by content hash) unless --no-ship; with
-    --command/--benchmark/--spec they are the directory the task runs in. Arguments after `--` go to
-    pytest."""
+    Test PATHS ship their whole project to the workers (the directory pytest takes as its rootdir for
+    them; packed once, cached by content hash) unless --no-ship, and run from its root, as `pytest
+    PATHS` there would; with --command/--benchmark/--spec PATHS are the directory the task runs in.
+    Arguments after `--` go to pytest."""
     pytest_args = ctx.meta.get("passthrough", [])
     kinds = [k for k, given in (("command", command), ("benchmark", benchmark), ("spec", spec_file),
                                 ("rerun-failed", rerun_failed)) if given]
@@ -253,7 +254,17 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                   project, wait_timeout, nats_url, creds, splitting_request=None, joining=False) -> None:
     from dtf.workers import workspace
 
-    root = sub.workspace_root([Path(p) for p in paths]) if paths else None
+    root = None
+    if paths and (command or benchmark or spec_file):  # the directory the tasks run in
+        root = rootdir.common_ancestor([Path(p) for p in paths])
+    elif paths:  # tests: their whole project, as pytest roots it
+        found = await asyncio.to_thread(rootdir.find, [Path(p) for p in paths])
+        root = found.root
+        click.echo(f"dtf: project {root}" + (f" (pytest configuration {found.configfile.name})"
+                                             if found.configfile else ""), err=True)
+        if not no_ship:  # the user's own arguments come after, and win
+            pytest_args = [*rootdir.pinned_args(found), *test_args(base)]
+            base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
     old_ids: list[str] | None = None
     async with connected(nats_url, creds, "dtf-submit") as nc:
         js = nc.jetstream()

@@ -61,16 +61,9 @@ def git_source(directory: Path) -> tuple[str, str]:
     return commit, branch
 
 
-def workspace_root(paths: list[Path]) -> Path:
-    """The directory a test submission ships: the path itself, or the common parent of several."""
-    resolved = [p.resolve() for p in paths]
-    dirs = [p if p.is_dir() else p.parent for p in resolved]
-    return Path(os.path.commonpath([str(d) for d in dirs]))
-
-
 def split_test_paths(args: list[str], root: Path) -> list[list[str]]:
     """One task per test file: a directory becomes its test files, a file or node id stays itself.
-    Paths are made relative to the shipped root (#3 replaces this with history-based packing)."""
+    Paths are made relative to the shipped project root, where the worker runs them."""
     shards: list[list[str]] = []
     for arg in args:
         path_part, sep, rest = arg.partition("::")
