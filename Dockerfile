@@ -1,9 +1,11 @@
-# The image every dtf service in compose.yaml runs: dtf installed from this checkout.
-# Workers run tests inside it, so a project's test dependencies go into an image built FROM this one.
+# The image every dtf service in compose.yaml runs: dtf installed from this checkout, at the versions
+# .ci/constraints.txt pins. pytest comes with dtf (submit collects with it, workers run it); a task
+# whose project declares its dependencies gets an environment uv builds on the worker (--env auto),
+# so a project's test dependencies need no image of their own.
 FROM python:3.11-slim
 WORKDIR /src
 COPY . .
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c .ci/constraints.txt . \
  && useradd --create-home dtf \
  && mkdir -p /data \
  && chown dtf /data
