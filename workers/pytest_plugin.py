@@ -16,17 +16,19 @@ A test's phases fold into one outcome: a failing setup or teardown is "error" (a
 "failed"), a skip at setup or in the call is "skipped", xfail counts as skipped and a (non-strict)
 xpass as passed; a strict xpass is reported by pytest as a failure. Collection errors get a line of
 their own with outcome "error". Under pytest-xdist only the controller writes, so nothing is doubled.
-Only pytest and the standard library are imported: the plugin loads in whatever Python runs the tests.
+Only pytest, the standard library and `dtf.workers.nodeids` (itself standard library only) are
+imported: the plugin loads in whatever Python runs the tests.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 import pytest
+
+from dtf.workers.nodeids import classname
 
 REPORT_ENV = "DTF_TEST_REPORT"
 PREFIX_ENV = "DTF_SOURCE_PREFIX"
@@ -48,20 +50,6 @@ def cap(text: str, limit: int) -> str:
     keep = limit - len(marker.format(len(text))) - 16
     head = keep // 2
     return text[:head] + marker.format(len(text) - keep) + text[len(text) - (keep - head):]
-
-
-def classname(nodeid: str, prefix: str = "") -> str:
-    """pytest's junitxml classname of a node id (its `mangle_test_address`, without the test's own
-    name): `tests/test_x.py::TestA::test_b[a::b]` -> `tests.test_x.TestA`. The parameters are cut
-    off first, so `::` or `/` inside them change nothing."""
-    path, sep, tail = nodeid.partition("::")
-    if prefix:
-        path = f"{prefix}/{path}"
-    module = re.sub(r"\.py$", "", path.replace("/", "."))
-    if not sep:
-        return ""
-    names = tail.partition("[")[0].split("::")
-    return ".".join([module, *names[:-1]])
 
 
 def _message(report: Any) -> str:
