@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dtf import events as ev
-from dtf.cli import annotations, failures
+from dtf.cli import failures
+from dtf.cli import github_annotations as annotations
 from dtf.projections import report, report_junit, schema
 from dtf.projections.projection import Projection
 from dtf.streams.bus import StoredMsg

@@ -19,9 +19,9 @@ from dtf import events as ev
 from dtf import subjects
 from dtf import split
 from dtf.cli import splitting
-from dtf.cli import annotations, failures
+from dtf.cli import github_annotations as github
+from dtf.cli import failures
 from dtf.cli import commands_results as ci
-from dtf.cli.annotations import annotations_option
 from dtf.cli import submit as sub
 from dtf.cli.common import (
     EXIT_PERMISSION, CliError, acting_name, connected, credential_identity, nats_options, parse_pairs,
@@ -122,7 +122,7 @@ def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after
     else:
         render_report(report)
         failures.show(report["failures"])
-    annotations.emit(report["failures"], to_stderr=as_json)
+    github.emit(report["failures"], to_stderr=as_json)
     if gave_up_after is not None:
         click.echo(f"dtf: gave up waiting after {gave_up_after:g}s; {len(report['unsettled'])} of {len(tasks)}"
                    " tasks unsettled:", err=True)
@@ -177,7 +177,7 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
               help="hardware=cuda|rocm, min_memory_gb=16, min_cuda_compute=7.5, gpu_count=N, or a tag.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label results for aggregation.")
 @ci.ci_options
-@annotations_option
+@github.annotations_option
 @click.option("--config", "configs", multiple=True, metavar="K=V", help="Task config (benchmark model, ...).")
 @click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Retries after infrastructure errors and timeouts.")
@@ -329,7 +329,7 @@ def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @ci.ci_options
-@annotations_option
+@github.annotations_option
 @WAIT_TIMEOUT
 @nats_options
 @click.pass_context
