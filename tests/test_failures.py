@@ -21,6 +21,7 @@ from dtf import events as ev
 from dtf.cli import failures
 from dtf.cli import github_annotations as annotations
 from dtf.projections import report, report_junit, schema
+from dtf.projections.artifacts import decode_tests
 from dtf.projections.projection import Projection
 from dtf.streams.bus import StoredMsg
 from dtf.streams.topology import EVENTS
@@ -252,3 +253,27 @@ def test_annotations_are_printed_in_github_actions_or_when_asked(monkeypatch):
     assert annotations.wanted("auto") and not annotations.wanted("none")
     monkeypatch.delenv("GITHUB_ACTIONS")
     assert annotations.wanted("github") and not annotations.wanted("auto")
+
+
+outcomes = st.builds(
+    ev.TestOutcome, nodeid=st.text(min_size=1), outcome=st.sampled_from(["passed", "failed", "skipped", "error"]),
+    duration_s=st.floats(min_value=0, max_value=1e6), message=st.text(), longrepr=st.text(), short=st.text(),
+    file=st.text(), line=st.none() | st.integers(min_value=1, max_value=2**31), classname=st.text(),
+    stdout=st.text(), stderr=st.text())
+
+
+@given(st.lists(outcomes, max_size=5))
+def test_a_result_s_failure_details_survive_the_wire_and_the_artifacts_store(tests):
+    result = ev.ResultReported(run_id="r", task_id="t", attempt=1, worker_id="w", outcome="failed", tests=tests)
+    assert ev.decode(ev.encode(result)).tests == tests
+    stored = msgspec.json.encode(tests)  # what a worker puts under tests_ref for a big list
+    assert decode_tests(stored) == tests
+
+
+def test_a_result_from_before_the_failure_details_decodes_with_their_defaults():
+    old = (b'{"type":"ResultReported","id":"x","time":"2026-01-01T00:00:00Z","v":1,"run_id":"r","task_id":"t",'
+           b'"attempt":1,"worker_id":"w","outcome":"failed","tests":[{"nodeid":"a.py::b","outcome":"failed",'
+           b'"message":"assert 0"}]}')
+    [test] = ev.decode(old).tests
+    assert (test.message, test.longrepr, test.short, test.file, test.line, test.classname, test.stdout) == (
+        "assert 0", "", "", "", None, "", "")

@@ -31,8 +31,8 @@ MAX_CHARS = 2000
 first and the exception last, so the head of a long one shows where, `dtf report` shows all)."""
 
 
-def _current(tasks: list[TaskState], event: ev.ResultReported) -> bool:
-    task = next((t for t in tasks if t.task_id == event.task_id), None)
+def _current(tasks: dict[str, TaskState], event: ev.ResultReported) -> bool:
+    task = tasks.get(event.task_id)
     return task is not None and task.attempt == event.attempt and task.worker_id == event.worker_id
 
 
@@ -49,13 +49,14 @@ async def collect(js: JetStreamContext, run_id: str, tasks: list[TaskState]) -> 
     """The failed and errored tests of the run's current attempts, in the tasks' submission order."""
     if all(t.status == "passed" for t in tasks):
         return []
+    by_id = {t.task_id: t for t in tasks}
     results: dict[str, ev.ResultReported] = {}
     async for msg in bus.read(js, topology.EVENTS, [subjects.task(run_id, "*", "result", "*")]):
         try:
             event = ev.decode(msg.data)
         except ev.DecodeError:
             continue
-        if isinstance(event, ev.ResultReported) and _current(tasks, event):
+        if isinstance(event, ev.ResultReported) and _current(by_id, event):
             results[event.task_id] = event
     order = {t.task_id: (t.submitted_at is None, t.submitted_at, t.task_id) for t in tasks}
     found = []
