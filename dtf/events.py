@@ -88,10 +88,27 @@ class TaskStarted(AttemptEvent, tag=True, kw_only=True):
 
 
 class TestOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One test's result as the worker's pytest plugin recorded it. `message` is the crash message
+    (or the skip reason); the rest is set for a failed or errored test only, each optional so a
+    result from before the fields existed decodes as it did (no new version needed)."""
+
     nodeid: str
     outcome: TestStatus
     duration_s: float = 0.0
     message: str = ""
+    longrepr: str = ""
+    """The traceback as pytest prints it (`--tb=long`), capped at 64 KiB with a marker."""
+    short: str = ""
+    """The same in pytest's `--tb=short` style, capped at 8 KiB."""
+    file: str = ""
+    """Where it broke: the crash's file (else the test's), relative to the submitted tree's root."""
+    line: int | None = None
+    """The line in `file`, 1-based."""
+    classname: str = ""
+    """pytest's junitxml classname: `tests.test_mod.TestClass`."""
+    stdout: str = ""
+    stderr: str = ""
+    """What the test printed, as pytest captured it, capped at 16 KiB each."""
 
 
 class TestCounts(msgspec.Struct, kw_only=True):

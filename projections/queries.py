@@ -3,6 +3,7 @@
     tasks    {"run_id"?, "offset"?, "limit"?} -> {"tasks": [...], "next_offset"}
     workers  {"offset"?, "limit"?}            -> {"workers": [...], "next_offset"}
     results  {"run_id"?, "task_id"?, "offset"?, "limit"?} -> {"results": [...], "next_offset"}
+             each with a failed test's longrepr, short, file, line, classname, stdout, stderr
     status   {}                               -> {"checkpoints": {stream: seq}, "events": n, ...}
     durations {"files": [...], "project"?, "last"?} -> {"durations": [{nodeid, duration_s, runs}], ...}
     aggregate, flaky, runs: see projections/aggregate.py, flaky.py and report.py
@@ -141,16 +142,21 @@ def workers(cur: duckdb.DuckDBPyConnection, request: WorkersRequest) -> dict:
     return {"workers": found, "next_offset": next_offset}
 
 
+FAILURE_COLUMNS = ("longrepr", "short", "file", "line", "classname", "stdout", "stderr")
+"""A failed test's details (empty for the others): reports and JUnit files are built from them."""
+
+
 def results(cur: duckdb.DuckDBPyConnection, request: ResultsRequest) -> dict:
     where, params = _where({"run_id": request.run_id, "task_id": request.task_id})
     if request.submitter is not None:
         mine = "run_id IN (SELECT run_id FROM tasks WHERE submitter = $submitter)"
         where, params = (f"{where} AND {mine}" if where else f"WHERE {mine}"), {**params, "submitter": request.submitter}
+    names = ("run_id", "task_id", "attempt", "worker_id", "nodeid", "outcome", "duration_s", "message",
+             *FAILURE_COLUMNS)
     sql = (
-        "SELECT run_id, task_id, attempt, worker_id, nodeid, outcome, duration_s, message"
+        f"SELECT {', '.join(names)}"
         f" FROM test_results {where} ORDER BY run_id, task_id, attempt, nodeid, outcome, message"
     )
-    names = ("run_id", "task_id", "attempt", "worker_id", "nodeid", "outcome", "duration_s", "message")
     found, next_offset = _page(cur, sql, params, request, lambda r: dict(zip(names, r)))
     return {"results": found, "next_offset": next_offset}
 

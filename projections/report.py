@@ -194,8 +194,11 @@ def to_markdown(doc: dict) -> str:
             name = _md(task["name"] or task["task_id"])
             lines.append(f"- **{name}** {task['state']}: {_md(task['reason'] or None)}")
         for test in failures[:MAX_FAILURES]:
-            message = "\n".join((test["message"] or "").splitlines()[-_MESSAGE_LINES:]).replace("```", "'''")
-            lines += [f"<details><summary><code>{html.escape(test['nodeid'])}</code> {test['outcome']}"
+            text = test.get("short") or test["message"] or ""
+            message = "\n".join(text.splitlines()[-_MESSAGE_LINES:]).replace("```", "'''")
+            place = (test.get("file") or "") + (f":{test['line']}" if test.get("file") and test.get("line") else "")
+            where = f" at <code>{html.escape(place)}</code>" if place else ""
+            lines += [f"<details><summary><code>{html.escape(test['nodeid'])}</code> {test['outcome']}{where}"
                       "</summary>", "", "```", message, "```", "</details>", ""]
         if len(failures) > MAX_FAILURES:
             lines.append(f"... and {len(failures) - MAX_FAILURES} more")

@@ -1,8 +1,11 @@
-"""A run's report as JUnit XML, the format every CI system reads (valid against Jenkins' junit-10.xsd,
-which tests/test_report.py checks).
+"""A run's report as JUnit XML, the format every CI system reads (valid against Jenkins' junit-10.xsd
+but for the file= and line= a failed testcase carries, which tests/test_report.py checks).
 
 One <testsuite> per task (named after it, its worker as hostname, its metrics as properties), one
-<testcase> per test of the task's last attempt, with <failure>, <error> or <skipped>. A task that
+<testcase> per test of the task's last attempt, with <failure>, <error> or <skipped>. A failed test's
+case is what pytest's own junitxml writes: its classname, the crash message as message=, the
+exception type as type=, the full traceback as text, the captured output in <system-out> and
+<system-err>, and its file= and line=. A task that
 reported no tests (a command or benchmark task, or a test task that broke before its tests ran), or
 that ended badly though none of its tests failed (a timeout), is a testcase of its own too
 (`report.task_case`), so a run that went wrong never reads as a success.
@@ -13,6 +16,8 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
+
+from dtf.workers.nodeids import junit_names
 
 
 _NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -36,41 +41,45 @@ def _timestamp(iso: str | None) -> str | None:
     return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def split_nodeid(nodeid: str) -> tuple[str, str]:
-    """pytest's node id as JUnit's (classname, name), as pytest's own junitxml does:
-    `tests/test_x.py::TestA::test_b[1]` -> (`tests.test_x.TestA`, `test_b[1]`)."""
-    parts = nodeid.split("::")
-    module = parts[0].removesuffix(".py").replace("/", ".").replace("\\", ".")
-    if len(parts) == 1:
-        return module, nodeid
-    return ".".join([module, *parts[1:-1]]), parts[-1]
-
-
 def _set(element: ET.Element, **attributes: object) -> None:
     for key, value in attributes.items():
         if value is not None:
             element.set(key, _text(value))
 
 
-def _problem(case: ET.Element, tag: str, message: str, kind: str) -> None:
-    first = message.strip().splitlines()[-1] if message.strip() else kind
+def _problem(case: ET.Element, tag: str, message: str, kind: str, text: str = "") -> None:
+    """<failure>/<error>: `message` the crash message, `text` the whole traceback (else the message)."""
     node = ET.SubElement(case, tag)
-    _set(node, message=first[:1000], type=kind)
-    node.text = _text(message[-MAX_MESSAGE:])
+    _set(node, message=(message.strip() or kind)[:1000], type=kind)
+    node.text = _text((text or message)[-MAX_MESSAGE:])
 
 
-def _testcase(suite: ET.Element, test: dict) -> str:
-    classname, name = split_nodeid(test["nodeid"])
+_EXCEPTION = re.compile(r"([A-Za-z_][\w.]*)(?::|$)")
+
+
+def exception_type(message: str, default: str) -> str:
+    """The exception's type from pytest's crash message (`AssertionError: assert 1 == 2`)."""
+    found = _EXCEPTION.match(message.strip())
+    return found.group(1) if found else default
+
+
+def _testcase(suite: ET.Element, test: dict, locations: bool) -> str:
+    classname, name = junit_names(test["nodeid"])
     case = ET.SubElement(suite, "testcase")
-    _set(case, classname=classname, name=name, time=_time(test["duration_s"]))
+    _set(case, classname=test.get("classname") or classname, name=name, time=_time(test["duration_s"]))
+    if locations and test.get("file"):
+        _set(case, file=test["file"], line=test.get("line"))
     outcome = test["outcome"]
-    if outcome == "failed":
-        _problem(case, "failure", test["message"] or "", "failed")
-    elif outcome == "error":
-        _problem(case, "error", test["message"] or "", "error")
+    message = test["message"] or ""
+    if outcome in ("failed", "error"):
+        _problem(case, "failure" if outcome == "failed" else "error", message,
+                 exception_type(message, outcome), test.get("longrepr") or "")
     elif outcome == "skipped":
         skipped = ET.SubElement(case, "skipped")
-        _set(skipped, message=(test["message"] or "skipped")[:1000])
+        _set(skipped, message=(message or "skipped")[:1000])
+    for tag, key in (("system-out", "stdout"), ("system-err", "stderr")):
+        if test.get(key):
+            ET.SubElement(case, tag).text = _text(test[key])
     return outcome
 
 
@@ -88,7 +97,10 @@ def _metrics_for(doc: dict, task: dict) -> list[dict]:
     return [m for m in doc["metrics"] if m.get("benchmark") in (task["name"], task["task_id"])]
 
 
-def to_junit(doc: dict) -> bytes:
+def to_junit(doc: dict, locations: bool = True) -> bytes:
+    """The report as JUnit XML. `locations` puts a failed test's `file` and `line` on its testcase,
+    as pytest's xunit1 family does and GitLab and the GitHub JUnit actions read; junit-10.xsd does not
+    declare them (pytest's default xunit2 leaves them out for that reason)."""
     root = ET.Element("testsuites")
     totals = {"tests": 0, "failures": 0, "errors": 0}
     for task in doc["tasks"]:
@@ -101,7 +113,7 @@ def to_junit(doc: dict) -> bytes:
         for metric in _metrics_for(doc, task):
             _set(ET.SubElement(properties, "property"), name=f"metric.{metric['series']}",
                  value=metric["mean"])
-        outcomes = [_testcase(suite, test) for test in task["tests"]]
+        outcomes = [_testcase(suite, test, locations) for test in task["tests"]]
         if task["task_case"] is not None:
             outcomes.append(_task_case(suite, task, task["task_case"]))
         counts = {"tests": len(outcomes), "failures": outcomes.count("failed"),

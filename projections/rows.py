@@ -95,7 +95,8 @@ def test_rows(event: ev.ResultReported, tests: list[ev.TestOutcome], hardware: l
             "run_id": event.run_id, "task_id": event.task_id, "attempt": event.attempt,
             "worker_id": event.worker_id, "nodeid": test.nodeid, "outcome": test.outcome,
             "duration_s": test.duration_s, "message": test.message, "time": event.time,
-            "hardware": hardware,
+            "hardware": hardware, "longrepr": test.longrepr, "short": test.short, "file": test.file,
+            "line": test.line, "classname": test.classname, "stdout": test.stdout, "stderr": test.stderr,
         }
         for test in tests
     ]

@@ -17,7 +17,8 @@ msgspec-encoded fold state: the projector resumes its fold from them instead of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
@@ -42,6 +43,10 @@ class Table:
     key: tuple[str, ...] = ()
     indexes: tuple[str, ...] = ()
     """Columns with an index of their own (point lookups on a table that only grows)."""
+    added: Mapping[str, str] = field(default_factory=dict)
+    """Columns added after the table was first released -> the SQL value older rows get: what the
+    event's field defaults to, so a migrated database equals one rebuilt from the log. They come
+    last, in order, so `ALTER TABLE ... ADD COLUMN` gives the declared column order."""
 
     @property
     def column_names(self) -> list[str]:
@@ -56,6 +61,13 @@ class Table:
         if self.key:
             columns.append(f"PRIMARY KEY ({', '.join(self.key)})")
         return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    " + ",\n    ".join(columns) + "\n)"
+
+    def migrations(self, existing: set[str]) -> list[str]:
+        """ALTER statements that bring a table with the `existing` columns up to this declaration."""
+        return [
+            f"ALTER TABLE {self.name} ADD COLUMN {name} {sql} DEFAULT {self.added[name]}"
+            for name, sql in self.columns if name not in existing and name in self.added
+        ]
 
     def index_ddl(self) -> list[str]:
         return [
@@ -96,7 +108,10 @@ TEST_RESULTS = Table("test_results", (
     ("run_id", "VARCHAR"), ("task_id", "VARCHAR"), ("attempt", "BIGINT"), ("worker_id", "VARCHAR"),
     ("nodeid", "VARCHAR"), ("outcome", "VARCHAR"), ("duration_s", "DOUBLE"), ("message", "VARCHAR"),
     ("time", "TIMESTAMPTZ"), ("hardware", "VARCHAR[]"),
-))
+    ("longrepr", "VARCHAR"), ("short", "VARCHAR"), ("file", "VARCHAR"), ("line", "BIGINT"),
+    ("classname", "VARCHAR"), ("stdout", "VARCHAR"), ("stderr", "VARCHAR"),
+), added={name: "''" for name in ("longrepr", "short", "file", "classname", "stdout", "stderr")} | {"line": "NULL"})
+"""The columns after `hardware` came with a failure's details (TestOutcome's optional fields)."""
 
 METRICS = Table("metrics", (
     ("run_id", "VARCHAR"), ("task_id", "VARCHAR"), ("attempt", "BIGINT"), ("worker_id", "VARCHAR"),
@@ -133,9 +148,15 @@ TABLES: tuple[Table, ...] = (
 
 
 def create(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every table that does not exist yet (idempotent)."""
+    """Create every table that does not exist yet and add the columns an older database lacks
+    (idempotent)."""
     for table in TABLES:
         con.execute(table.ddl())
+        existing = {row[0] for row in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = $t AND table_schema = current_schema()",
+            {"t": table.name}).fetchall()}
+        for statement in table.migrations(existing):
+            con.execute(statement)
         for statement in table.index_ddl():
             con.execute(statement)
 

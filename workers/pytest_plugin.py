@@ -4,11 +4,20 @@ It writes to the file named by the environment variable DTF_TEST_REPORT (nothing
 
     {"nodeid": "...", "outcome": "passed|failed|skipped|error", "duration_s": 0.01, "message": "..."}
 
+A failed or errored test's line also carries where and why, for CI: `longrepr` (the traceback as
+pytest prints it), `short` (the same in `--tb=short` style), `file` and `line` (the crash's place
+when it is in the suite, else the test's own), `classname` (as pytest's junitxml makes it from the
+node id) and the captured `stdout` / `stderr`, each capped (`cap`). DTF_SOURCE_PREFIX, when set,
+is where pytest's rootdir sits in the submitter's tree (`tests` for `dtf submit tests/` run from a
+repository's root): it goes before `file` and the classname's module path, so both read as they
+would from the submitter's own `pytest --junitxml` there.
+
 A test's phases fold into one outcome: a failing setup or teardown is "error" (a failing call stays
 "failed"), a skip at setup or in the call is "skipped", xfail counts as skipped and a (non-strict)
 xpass as passed; a strict xpass is reported by pytest as a failure. Collection errors get a line of
 their own with outcome "error". Under pytest-xdist only the controller writes, so nothing is doubled.
-Only the standard library is imported: the plugin loads in whatever Python runs the tests.
+Only pytest, the standard library and `dtf.workers.nodeids` (itself standard library only) are
+imported: the plugin loads in whatever Python runs the tests.
 """
 
 from __future__ import annotations
@@ -17,8 +26,30 @@ import json
 import os
 from typing import Any
 
+import pytest
+
+from dtf.workers.nodeids import classname
+
 REPORT_ENV = "DTF_TEST_REPORT"
+PREFIX_ENV = "DTF_SOURCE_PREFIX"
 MAX_MESSAGE = 500
+MAX_LONGREPR = 64 * 1024
+MAX_SHORT = 8 * 1024
+MAX_OUTPUT = 16 * 1024
+"""Characters kept of a traceback, of its short form and of each captured stream: a result event
+stays small enough to inline (bigger test lists go to the artifacts store) and a runaway test's
+output cannot bloat the read model. The full log is in the artifacts store (`dtf logs`)."""
+
+
+def cap(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, keeping its head and tail (a traceback's end says
+    what broke), with a marker saying how much went."""
+    if len(text) <= limit:
+        return text
+    marker = "\n... [{} characters cut by dtf] ...\n"
+    keep = limit - len(marker.format(len(text))) - 16
+    head = keep // 2
+    return text[:head] + marker.format(len(text) - keep) + text[len(text) - (keep - head):]
 
 
 def _message(report: Any) -> str:
@@ -36,9 +67,50 @@ def _message(report: Any) -> str:
 class Recorder:
     """Collects each test's phase reports and writes its line when the test finishes."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, rootdir: str = "", prefix: str = "") -> None:
         self.path = path
+        self.rootdir = rootdir
+        self.prefix = prefix.strip("/")
         self.tests: dict[str, dict[str, Any]] = {}
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: Any, call: Any) -> Any:
+        """Render a failing phase's traceback once more in short style while the exception is at
+        hand (the report keeps only the long form)."""
+        outcome = yield
+        report = outcome.get_result()
+        if report.failed and call.excinfo is not None:
+            try:
+                report.dtf_short = str(item._repr_failure_py(call.excinfo, style="short"))
+            except Exception:  # noqa: BLE001 - a private pytest API: the crash message will do
+                pass
+
+    def _place(self, report: Any) -> tuple[str, int | None]:
+        """Where it broke, relative to the rootdir: the crash's file and line when that is inside
+        the suite, else the test's own location (pytest's is 0-based; ours, as an editor's, 1-based)."""
+        crash = getattr(report.longrepr, "reprcrash", None)
+        where, line = "", None
+        if crash is not None and getattr(crash, "path", "") and self.rootdir:
+            relative = os.path.relpath(crash.path, self.rootdir)
+            if not relative.startswith(".."):
+                where, line = relative.replace(os.sep, "/"), crash.lineno
+        if not where and report.location:
+            where, lineno = str(report.location[0]).replace(os.sep, "/"), report.location[1]
+            line = lineno + 1 if lineno is not None else None
+        return (f"{self.prefix}/{where}" if self.prefix and where else where), line
+
+    def _failure(self, state: dict[str, Any], report: Any) -> None:
+        """The first failing phase's traceback and place (a teardown error after a failed call
+        adds its traceback to the call's)."""
+        longrepr = report.longreprtext or ""
+        if "longrepr" in state:
+            state["longrepr"] = cap(f"{state['longrepr']}\n\n{report.when}: {longrepr}", MAX_LONGREPR)
+            return
+        state["longrepr"] = cap(longrepr, MAX_LONGREPR)
+        state["short"] = cap(getattr(report, "dtf_short", "") or _message(report), MAX_SHORT)
+        state["file"], line = self._place(report)
+        if line is not None:
+            state["line"] = line
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -50,6 +122,10 @@ class Recorder:
         )
         state["duration_s"] += float(getattr(report, "duration", 0.0) or 0.0)
         outcome = state["outcome"]
+        if report.failed:
+            self._failure(state, report)
+        # Each phase's report holds the output captured so far, so the last one has all of it.
+        state["stdout"], state["stderr"] = report.capstdout, report.capstderr
         if report.when == "setup":
             if report.failed:
                 outcome, state["message"] = "error", _message(report)
@@ -77,6 +153,15 @@ class Recorder:
             return
         state["duration_s"] = round(state["duration_s"], 6)
         state["message"] = state["message"][:MAX_MESSAGE]
+        stdout, stderr = state.pop("stdout"), state.pop("stderr")
+        if state["outcome"] in ("failed", "error"):
+            state["classname"] = classname(nodeid, self.prefix)
+            for key, text in (("stdout", stdout), ("stderr", stderr)):
+                if text:
+                    state[key] = cap(text, MAX_OUTPUT)
+        else:  # an xfail's traceback is expected, not news
+            for key in ("longrepr", "short", "file", "line"):
+                state.pop(key, None)
         self._write(state)
 
     def pytest_collectreport(self, report: Any) -> None:
@@ -105,4 +190,5 @@ def pytest_configure(config: Any) -> None:
     path = os.environ.get(REPORT_ENV)
     if not path or hasattr(config, "workerinput"):  # xdist workers: the controller records
         return
-    config.pluginmanager.register(Recorder(path), "dtf-test-report")
+    recorder = Recorder(path, str(config.rootpath), os.environ.get(PREFIX_ENV, ""))
+    config.pluginmanager.register(recorder, "dtf-test-report")

@@ -103,6 +103,9 @@ def plan(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str) -> _Plan
     cwd = working_directory(spec, workdir)
     if spec.type == "test":
         env["DTF_TEST_REPORT"] = str(attempt_dir / TEST_REPORT_NAME)
+        prefix = spec.config.get("source_prefix")
+        if isinstance(prefix, str) and prefix:  # where the tree sits in the submitter's: see the plugin
+            env["DTF_SOURCE_PREFIX"] = prefix
         argv = [python, "-m", "pytest", *test_paths(spec), *test_args(spec),
                 "-p", PLUGIN, "-p", "no:cacheprovider", "-q"]
         return _Plan(argv, cwd, env)

@@ -19,6 +19,8 @@ from dtf import events as ev
 from dtf import subjects
 from dtf import split
 from dtf.cli import rootdir, splitting
+from dtf.cli import github_annotations as github
+from dtf.cli import failures
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.commands_query import ask
@@ -107,17 +109,22 @@ def render_report(report: dict) -> None:
             console.print(f"[yellow]{row['task_id']}: {row['reason']}")
 
 
-def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after: float | None = None) -> int:
+def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after: float | None = None,
+               failed_tests: list[dict] | None = None) -> int:
     """Print the run's report; 0 only when everything passed. With `gave_up_after` (--wait-timeout
-    ran out) the report says so and each unsettled task's reason goes to stderr."""
+    ran out) the report says so and each unsettled task's reason goes to stderr. `failed_tests`
+    (`failures.collect`) are listed after it (`"failures"` in JSON) and annotated for GitHub."""
     report = sub.run_report(run_id, tasks)
     if gave_up_after is not None:
         report["gave_up_after_s"] = gave_up_after
         report["unsettled"] = sub.unsettled(tasks)
+    report["failures"] = failed_tests or []
     if as_json:
         click.echo(json.dumps(report))
     else:
         render_report(report)
+        failures.show(report["failures"])
+    github.emit(report["failures"], to_stderr=as_json)
     if gave_up_after is not None:
         click.echo(f"dtf: gave up waiting after {gave_up_after:g}s; {len(report['unsettled'])} of {len(tasks)}"
                    " tasks unsettled:", err=True)
@@ -172,6 +179,7 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
               help="hardware=cuda|rocm, min_memory_gb=16, min_cuda_compute=7.5, gpu_count=N, or a tag.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label results for aggregation.")
 @ci.ci_options
+@github.annotations_option
 @click.option("--config", "configs", multiple=True, metavar="K=V", help="Task config (benchmark model, ...).")
 @click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Retries after infrastructure errors and timeouts.")
@@ -324,7 +332,9 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             tasks = await follow_with_progress(js, run_id, show=True, timeout=wait_timeout)
         except sub.WaitTimeout as out:
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
-        code = await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json))
+        failed_tests = await failures.collect(js, run_id, tasks)
+        code = await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
+                                                                      failed_tests=failed_tests))
     ctx.exit(code)
 
 
@@ -367,6 +377,7 @@ def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @ci.ci_options
+@github.annotations_option
 @WAIT_TIMEOUT
 @nats_options
 @click.pass_context
@@ -383,7 +394,9 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
                 raise CliError(f"no run {run_id} in the event log")
             tasks = await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty(),
                                                timeout=wait_timeout)
-            return await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json))
+            failed_tests = await failures.collect(js, run_id, tasks)
+            return await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
+                                                                          failed_tests=failed_tests))
 
     try:
         code = asyncio.run(main())

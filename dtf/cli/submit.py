@@ -77,6 +77,18 @@ def split_test_paths(args: list[str], root: Path) -> list[list[str]]:
     return shards
 
 
+def source_prefix(root: Path) -> str:
+    """Where the shipped tree sits under the submitter's directory (`tests` for `dtf submit tests/`
+    from a repository's root; "" when it is that directory or elsewhere). The worker's pytest sees
+    the tree as its rootdir; with this, failures name their files, and JUnit its classnames, as the
+    submitter's own pytest there would (`tests/test_mod.py`, `tests.test_mod.TestClass`)."""
+    try:
+        relative = root.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return ""
+    return "" if relative == Path(".") else relative.as_posix()
+
+
 def task_specs(
     *, kind: str, paths: list[str], command: str | None, base: TaskSpec,
     root: Path | None, workspace: WorkspaceRef | None, shards: list[list[str]] | None = None,
@@ -86,6 +98,8 @@ def task_specs(
     where = {} if workspace is not None or root is None else {"cwd": str(root)}
     if kind == "test":
         assert root is not None
+        if prefix := source_prefix(root):
+            where["source_prefix"] = prefix
         shards = split_test_paths(paths, root) if shards is None else shards
         specs = [
             msgspec.structs.replace(
