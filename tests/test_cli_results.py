@@ -110,14 +110,15 @@ def test_a_suite_s_junit_results_flaky_tests_and_reports_read_back_right(up, che
                             text=True, check=True).stdout.strip()
     flaky = json.loads(up.dtf("flaky", "--json").stdout)["flaky"]
     assert [(f["test"], f["commit"], f["runs"], f["flips"]) for f in flaky] == [
-        ("test_suite.py::test_racy", commit, 2, 1)]
+        ("tests/test_suite.py::test_racy", commit, 2, 1)]
 
     grouped = json.loads(up.dtf("results", "--group-by", "label.model,commit,branch", "--json").stdout)["results"]
     assert [(g["label.model"], g["commit"], g["branch"], g["count"], g["passed"], g["failed"], g["skipped"],
              g["errors"]) for g in grouped] == [("bert", commit, "main", 12, 5, 3, 2, 2)]
     per_test = up.dtf("results", "--group-by", "test", "--since", "1d", "--csv")
     rows = {row["test"]: row for row in csv.DictReader(io.StringIO(per_test.stdout))}
-    assert rows["test_suite.py::test_racy"]["pass_rate"] == "0.5" and rows["test_suite.py::test_passes"]["count"] == "2"
+    assert rows["tests/test_suite.py::test_racy"]["pass_rate"] == "0.5"
+    assert rows["tests/test_suite.py::test_passes"]["count"] == "2"
     parquet = tmp_path / "by-test.parquet"
     assert up.dtf("results", "--group-by", "test", "--parquet", str(parquet)).returncode == 0
     assert pl.read_parquet(parquet).sort("test")["passed"].to_list() == [0, 0, 2, 2, 1, 0]

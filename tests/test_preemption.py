@@ -145,7 +145,7 @@ def test_only_a_running_attempt_is_preempted_not_one_still_starting():
 @given(clusters(), st.integers(0, 3))
 def test_each_preemption_frees_a_capable_slot_for_strictly_more_urgent_ready_work(cluster, priority):
     cluster.publish(ev.TaskSubmitted(id="sub-urgent", time=NOW - timedelta(minutes=1), run_id=RUN, task_id="urgent",
-                                     submitter="bob", spec=TaskSpec(type="command", config={"command": "x"},
+                                     submitter="alice", spec=TaskSpec(type="command", config={"command": "x"},
                                                                     priority=priority)))
     fold = cluster.fold
     decisions = list(schedule.decide(fold, NOW, "coord", schedule.Policy()))
