@@ -227,7 +227,8 @@ class WarmPool:
         self.broken: set[tuple] = set()
 
     def wants(self, spec: TaskSpec) -> bool:
-        return suite_of(spec) is not None
+        # A shard with its own Python environment runs cold in it: the warm processes are the worker's Python.
+        return spec.env is None and suite_of(spec) is not None
 
     async def _ready_root(self) -> None:
         async with self._root_lock:
