@@ -67,10 +67,11 @@ def test_a_requirement_that_cannot_be_installed_is_the_tasks_error_and_not_retri
     proj = tmp_path / "bad"
     write_project(proj, {"requirements.txt": "no-such-package-dtf-test-xyz==1.0\n", **TESTS})
     report, said = submit(one_worker, str(proj / "tests"), "--retries", "2")
-    [task] = report["tasks"]
-    assert (report["returncode"], task["state"], task["attempts"]) == (1, "error", 1), (said, report)
-    assert "cannot build the task's environment" in task["reason"]
+    assert report["returncode"] == 1 and len(report["tasks"]) == 2, (said, report)  # a task per test file
+    for task in report["tasks"]:
+        assert (task["state"], task["attempts"]) == ("error", 1)
+        assert "cannot build the task's environment" in task["reason"]
     results = [e for e in asyncio.run(_events(one_worker.url, [subjects.run_all(report["run_id"])]))
                if isinstance(e, ev.ResultReported)]
-    assert [r.category for r in results] == ["task"]
-    assert "no-such-package-dtf-test-xyz" in results[0].output_tail
+    assert [r.category for r in results] == ["task", "task"]
+    assert all("no-such-package-dtf-test-xyz" in r.output_tail for r in results)
