@@ -31,3 +31,6 @@ def clip(text: str, keep: int = REASON_KEEP) -> str:
     if len(text) <= keep:
         return text
     return f"{text[:keep]}... ({len(text) - keep} more characters)"
+MAX_ENV_REQUIREMENTS_BYTES = 64 * 1024
+"""The requirement lines an EnvSpec inlines (dtf/pyenv.py), at most this: the spec rides in every
+TaskSubmitted and TaskAssigned, so a huge lockfile must be refused at submit, not by NATS."""

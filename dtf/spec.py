@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from dtf import wire
+from dtf.pyenv import EnvSpec, check
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}\Z")
 """Ids that appear as NATS subject tokens: no dots, wildcards or whitespace."""
@@ -82,6 +83,8 @@ class TaskSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_de
     """The git commit the code under test is at, when the submitter knows it (`dtf submit` asks git):
     results are aggregated by it and a test that both passes and fails on one commit is flaky."""
     branch: str = ""
+    env: EnvSpec | None = None
+    """The Python environment a test task runs in (dtf/pyenv.py); None: the worker's own Python."""
 
 
 def validate(spec: TaskSpec) -> TaskSpec:
@@ -105,6 +108,8 @@ def validate(spec: TaskSpec) -> TaskSpec:
     for name, value in (("commit", spec.commit), ("branch", spec.branch)):
         if "\n" in value or len(value) > 256:
             raise SpecError(f"{name} must be one line of at most 256 characters")
+    if spec.env is not None and (problem := check(spec.env)) is not None:
+        raise SpecError(problem)
     return spec
 
 

@@ -7,8 +7,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from dtf import pyenv
 from dtf.spec import TaskSpec
 from dtf.workers import warm
 from dtf.workers.runner import run_attempt
@@ -229,8 +231,10 @@ async def test_a_shard_of_whole_files_runs_every_test_in_them_and_a_file_without
         assert empty.outcome == "passed" and empty.tests == []
 
 
-def test_only_split_shards_that_want_it_and_do_not_use_xdist_go_warm():
+def test_only_split_shards_that_want_it_and_do_not_use_xdist_or_their_own_env_go_warm():
     assert warm.suite_of(shard(["a.py::t"])) == ["."]
+    own_env = msgspec.structs.replace(shard(["a.py::t"]), env=pyenv.make("3.11", ["six"], "requirements.txt"))
+    assert warm.suite_of(own_env) is None
     assert warm.suite_of(shard(["a.py::t"], warm_wanted=False)) is None
     assert warm.suite_of(TaskSpec(type="test", config={"paths": ["a.py"]})) is None
     xdist = TaskSpec(type="test", config={"paths": ["a.py::t"], "split": {"suite": ["."]},

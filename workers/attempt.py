@@ -40,6 +40,7 @@ from dtf.streams import bus, topology
 from dtf.workers import artifacts, workspace
 from dtf.workers.livelog import LiveLog
 from dtf.workers.process import TAIL_BYTES, run_process
+from dtf.workers.pyenv import EnvCache
 from dtf.workers.runner import run_attempt
 from dtf.workers.warm import WarmPool
 
@@ -73,9 +74,12 @@ class Context:
     workspace_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     warm: WarmPool = field(init=False)
     """Warm pytest processes for split shards (`warm`)."""
+    envs: EnvCache = field(init=False)
+    """Test tasks' own Python environments (`pyenv`)."""
 
     def __post_init__(self) -> None:
         self.warm = WarmPool(self.cache_dir / "warm" / self.worker_id, self.python)
+        self.envs = EnvCache(self.cache_dir / "envs")
 
 
 @dataclass(eq=False)
@@ -252,7 +256,8 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         try:
             launch = ctx.warm.launcher(a.run_id, a.spec) if ctx.warm.wants(a.spec) else run_process
             result = await run_attempt(a.spec, workdir, attempt_dir, python=ctx.python,
-                                       on_output=live.append, cancel=attempt.cancel, launch=launch)
+                                       on_output=live.append, cancel=attempt.cancel, launch=launch,
+                                       envs=ctx.envs)
         finally:
             await live.aclose()
         if attempt.releasing:

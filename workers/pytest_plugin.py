@@ -17,7 +17,9 @@ A test's phases fold into one outcome: a failing setup or teardown is "error" (a
 xpass as passed; a strict xpass is reported by pytest as a failure. Collection errors get a line of
 their own with outcome "error". Under pytest-xdist only the controller writes, so nothing is doubled.
 Only pytest, the standard library and `dtf.workers.nodeids` (itself standard library only) are
-imported: the plugin loads in whatever Python runs the tests.
+imported: the plugin loads in whatever Python runs the tests. In a task's own environment (no dtf
+installed) workers/pyenv.py puts a copy of this file on PYTHONPATH as `dtf_report_plugin`, and of
+nodeids as `dtf_nodeids`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import Any
 
 import pytest
 
-from dtf.workers.nodeids import classname
+try:
+    from dtf.workers.nodeids import classname
+except ImportError:  # loaded standalone as dtf_report_plugin in a task's own environment (workers/pyenv.py)
+    from dtf_nodeids import classname  # type: ignore[no-redef]
 
 REPORT_ENV = "DTF_TEST_REPORT"
 PREFIX_ENV = "DTF_SOURCE_PREFIX"

@@ -35,6 +35,7 @@ from dtf.events import ErrorCategory, Outcome, TestCounts, TestOutcome
 from dtf.spec import SpecError, TaskSpec, benchmark_labels, command_line, test_args, test_paths
 from dtf.workers import environment, results
 from dtf.workers.process import MAX_LOG_BYTES, LogSink, ProcessResult, run_process
+from dtf.workers.pyenv import PLUGIN_MODULE, BuildError, Env, EnvCache
 
 LOG_NAME = "output.log"
 TEST_REPORT_NAME = "tests.jsonl"
@@ -97,8 +98,10 @@ def labels_for(spec: TaskSpec) -> dict[str, str]:
     return benchmark_labels(spec) if spec.type == "benchmark" else dict(spec.labels)
 
 
-def plan(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str) -> _Plan:
-    """The command line, directory and environment for a spec; SpecError when it cannot run."""
+def plan(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, pyenv: Env | None = None) -> _Plan:
+    """The command line, directory and environment for a spec; SpecError when it cannot run. In a
+    task's own `pyenv` only the env's own plugins load (named, with autoload off: the worker's
+    hypothesis, xdist... must not), and dtf's reporter comes from a standalone module."""
     env = environment.scrubbed()
     cwd = working_directory(spec, workdir)
     if spec.type == "test":
@@ -106,8 +109,14 @@ def plan(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str) -> _Plan
         prefix = spec.config.get("source_prefix")
         if isinstance(prefix, str) and prefix:  # where the tree sits in the submitter's: see the plugin
             env["DTF_SOURCE_PREFIX"] = prefix
+        plugins = ["-p", PLUGIN]
+        if pyenv is not None:
+            python = pyenv.python
+            env["PYTHONPATH"] = str(pyenv.plugin_dir)
+            env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+            plugins = [arg for name in [PLUGIN_MODULE, *pyenv.plugins] for arg in ("-p", name)]
         argv = [python, "-m", "pytest", *test_paths(spec), *test_args(spec),
-                "-p", PLUGIN, "-p", "no:cacheprovider", "-q"]
+                *plugins, "-p", "no:cacheprovider", "-q"]
         return _Plan(argv, cwd, env)
     argv = ["/bin/sh", "-c", command_line(spec)]
     if spec.type == "benchmark":
@@ -119,11 +128,12 @@ def plan(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str) -> _Plan
 async def run_attempt(
     spec: TaskSpec, workdir: Path, attempt_dir: Path, *, python: str = sys.executable,
     on_output: Callable[[bytes], None] | None = None, cancel: asyncio.Event | None = None,
-    max_log_bytes: int = MAX_LOG_BYTES, launch: Launch = run_process,
+    max_log_bytes: int = MAX_LOG_BYTES, launch: Launch = run_process, envs: EnvCache | None = None,
 ) -> RunResult:
     """Run one attempt to its end; never raises for anything the task does (only for a broken
     attempt_dir). `cancel` ends it early with outcome "cancelled". `launch` runs the planned command
-    (`process.run_process`; a warm pytest process's launcher serves a split shard instead)."""
+    (`process.run_process`; a warm pytest process's launcher serves a split shard instead). A test
+    task with `spec.env` runs in its env from `envs`, built first when not cached."""
     cancel = cancel or asyncio.Event()
     attempt_dir = Path(attempt_dir)
     attempt_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +141,7 @@ async def run_attempt(
         (attempt_dir / leftover).unlink(missing_ok=True)
     sink = LogSink(attempt_dir / LOG_NAME, max_bytes=max_log_bytes, on_output=on_output)
     try:
-        result = await _run(spec, Path(workdir), attempt_dir, python, cancel, sink, launch)
+        result = await _run(spec, Path(workdir), attempt_dir, python, cancel, sink, launch, envs)
         result.labels = labels_for(spec)
         return result
     finally:
@@ -139,9 +149,22 @@ async def run_attempt(
 
 
 async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, cancel: asyncio.Event,
-               sink: LogSink, launch: Launch) -> RunResult:
+               sink: LogSink, launch: Launch, envs: EnvCache | None) -> RunResult:
+    pyenv = None
+    if spec.type == "test" and spec.env is not None:
+        if envs is None:
+            return _without_process(spec, sink, "error", "this worker has no environment cache", "worker")
+        try:
+            pyenv = await envs.ensure(spec.env)
+        except BuildError as exc:  # the requirements' fault: they fail the same on every worker
+            sink.write(str(exc).encode())
+            return _without_process(spec, sink, "error", f"cannot build the task's environment: "
+                                    f"{_last_line(str(exc))}"[:MAX_REASON], "task")
+        except OSError as exc:
+            return _without_process(spec, sink, "error", f"cannot build the task's environment: {exc}", "worker")
+        sink.note(f"python environment {pyenv.path.name} ({'built' if pyenv.built else 'cached'})")
     try:
-        planned = plan(spec, Path(workdir), attempt_dir, python)
+        planned = plan(spec, Path(workdir), attempt_dir, python, pyenv)
     except SpecError as exc:
         return _without_process(spec, sink, "error", f"cannot run this task: {exc}", "task")
     if not planned.cwd.is_dir():
@@ -157,6 +180,11 @@ async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, ca
     if spec.type == "test":
         return await _judge_tests(spec, proc, attempt_dir, sink)
     return await _judge_command(spec, proc, attempt_dir, sink)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "uv failed"
 
 
 def _ended_early(proc: ProcessResult, timeout: float, sink: LogSink) -> tuple[Outcome, str] | None:

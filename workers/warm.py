@@ -65,6 +65,8 @@ def suite_of(spec: TaskSpec) -> list[str] | None:
     split = spec.config.get("split")
     if spec.type != "test" or not isinstance(split, dict) or not split.get("warm", True):
         return None
+    if spec.env is not None:  # it runs cold in its own environment: the warm processes are the worker's Python
+        return None
     suite = split.get("suite")
     if not isinstance(suite, list) or not suite or not all(isinstance(a, str) for a in suite):
         return None

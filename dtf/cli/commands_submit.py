@@ -17,7 +17,7 @@ from rich.table import Table
 
 from dtf import events as ev
 from dtf import subjects
-from dtf import split
+from dtf import pyenv, split
 from dtf.cli import rootdir, splitting
 from dtf.cli import github_annotations as github
 from dtf.cli import failures
@@ -203,6 +203,10 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
 @click.option("--group", type=click.Choice(split.GROUPS), default="auto", show_default=True,
               help="With --split: what stays in one shard (auto: files, cut by class then test only when one "
                    "is too long to balance).")
+@click.option("--env", "env_mode", type=click.Choice(pyenv.ENV_MODES), default="auto", show_default=True,
+              help="Test tasks' Python: uv builds (and caches on the worker) an environment from the project's "
+                   "uv.lock, requirements*.txt or pyproject dependencies; system uses the worker's own; auto "
+                   "is uv when the project declares dependencies.")
 @click.option("--cold", is_flag=True,
               help="With --split: a fresh pytest per shard instead of the worker's warm pytest process.")
 @WAIT_TIMEOUT
@@ -212,7 +216,7 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
            spec_file: Path | None, wait: bool, as_json: bool, priority: int, requires: tuple[str, ...],
            labels: tuple[str, ...], configs: tuple[str, ...], retries: int, timeout: float, no_ship: bool,
            run_id: str | None, project: str, name: str, depends_on: tuple[str, ...], deadline: str | None,
-           rerun_failed: str | None, split_into: str | None, group: str, cold: bool, wait_timeout: float | None,
+           rerun_failed: str | None, split_into: str | None, group: str, env_mode: str, cold: bool, wait_timeout: float | None,
            nats_url: str | None, creds: str | None) -> None:
     """Submit tests (PATHS), a --command, a --benchmark, a --spec file, or --rerun-failed RUN_ID.
 
@@ -255,11 +259,12 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
     joining = run_id is not None  # a run that may exist already: its new tasks take new task ids
     run_id = run_id or sub.new_run_id()
     asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json,
-                        no_ship, project, wait_timeout, nats_url, creds, splitting_request, joining))
+                        no_ship, project, wait_timeout, nats_url, creds, splitting_request, joining, env_mode))
 
 
 async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json, no_ship,
-                  project, wait_timeout, nats_url, creds, splitting_request=None, joining=False) -> None:
+                  project, wait_timeout, nats_url, creds, splitting_request=None, joining=False,
+                  env_mode="system") -> None:
     from dtf.workers import workspace
 
     root = None
@@ -273,6 +278,14 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
         if not no_ship:  # the user's own arguments come after, and win
             pytest_args = [*rootdir.pinned_args(found), *test_args(base)]
             base = msgspec.structs.replace(base, config={**base.config, "pytest_args": pytest_args})
+        try:
+            env = pyenv.choose(env_mode, root, f"{sys.version_info.major}.{sys.version_info.minor}")
+        except pyenv.EnvError as exc:
+            raise CliError(str(exc)) from None
+        if env is not None:
+            click.echo(f"dtf: python environment {env.digest} from {env.source} "
+                       f"({len(env.requirements)} requirements)", err=True)
+            base = msgspec.structs.replace(base, env=env)
     old_ids: list[str] | None = None
     async with connected(nats_url, creds, "dtf-submit") as nc:
         js = nc.jetstream()
