@@ -271,7 +271,9 @@ def extract(archive: Path, dest: Path) -> None:
             members = tar.getmembers()
             for member in members:
                 _check_member(member)
-            tar.extractall(dest, members=members, filter="data")
+            # _check_member already refused what the "data" filter would; Python before 3.11.4 lacks it
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(dest, members=members, **safe)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise WorkspaceError(f"workspace archive is unreadable: {exc}", "data") from None
 
