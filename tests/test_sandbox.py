@@ -7,8 +7,13 @@ cannot change the workspace cache a later run executes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -97,3 +102,28 @@ def test_isolation_on_refuses_a_worker_that_cannot_switch_uid():
     assert sandbox.decide("auto", is_root=False) == (True, False)
     assert sandbox.decide("auto", is_root=True) == (True, True)
     assert sandbox.decide("off", is_root=True) == (False, False)
+
+
+def test_dtf_up_keeps_its_data_dir_private_and_no_creds_path_on_a_workers_argv(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA")}
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    data = tmp_path / "d"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(data), "--nats-port", "0",
+         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
+    try:
+        up.stdout.readline(), up.stdout.readline()  # the exports: the system is up
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        assert stat.S_IMODE((data / "logs").stat().st_mode) == 0o700
+        worker_creds = sorted(Path(json.loads((data / "context.json").read_text())["auth_dir"]).rglob("*worker*"))
+        assert worker_creds
+        assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in worker_creds if p.is_file())
+        workers = [p for p in psutil.Process(up.pid).children() if "worker" in p.cmdline()]
+        assert workers and not any("creds" in arg for p in workers for arg in p.cmdline())
+        cat = " ".join(str(p) for p in worker_creds if p.is_file())
+        task = subprocess.run([sys.executable, "-m", "dtf", "submit", "--command", f"cat {cat}", "--wait"],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path, check=False)
+        assert task.returncode != 0 and "exited with code 1" in task.stdout, task.stdout  # cat was refused
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
