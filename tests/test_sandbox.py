@@ -127,3 +127,14 @@ def test_dtf_up_keeps_its_data_dir_private_and_no_creds_path_on_a_workers_argv(t
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
+
+
+def test_two_workers_on_one_machine_never_hold_the_same_task_uid(tmp_path):
+    """Else one worker's end-of-attempt kill would take down the other's task."""
+    first, second = (sandbox.Sandbox(fresh_dir=True, uids=range(20200, 20202), base=tmp_path) for _ in "ab")
+    a, b = first.take_uid(), second.take_uid()
+    assert a != b
+    with pytest.raises(sandbox.SandboxError):
+        first.take_uid()
+    second.release_uid(b)
+    assert first.take_uid() == b

@@ -251,7 +251,7 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
             await _finish(ctx, attempt, failed(a, exc.category, str(exc)))
             return
         if not ctx.warm.wants(a.spec):  # a warm pytest process runs as the worker (not isolated)
-            uid = sandbox.sandbox.take_uid()
+            uid = await asyncio.to_thread(sandbox.sandbox.take_uid)
             await asyncio.to_thread(attempt_dir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(sandbox.hand_over, attempt_dir, uid)
         live = LiveLog(ctx.nc, subjects.live_log(a.task_id)).start()

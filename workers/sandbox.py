@@ -14,6 +14,7 @@ cannot switch uid: it says so at start, and `--isolate on` refuses to start.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -62,7 +63,8 @@ class Sandbox:
     uids: range | None = None
     """None: attempts run as the worker's own uid."""
     base: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "dtf-attempts")
-    _taken: set[int] = field(default_factory=set)
+    _held: dict[int, int] = field(default_factory=dict)
+    """uid -> the open lock file claiming it."""
 
     @classmethod
     def start(cls, mode: Mode, uids: range = DEFAULT_UIDS) -> Sandbox:
@@ -83,12 +85,22 @@ class Sandbox:
         return self.base / name
 
     def take_uid(self) -> int | None:
+        """A uid no running attempt holds, on this machine: several workers share the range, so each
+        uid is claimed by an flock on `<base>/.uid-<n>.lock`, held until `release_uid` (blocking)."""
         if self.uids is None:
             return None
+        self.base.mkdir(mode=0o711, parents=True, exist_ok=True)
         for uid in self.uids:
-            if uid not in self._taken:
-                self._taken.add(uid)
-                return uid
+            if uid in self._held:
+                continue
+            fd = os.open(self.base / f".uid-{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self._held[uid] = fd
+            return uid
         raise SandboxError(f"every task uid in {self.uids.start}-{self.uids[-1]} is in use")
 
     def release_uid(self, uid: int | None) -> None:
@@ -96,7 +108,9 @@ class Sandbox:
         if uid is None:
             return
         kill_all_of(uid)
-        self._taken.discard(uid)
+        fd = self._held.pop(uid, None)
+        if fd is not None:
+            os.close(fd)  # drops the flock
 
 
 def hand_over(path: Path, uid: int | None) -> None:
