@@ -9,6 +9,7 @@ RUN pip install --no-cache-dir -c .ci/constraints.txt . \
  && useradd --create-home dtf \
  && mkdir -p /data \
  && chown dtf /data
+# Services run as dtf; compose.yaml's workers as root, so they can run each task as its own uid.
 USER dtf
 WORKDIR /home/dtf
 CMD ["dtf", "--help"]

@@ -46,7 +46,8 @@ def start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def local_system(scratch: Path, workers: int, concurrency: int) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+def local_system(scratch: Path, workers: int, concurrency: int,
+                 worker_args: tuple[str, ...] = ()) -> Iterator[tuple[str, list[subprocess.Popen]]]:
     """`dtf up` without its own workers (no auth, no dashboard) and `workers` bench workers: the URL and
     every process (for CPU accounting); all stopped with SIGTERM afterwards, the workers first."""
     env = {**os.environ, "XDG_STATE_HOME": str(scratch / "state")}
@@ -54,7 +55,7 @@ def local_system(scratch: Path, workers: int, concurrency: int) -> Iterator[tupl
                 "--no-dashboard", "--no-auth"], scratch / "up.log", env)
     url = up.stdout.readline().strip().split("=", 1)[1]
     processes = [start(["worker", "--nats", url, "--id", f"bench-{i}", "--concurrency", str(concurrency),
-                        "--cache-dir", str(scratch / "cache")], scratch / f"worker{i}.log", env)
+                        "--cache-dir", str(scratch / "cache"), *worker_args], scratch / f"worker{i}.log", env)
                  for i in range(workers)]
     try:
         yield url, [*processes, up]

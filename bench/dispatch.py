@@ -206,9 +206,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--paced", type=int, default=300, help="tasks for the latency phase (0: skip it)")
     parser.add_argument("--rate", type=float, default=100.0, help="submissions per second in the latency phase")
+    parser.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
+                        help="the workers' task isolation (off: the cost without it)")
     opts = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="dtf-dispatch-"))
-    with local_system(scratch, opts.workers, opts.concurrency) as (url, processes):
+    with local_system(scratch, opts.workers, opts.concurrency, ("--isolate", opts.isolate)) as (url, processes):
         results = asyncio.run(measure(url, opts))
         cpu = cpu_seconds(processes)
     small, large = round_cost(10), round_cost(opts.tasks)
@@ -222,7 +224,7 @@ def main() -> None:
     for name, value in results.items():
         print(f"{name:<{width}}  {value:>12,.3f}" if value < 10 else f"{name:<{width}}  {value:>12,.0f}")
     print("CPU seconds by process (the whole run): " + ", ".join(f"{name} {sec:.1f}" for name, sec in cpu.items()))
-    print(f"(logs in {scratch}; {opts.workers} workers x {opts.concurrency} slots; python {sys.version.split()[0]})")
+    print(f"(logs in {scratch}; {opts.workers} workers x {opts.concurrency} slots, --isolate {opts.isolate}; python {sys.version.split()[0]})")
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
 

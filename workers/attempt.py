@@ -37,7 +37,7 @@ from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavaila
 from dtf import events as ev
 from dtf import subjects
 from dtf.streams import bus, topology
-from dtf.workers import artifacts, workspace
+from dtf.workers import artifacts, sandbox, workspace
 from dtf.workers.livelog import LiveLog
 from dtf.workers.process import TAIL_BYTES, run_process
 from dtf.workers.pyenv import EnvCache
@@ -206,8 +206,8 @@ async def _workdir(ctx: Context, a: ev.TaskAssigned, attempt_dir: Path) -> Path:
     task that writes into its tree, even just __pycache__, cannot change what a retry starts from);
     a split shard for a warm pytest process shares its run's copy with that process."""
     ref = a.spec.workspace
-    if ref is None:
-        return ctx.workdir
+    if ref is None:  # isolated: the fresh attempt dir, not the worker's own cwd
+        return attempt_dir if sandbox.sandbox.fresh_dir else ctx.workdir
     lock = ctx.workspace_locks.setdefault(ref.sha256, asyncio.Lock())
     async with lock:
         cached = await workspace.materialize(ctx.js, ref, ctx.cache_dir / "workspaces")
@@ -226,7 +226,9 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
     cancellation; trouble it cannot report leaves the assignment for redelivery."""
     a = attempt.assignment
     keepalive = asyncio.create_task(_keep_claim(attempt), name=f"in-progress {a.task_id}")
-    attempt_dir = ctx.cache_dir / "attempts" / f"{a.task_id}-{a.attempt}"
+    attempt_dir = sandbox.sandbox.attempt_dir(ctx.cache_dir / "attempts",
+                                              f"{ctx.worker_id}-{a.task_id}-{a.attempt}")
+    uid: int | None = None
     try:
         try:
             stale = await still_current(ctx, attempt)
@@ -252,12 +254,16 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         except workspace.WorkspaceError as exc:
             await _finish(ctx, attempt, failed(a, exc.category, str(exc)))
             return
+        if not ctx.warm.wants(a.spec):  # a warm pytest process runs as the worker (not isolated)
+            uid = await asyncio.to_thread(sandbox.sandbox.take_uid)
+            await asyncio.to_thread(attempt_dir.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(sandbox.hand_over, attempt_dir, uid)
         live = LiveLog(ctx.nc, subjects.live_log(a.task_id)).start()
         try:
             launch = ctx.warm.launcher(a.run_id, a.spec) if ctx.warm.wants(a.spec) else run_process
             result = await run_attempt(a.spec, workdir, attempt_dir, python=ctx.python,
                                        on_output=live.append, cancel=attempt.cancel, launch=launch,
-                                       envs=ctx.envs)
+                                       envs=ctx.envs, uid=uid)
         finally:
             await live.aclose()
         if attempt.releasing:
@@ -286,4 +292,5 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
     finally:
         keepalive.cancel()
         await asyncio.gather(keepalive, return_exceptions=True)
+        await asyncio.to_thread(sandbox.sandbox.release_uid, uid)  # its setsid children too
         await asyncio.to_thread(shutil.rmtree, attempt_dir, True)

@@ -1,7 +1,7 @@
 """The environment a task's process gets: the worker's own, minus credentials, plus the task's config.
 
-Removed: DTF_CREDS, every NATS_* variable and anything whose name contains TOKEN, SECRET or PASSWORD
-(case-insensitively), so a test cannot read the worker's bus credentials; also any DTF_TEST_REPORT,
+Removed: DTF_CREDS, DTF_CONTEXT, every NATS_* variable, anything whose name contains CREDS, TOKEN,
+SECRET or PASSWORD (case-insensitively) and any *URL* with a user:password@ in it, so a test cannot read the worker's bus credentials; also any DTF_TEST_REPORT,
 DTF_METRICS and DTF_CONFIG* inherited from outside, since the runner sets those per attempt.
 """
 
@@ -17,9 +17,10 @@ SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD")
 PER_ATTEMPT = ("DTF_TEST_REPORT", "DTF_METRICS")
 
 
-def is_sensitive(name: str) -> bool:
+def is_sensitive(name: str, value: str = "") -> bool:
     upper = name.upper()
-    return upper == "DTF_CREDS" or upper.startswith("NATS_") or any(w in upper for w in SECRET_WORDS)
+    return (upper == "DTF_CREDS" or upper.startswith("NATS_") or any(w in upper for w in SECRET_WORDS)
+            or "CREDS" in upper or upper == "DTF_CONTEXT" or ("URL" in upper and "@" in value))
 
 
 def scrubbed(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -27,7 +28,7 @@ def scrubbed(base: Mapping[str, str] | None = None) -> dict[str, str]:
     source = os.environ if base is None else base
     return {
         name: value for name, value in source.items()
-        if not is_sensitive(name) and name not in PER_ATTEMPT and not name.startswith("DTF_CONFIG")
+        if not is_sensitive(name, value) and name not in PER_ATTEMPT and not name.startswith("DTF_CONFIG")
     }
 
 

@@ -219,16 +219,19 @@ async def _open_output_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTr
 async def run_process(
     argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], sink: LogSink, timeout: float,
     cancel: asyncio.Event, kill_grace: float = KILL_GRACE_S, limits: Limits | None = None,
+    uid: int | None = None,
 ) -> ProcessResult:
     """Run argv to its end, its timeout or its cancellation; never blocks the event loop. `limits`
-    default to this worker's `task_limits`."""
+    default to this worker's `task_limits`. `uid`: run as that user (gid the same, no supplementary
+    groups; `sandbox`), set by subprocess itself so no preexec_fn is needed for it."""
+    as_user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     started = time.monotonic()
     write_fd, reader, transport = await _open_output_pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
             stdout=write_fd, stderr=write_fd, start_new_session=True,
-            preexec_fn=(limits or task_limits).preexec(),
+            preexec_fn=(limits or task_limits).preexec(), **as_user,
         )
     except BaseException:
         transport.close()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dtf.events import ErrorCategory, Outcome, TestCounts, TestOutcome
 from dtf.spec import SpecError, TaskSpec, benchmark_labels, command_line, test_args, test_paths
-from dtf.workers import environment, results
+from dtf.workers import environment, results, sandbox
 from dtf.workers.process import MAX_LOG_BYTES, LogSink, ProcessResult, run_process
 from dtf.workers.pyenv import PLUGIN_MODULE, BuildError, Env, EnvCache
 
@@ -129,11 +129,13 @@ async def run_attempt(
     spec: TaskSpec, workdir: Path, attempt_dir: Path, *, python: str = sys.executable,
     on_output: Callable[[bytes], None] | None = None, cancel: asyncio.Event | None = None,
     max_log_bytes: int = MAX_LOG_BYTES, launch: Launch = run_process, envs: EnvCache | None = None,
+    uid: int | None = None,
 ) -> RunResult:
     """Run one attempt to its end; never raises for anything the task does (only for a broken
     attempt_dir). `cancel` ends it early with outcome "cancelled". `launch` runs the planned command
     (`process.run_process`; a warm pytest process's launcher serves a split shard instead). A test
-    task with `spec.env` runs in its env from `envs`, built first when not cached."""
+    task with `spec.env` runs in its env from `envs`, built first when not cached. `uid`, when set,
+    is the user it runs as (`sandbox`), and HOME/TMPDIR then point into attempt_dir."""
     cancel = cancel or asyncio.Event()
     attempt_dir = Path(attempt_dir)
     attempt_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +143,7 @@ async def run_attempt(
         (attempt_dir / leftover).unlink(missing_ok=True)
     sink = LogSink(attempt_dir / LOG_NAME, max_bytes=max_log_bytes, on_output=on_output)
     try:
-        result = await _run(spec, Path(workdir), attempt_dir, python, cancel, sink, launch, envs)
+        result = await _run(spec, Path(workdir), attempt_dir, python, cancel, sink, launch, envs, uid)
         result.labels = labels_for(spec)
         return result
     finally:
@@ -149,7 +151,7 @@ async def run_attempt(
 
 
 async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, cancel: asyncio.Event,
-               sink: LogSink, launch: Launch, envs: EnvCache | None) -> RunResult:
+               sink: LogSink, launch: Launch, envs: EnvCache | None, uid: int | None) -> RunResult:
     pyenv = None
     if spec.type == "test" and spec.env is not None:
         if envs is None:
@@ -165,6 +167,8 @@ async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, ca
         sink.note(f"python environment {pyenv.path.name} ({'built' if pyenv.built else 'cached'})")
     try:
         planned = plan(spec, Path(workdir), attempt_dir, python, pyenv)
+        if sandbox.sandbox.fresh_dir:
+            planned.env = sandbox.task_env(planned.env, attempt_dir)
     except SpecError as exc:
         return _without_process(spec, sink, "error", f"cannot run this task: {exc}", "task")
     if not planned.cwd.is_dir():
@@ -174,7 +178,7 @@ async def _run(spec: TaskSpec, workdir: Path, attempt_dir: Path, python: str, ca
         return _without_process(spec, sink, "cancelled", "cancelled before it started")
     try:
         proc = await launch(planned.argv, cwd=planned.cwd, env=planned.env, sink=sink,
-                            timeout=spec.timeout_seconds, cancel=cancel)
+                            timeout=spec.timeout_seconds, cancel=cancel, **({} if uid is None else {"uid": uid}))
     except OSError as exc:
         return _without_process(spec, sink, "error", f"cannot start {planned.argv[0]}: {exc}", "worker")
     if spec.type == "test":

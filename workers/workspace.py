@@ -172,7 +172,10 @@ async def materialize(js: JetStreamContext, ref: WorkspaceRef, cache_dir: str | 
     cache = Path(cache_dir)
     target = cache / ref.sha256
     if target.is_dir():
-        return target
+        if await asyncio.to_thread(_intact, target):
+            return target
+        log.warning("cached workspace %s was changed since it was unpacked: fetching it again", ref.sha256[:12])
+        await asyncio.to_thread(shutil.rmtree, target, True)
     await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
     fd, archive_name = tempfile.mkstemp(prefix=f".{ref.sha256[:12]}-", suffix=".tar.gz", dir=cache)
     archive = Path(archive_name)
@@ -209,13 +212,56 @@ def _verify_and_extract(archive: Path, ref: WorkspaceRef, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{ref.sha256[:12]}-", dir=target.parent))
     try:
         extract(archive, staging)
+        digest = _seal(staging)
         try:
             staging.rename(target)
+            _sealed[target.resolve()] = digest
         except OSError:
             if not target.is_dir():  # not a lost race with another materialize of the same hash
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+_sealed: dict[Path, str] = {}
+"""Each cached workspace this process unpacked, with the digest of its content (`_tree_digest`) then.
+Kept in memory, not beside the cache, where a task running as the worker's user could rewrite it too;
+a cache from before a restart is therefore fetched again once."""
+
+
+def _tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path, mode bits and content (the manifest itself aside)."""
+    digest = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            digest.update(f"{rel}\0{stat.S_IMODE(path.lstat().st_mode):o}\0".encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _seal(root: Path) -> str:
+    """Make a freshly unpacked workspace read-only to everyone but its owner (dirs 0755, files 0644 or
+    0755); its digest, so `materialize` can tell a changed cache from an intact one."""
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, 0o755 if os.stat(path).st_mode & 0o100 else 0o644)
+    return _tree_digest(root)
+
+
+def _intact(root: Path) -> bool:
+    """Whether a cached workspace still has the content this process unpacked it with (blocking)."""
+    try:
+        return _sealed.get(root.resolve()) == _tree_digest(root)
+    except OSError:
+        return False
 
 
 def extract(archive: Path, dest: Path) -> None:
@@ -225,7 +271,9 @@ def extract(archive: Path, dest: Path) -> None:
             members = tar.getmembers()
             for member in members:
                 _check_member(member)
-            tar.extractall(dest, members=members, filter="data")
+            # _check_member already refused what the "data" filter would; Python before 3.11.4 lacks it
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(dest, members=members, **safe)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise WorkspaceError(f"workspace archive is unreadable: {exc}", "data") from None
 

@@ -54,15 +54,17 @@ log = logging.getLogger("dtf.cli")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Its private key (PEM).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The CA that signed --tls-cert, for the clients to verify it.")
+@click.option("--isolate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="The workers' task isolation (see `dtf worker --help`).")
 def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: bool, dashboard_port: int,
        metrics_port: int | None,
        cluster: str, no_auth: bool, use_tls: bool, tls_cert: Path | None, tls_key: Path | None,
-       tls_ca: Path | None) -> None:
+       tls_ca: Path | None, isolate: str) -> None:
     """Start a local dtf: nats-server, coordinator, projector and N workers, until SIGINT/SIGTERM."""
     given = [tls_cert, tls_key, tls_ca]
     if any(given) and not all(given):
         raise click.UsageError("--tls-cert, --tls-key and --tls-ca go together")
-    system = System(data_dir=data_dir, workers=workers, metrics_port=metrics_port,
+    system = System(data_dir=data_dir, workers=workers, isolate=isolate, metrics_port=metrics_port,
                     nats_port=nats_port, listen=listen, cluster=int(cluster),
                     auth=not no_auth, tls=use_tls or all(given), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
     system.dashboard_port = None if no_dashboard else dashboard_port
@@ -173,15 +175,20 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None, heart
               help="Address-space limit of each task process (RLIMIT_AS; default none: it breaks CUDA/JVMs).")
 @click.option("--task-max-open-files", default=65536, show_default=True, type=click.IntRange(min=16), metavar="N",
               help="Open-file limit of each task process (RLIMIT_NOFILE).")
+@click.option("--isolate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Task isolation: a fresh dir and credential-free env, plus a uid per task when root "
+                   "(auto: the uid only as root; on: refuse to start without it; off: run in the worker's cwd).")
+@click.option("--task-uids", default="20000-20999", show_default=True, metavar="FIRST-LAST",
+              help="Unprivileged uids tasks run as when the worker is root (one per running attempt).")
 def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
            capabilities: tuple[str, ...], cache_dir: Path | None, heartbeat_interval: float,
            metrics_address: tuple[str, int] | None, task_max_memory_mb: int | None,
-           task_max_open_files: int) -> None:
+           task_max_open_files: int, isolate: str, task_uids: str) -> None:
     """Run a worker agent on this machine (or manage workers: `dtf worker drain ID`)."""
     if ctx.invoked_subcommand is not None:
         return
     from dtf.spec import TOKEN_RE
-    from dtf.workers import process
+    from dtf.workers import process, sandbox
     from dtf.workers.agent import WorkerAgent
     from dtf.workers.metrics import WorkerCollector
 
@@ -189,6 +196,12 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
         memory_bytes=task_max_memory_mb * 1024 * 1024 if task_max_memory_mb else None,
         open_files=task_max_open_files)
 
+    try:
+        sandbox.sandbox = sandbox.Sandbox.start(isolate, sandbox.parse_uids(task_uids))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--task-uids") from None
+    except sandbox.SandboxError as exc:
+        raise CliError(str(exc), EXIT_PERMISSION) from None
     tags = parse_pairs(capabilities, "--capability")
     identity = credential_identity(creds)
     if identity is not None and identity.role == "worker":  # it may publish only as that worker

@@ -31,6 +31,8 @@ class Child:
     name: str
     args: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    """Its credentials go here (DTF_CREDS), not on its argv, where any process can read them."""
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
 
@@ -39,6 +41,8 @@ class Child:
 class System:
     data_dir: Path
     workers: int = 2
+    isolate: str = "auto"
+    """Each worker's `--isolate`."""
     nats_port: int = 4222
     listen: str = "127.0.0.1"
     dashboard_url: str | None = None
@@ -106,9 +110,12 @@ class System:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The read model, logs, creds and context are the worker's (and its user's) alone: a task run
+        # as another uid must not even list them.
+        self.data_dir.chmod(0o700)
         await asyncio.to_thread(self._prepare_security)
         # Before the server starts: every child's user is in the users.conf it loads.
-        (self.data_dir / "logs").mkdir(exist_ok=True)
+        (self.data_dir / "logs").mkdir(mode=0o700, exist_ok=True)
         host = socket.gethostname().split(".")[0]
         self.children = [
             self._child("coordinator", ["coordinator"], ("coordinator", "coordinator")),
@@ -118,6 +125,7 @@ class System:
             *(
                 self._child(f"worker-{i}", [
                     "worker", "--id", f"{host}-{i}", "--cache-dir", str(self.data_dir / "cache"),
+                    "--isolate", self.isolate,
                 ], ("worker", f"{host}-{i}"))
                 for i in range(1, self.workers + 1)
             ),
@@ -152,9 +160,9 @@ class System:
 
     def _child(self, name: str, args: list[str], identity: tuple[str, str]) -> Child:
         """A child process run as `identity` (role, name): it gets only that role's credentials."""
-        creds = ["--creds", str(self.registry.ensure(*identity))] if self.auth else []
-        return Child(name, [sys.executable, "-m", "dtf", *args, "--nats", "URL", *creds],
-                     self.data_dir / "logs" / f"{name}.log")
+        creds = {"DTF_CREDS": str(self.registry.ensure(*identity))} if self.auth else {}
+        return Child(name, [sys.executable, "-m", "dtf", *args, "--nats", "URL"],
+                     self.data_dir / "logs" / f"{name}.log", creds)
 
     def _dashboard_child(self) -> Child:
         port = self.dashboard_port or free_port(self.listen)
@@ -170,7 +178,8 @@ class System:
         with child.log_path.open("ab") as out:
             child.process = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **({"DTF_CA": str(self.ca)} if self.ca else {})},
+                env={**{k: v for k, v in os.environ.items() if k != "DTF_CREDS"}, "PYTHONUNBUFFERED": "1",
+                     **({"DTF_CA": str(self.ca)} if self.ca else {}), **child.env},
             )
         log.info("started %s (pid %d), log %s", child.name, child.process.pid, child.log_path)
 
