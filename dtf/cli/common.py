@@ -20,6 +20,7 @@ import click
 from nats.aio.client import Client
 
 from dtf.cli.submit import submitter_name
+from dtf.streams.retry import is_auth_refusal
 from dtf.streams import auth, bus
 
 
@@ -214,7 +215,26 @@ def serve_with_nats(
     url, options, _ = resolve_connection(nats_url, creds)
 
     async def main(stop: asyncio.Event) -> None:
-        nc = await bus.connect(url, name=name, **options)
+        refused: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            if is_auth_refusal(exc):  # nats-py would retry a refused login forever
+                refused.append(str(exc))
+                stop.set()
+
+        # Connecting races the stop signal: with NATS down or refusing, a SIGTERM still ends the process.
+        connecting = asyncio.ensure_future(bus.connect(url, name=name, error_cb=on_error, **options))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            if refused:
+                raise CliError(f"NATS at {url} refused these credentials: {refused[0]}", EXIT_PERMISSION)
+            return
+        nc = connecting.result()
         try:
             await body(nc, stop)
         finally:
