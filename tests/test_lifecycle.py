@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dtf.cli import interrupt
+from dtf.workers import idle
 from test_end_to_end import Up
 
 DTF = str(Path(sys.executable).with_name("dtf"))
@@ -65,3 +66,32 @@ def test_an_interrupt_cancels_with_the_flag_asks_at_a_terminal_and_otherwise_lea
     assert interrupt.on_interrupt(cancel_on_interrupt=True, interactive=True) == "cancel"
     assert interrupt.on_interrupt(cancel_on_interrupt=False, interactive=True) == "ask"
     assert interrupt.on_interrupt(cancel_on_interrupt=False, interactive=False) == "leave"
+
+
+def test_idleness_is_counted_from_the_end_of_the_last_work_and_ends_the_worker_at_the_limit():
+    assert idle.idle_since(None, busy=False, now=5.0) == 5.0
+    assert idle.idle_since(5.0, busy=False, now=9.0) == 5.0
+    assert idle.idle_since(5.0, busy=True, now=9.0) is None
+    assert idle.should_exit(5.0, now=7.0, limit=2.0)
+    assert not idle.should_exit(5.0, now=6.9, limit=2.0)
+    assert not idle.should_exit(None, now=100.0, limit=2.0)
+    assert not idle.should_exit(5.0, now=100.0, limit=None)
+
+
+@pytest.mark.slow
+def test_a_worker_with_exit_when_idle_runs_the_queued_task_then_leaves_with_exit_code_0(tmp_path):
+    system = Up(tmp_path / "d", tmp_path / "state", workers=0).start()
+    try:
+        assert system.dtf("submit", "--command", "true", "--run-id", "lent").returncode == 0
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dtf", "worker", "--id", "lent-runner", "--exit-when-idle", "1",
+             "--cache-dir", str(tmp_path / "cache")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=system.env,
+        )
+        assert worker.wait(timeout=120) == 0
+        settled = system.dtf("wait", "lent", "--json", check_json=True)
+        assert json.loads(settled.stdout)["tasks"][0]["state"] == "passed"
+        events = [json.loads(line)["event"] for line in system.dtf("replay", "--json").stdout.splitlines()]
+        assert any(e["type"] == "WorkerLeft" and e["worker_id"] == "lent-runner" for e in events)
+    finally:
+        assert system.stop() == 0
