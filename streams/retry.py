@@ -41,12 +41,13 @@ def is_transient_publish_failure(exc: BaseException) -> bool:
 
 def backoff() -> tenacity.wait.wait_base:
     """Exponential with jitter, capped: 0.5 s, 1 s, 2 s ... 10 s, each plus up to a second of jitter."""
-    return tenacity.wait_exponential_jitter(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=1.0)
+    return tenacity.wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=1.0)
 
 
-def _log_attempt(state: tenacity.RetryCallState) -> None:
+def log_attempt(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    log.warning("nats: attempt %d failed (%s); retrying", state.attempt_number, exc)
+    log.warning("nats: attempt %d failed (%s); retrying in %.1fs", state.attempt_number, exc,
+                state.next_action.sleep if state.next_action else 0.0)
 
 
 async def retrying_publish(
@@ -58,7 +59,7 @@ async def retrying_publish(
     retry = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(is_transient_publish_failure),
         wait=wait or backoff(), stop=tenacity.stop_after_attempt(attempts),
-        before_sleep=_log_attempt, reraise=True,
+        before_sleep=log_attempt, reraise=True,
     )
     async for try_ in retry:
         with try_:

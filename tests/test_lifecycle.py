@@ -1,6 +1,7 @@
 """Services stop when told to, whatever NATS is doing: a worker that cannot reach its server still
-ends on SIGTERM, with exit code 0. A command waiting on a run that is interrupted exits 130, having
-cancelled the run when asked to."""
+ends on SIGTERM with exit code 0, and one whose credentials are refused exits 3. A worker lent with
+--exit-when-idle leaves on its own once idle. A command waiting on a run that is interrupted exits
+130, having cancelled the run when asked to."""
 
 import json
 import signal
@@ -95,3 +96,16 @@ def test_a_worker_with_exit_when_idle_runs_the_queued_task_then_leaves_with_exit
         assert any(e["type"] == "WorkerLeft" and e["worker_id"] == "lent-runner" for e in events)
     finally:
         assert system.stop() == 0
+
+
+def test_a_worker_whose_credentials_the_server_refuses_exits_3_with_one_line(secured_server, tmp_path):
+    from dtf.streams import auth
+
+    stranger = auth.Registry(tmp_path / "elsewhere").ensure("worker", "w9")  # issued by another system
+    worker = subprocess.run(
+        [DTF, "worker", "--nats", secured_server.url, "--creds", str(stranger), "--id", "w9",
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=60, env={"XDG_STATE_HOME": str(tmp_path), "HOME": str(tmp_path)},
+    )
+    assert worker.returncode == 3
+    assert "refused these credentials" in worker.stderr.splitlines()[-1]

@@ -17,11 +17,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+import tenacity
 from nats.aio.client import Client
 
 from dtf.cli.submit import submitter_name
+from dtf.streams import auth, bus, retry
 from dtf.streams.retry import is_auth_refusal
-from dtf.streams import auth, bus
 
 
 EXIT_FAILED = 1
@@ -186,6 +187,17 @@ async def _probe(url: str) -> None:
     raise error
 
 
+async def until_reachable(url: str) -> None:
+    """A service waits for NATS to listen, backing off exponentially with jitter (0.5 s up to 10 s)
+    and logging each failed attempt, instead of nats-py's silent fixed 0.5 s loop; the caller
+    cancels it on a stop signal."""
+    async for attempt in tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(OSError), wait=retry.backoff(), before_sleep=retry.log_attempt,
+    ):
+        with attempt:
+            await _probe(url)
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
@@ -223,7 +235,11 @@ def serve_with_nats(
                 stop.set()
 
         # Connecting races the stop signal: with NATS down or refusing, a SIGTERM still ends the process.
-        connecting = asyncio.ensure_future(bus.connect(url, name=name, error_cb=on_error, **options))
+        async def connect() -> Client:
+            await until_reachable(url)
+            return await bus.connect(url, name=name, error_cb=on_error, **options)
+
+        connecting = asyncio.ensure_future(connect())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
