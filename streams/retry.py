@@ -41,7 +41,8 @@ def is_transient_publish_failure(exc: BaseException) -> bool:
 
 def backoff() -> tenacity.wait.wait_base:
     """Exponential with jitter, capped: 0.5 s, 1 s, 2 s ... 10 s, each plus up to a second of jitter."""
-    return tenacity.wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=1.0)
+    # Composed rather than wait_exponential_jitter, whose first-wait parameter was renamed in tenacity 9.
+    return tenacity.wait_exponential(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX) + tenacity.wait_random(0, 1.0)
 
 
 def log_attempt(state: tenacity.RetryCallState) -> None:
