@@ -8,7 +8,9 @@ import tenacity
 from nats.errors import AuthorizationError
 from nats.js.errors import NoStreamResponseError
 
-from dtf.streams import retry
+from dtf import events as ev
+from dtf.spec import TaskSpec
+from dtf.streams import bus, retry, topology
 
 
 def test_refused_credentials_are_recognised_and_not_retried():
@@ -54,3 +56,18 @@ async def test_a_publish_that_never_recovers_raises_its_failure():
 
     with pytest.raises(NoStreamResponseError):
         await retry.retrying_publish(attempt, attempts=2, wait=tenacity.wait_none())
+
+
+async def test_submissions_published_while_no_stream_answers_land_once_when_it_comes_back(nc, caplog):
+    # No stream yet: the server answers "no responders", as it does while a stream elects its leader.
+    js = nc.jetstream()
+    events = [ev.TaskSubmitted(id=f"submit-t{i}", run_id="r1", task_id=f"t{i}", submitter="alice",
+                               spec=TaskSpec(type="command", config={"command": "true"})) for i in range(3)]
+    publishing = asyncio.ensure_future(bus.publish_many(js, events))
+    await asyncio.sleep(0.3)  # let the first attempts fail; not a timing assertion
+    await topology.provision(js)
+    acks = await asyncio.wait_for(publishing, 60)
+    assert len(acks) == 3
+    assert "attempt 1 failed" in caplog.text  # they were refused first, and retried
+    stored = [m async for m in bus.read(js, topology.EVENTS, ["dtf.task.>"])]
+    assert sorted(m.subject for m in stored) == [f"dtf.task.r1.t{i}.submitted.alice" for i in range(3)]
