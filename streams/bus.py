@@ -87,10 +87,13 @@ def headers_for(event: ev.Event, expected_seq: int | None = None) -> dict[str, s
 
 async def publish(
     js: JetStreamContext, event: ev.Event, expected_seq: int | None = None, timeout: float | None = None,
+    attempts: int = 1,
 ) -> PubAck:
     """Publish one event on its subject. With `expected_seq`, the server refuses it (Conflict) unless
     the task's last message is still the one at that sequence. `timeout` bounds the wait for the ack
-    (default: the JetStream context's)."""
+    (default: the JetStream context's). With `attempts` > 1 a transient failure is retried with
+    back-off (a CLI's one-off publish); services keep the default, one attempt, because each has its
+    own retry (the coordinator's next round, the worker's result loop, the next heartbeat)."""
     headers = headers_for(event, expected_seq)
     data = encoded(js, event, headers)
     try:
@@ -98,7 +101,7 @@ async def publish(
         return await retrying_publish(lambda: js.publish(
             subjects.subject_for(event), data, headers=headers,
             **({} if timeout is None else {"timeout": timeout}),
-        ))
+        ), attempts=attempts)
     except APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
             raise Conflict(str(exc)) from None

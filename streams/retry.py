@@ -63,6 +63,10 @@ async def retrying_publish(
         before_sleep=log_attempt, reraise=True,
     )
     async for try_ in retry:
+        # Python 3.11: nats-py's wait_for can turn our cancellation into a TimeoutError, which must
+        # end the retrying, not look like a lost ack (a stopping service would otherwise hang on).
+        if (task := asyncio.current_task()) is not None and task.cancelling():
+            raise asyncio.CancelledError
         with try_:
             return await attempt()
     raise AssertionError("unreachable: tenacity reraises the last failure")  # pragma: no cover

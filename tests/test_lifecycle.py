@@ -3,6 +3,7 @@ ends on SIGTERM with exit code 0, and one whose credentials are refused exits 3.
 --exit-when-idle leaves on its own once idle. A command waiting on a run that is interrupted exits
 130, having cancelled the run when asked to."""
 
+import asyncio
 import json
 import signal
 import socket
@@ -109,3 +110,24 @@ def test_a_worker_whose_credentials_the_server_refuses_exits_3_with_one_line(sec
     )
     assert worker.returncode == 3
     assert "refused these credentials" in worker.stderr.splitlines()[-1]
+
+
+async def test_a_worker_whose_server_went_away_stops_on_sigterm_with_exit_code_0(tmp_path):
+    from dtf.streams import bus, topology
+    from dtf.streams.server import EmbeddedServer
+
+    log = tmp_path / "worker.log"
+    with EmbeddedServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, name="dtf-tests")
+        await topology.provision(nc.jetstream())
+        await nc.close()
+        worker = subprocess.Popen(
+            [DTF, "worker", "--nats", server.url, "--cache-dir", str(tmp_path / "cache")],
+            stdout=subprocess.DEVNULL, stderr=log.open("w"), env={"HOME": str(tmp_path)},
+        )
+        while "registered" not in log.read_text():
+            assert worker.poll() is None, log.read_text()
+            await asyncio.sleep(0.2)
+    # The server is gone: leaving cannot be published, and must not be waited for.
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.wait, 30) == 0

@@ -32,6 +32,7 @@ from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json, test_args
 from dtf.state import Fold, TaskState
 from dtf.streams import bus, topology
+from dtf.streams.retry import PUBLISH_ATTEMPTS
 
 
 class PassthroughCommand(click.Command):
@@ -559,7 +560,8 @@ async def cancel_open(js, scope: str, target: str, reason: str, creds: str | Non
         event = ev.TaskCancelled(id=f"cancel-{task.task_id}-{by}", run_id=task.run_id, task_id=task.task_id,
                                  reason=why, by=by)
         try:
-            await bus.publish(js, event, expected_seq=fold.task_seq[(task.run_id, task.task_id)])
+            await bus.publish(js, event, expected_seq=fold.task_seq[(task.run_id, task.task_id)],
+                              attempts=PUBLISH_ATTEMPTS)
         except bus.Conflict:  # it moved on meanwhile: say so rather than guess
             click.echo(f"dtf: {task.task_id} changed while cancelling; run `dtf cancel` again", err=True)
             continue

@@ -219,6 +219,31 @@ def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
+CUT_SHORT_POLL_S = 0.2
+
+
+async def until_stopped_or_cut_short(work: Awaitable[None], stop: asyncio.Event,
+                                     connected_now: Callable[[], bool]) -> None:
+    """Run a service's body; once `stop` is set it shuts down in its own orderly way (hand work
+    back, publish that it left) while NATS is there to take it. With NATS gone, nothing it would
+    publish can land and its publishes would retry for a long time, so it is cancelled at once."""
+    job = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({job, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        while not job.done():
+            if not connected_now():
+                job.cancel()
+                break
+            await asyncio.wait({job}, timeout=CUT_SHORT_POLL_S)
+        await asyncio.gather(job, return_exceptions=True)
+    finally:
+        stopping.cancel()
+        job.cancel()
+    if not job.cancelled() and job.exception() is not None:
+        raise job.exception()
+
+
 def serve_with_nats(
     nats_url: str | None, creds: str | None, name: str,
     body: Callable[[Client, asyncio.Event], Awaitable[None]],
@@ -252,10 +277,10 @@ def serve_with_nats(
             return
         nc = connecting.result()
         try:
-            await body(nc, stop)
+            await until_stopped_or_cut_short(body(nc, stop), stop, lambda: nc.is_connected)
         finally:
             with contextlib.suppress(Exception):
-                await nc.drain()
+                await (nc.drain() if nc.is_connected else nc.close())  # drain would wait on a dead link
 
     serve(main)
 
