@@ -24,6 +24,7 @@ from nats.js.errors import Error as JetStreamError
 
 from dtf import events as ev
 from dtf import subjects
+from dtf.streams.retry import is_transient_publish_failure, retrying_publish
 
 log = logging.getLogger("dtf.bus")
 
@@ -86,16 +87,21 @@ def headers_for(event: ev.Event, expected_seq: int | None = None) -> dict[str, s
 
 async def publish(
     js: JetStreamContext, event: ev.Event, expected_seq: int | None = None, timeout: float | None = None,
+    attempts: int = 1,
 ) -> PubAck:
     """Publish one event on its subject. With `expected_seq`, the server refuses it (Conflict) unless
     the task's last message is still the one at that sequence. `timeout` bounds the wait for the ack
-    (default: the JetStream context's)."""
+    (default: the JetStream context's). With `attempts` > 1 a transient failure is retried with
+    back-off (a CLI's one-off publish); services keep the default, one attempt, because each has its
+    own retry (the coordinator's next round, the worker's result loop, the next heartbeat)."""
     headers = headers_for(event, expected_seq)
+    data = encoded(js, event, headers)
     try:
-        return await js.publish(
-            subjects.subject_for(event), encoded(js, event, headers), headers=headers,
+        # Same bytes and Nats-Msg-Id on every attempt, so a retry after a lost ack is deduplicated.
+        return await retrying_publish(lambda: js.publish(
+            subjects.subject_for(event), data, headers=headers,
             **({} if timeout is None else {"timeout": timeout}),
-        )
+        ), attempts=attempts)
     except APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
             raise Conflict(str(exc)) from None
@@ -105,14 +111,23 @@ async def publish(
 async def publish_many(js: JetStreamContext, events: Iterable[ev.Event], window: int = 512) -> list[PubAck]:
     """Pipelined publishes: up to `window` in flight, every ack awaited, failures raised."""
     pending: list[asyncio.Future[PubAck]] = []
+    sent: list[tuple[str, bytes, dict[str, str]]] = []
     for event in events:
         headers = headers_for(event)
-        pending.append(await js.publish_async(
-            subjects.subject_for(event), encoded(js, event, headers), headers=headers,
-        ))
+        sent.append((subjects.subject_for(event), encoded(js, event, headers), headers))
+        pending.append(await js.publish_async(*sent[-1][:2], headers=headers))
         if len(pending) % window == 0:
-            await asyncio.gather(*pending[-window:])
-    return list(await asyncio.gather(*pending))
+            await asyncio.gather(*pending[-window:], return_exceptions=True)
+    acks = await asyncio.gather(*pending, return_exceptions=True)
+    # A failed ack (leader election, no responders) is published again, one at a time with back-off;
+    # its Nats-Msg-Id is unchanged, so if the first copy did land the stream keeps only one.
+    for i, ack in enumerate(acks):
+        if isinstance(ack, BaseException):
+            if not is_transient_publish_failure(ack):
+                raise ack
+            subject, data, headers = sent[i]
+            acks[i] = await retrying_publish(lambda: js.publish(subject, data, headers=headers))  # noqa: B023
+    return list(acks)
 
 
 @dataclass(frozen=True)

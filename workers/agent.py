@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from dtf import events as ev
 from dtf import subjects
 from dtf.streams import bus, topology
-from dtf.workers import capabilities
+from dtf.workers import capabilities, idle
 from dtf.workers.attempt import Attempt, Context, execute, publish, released
 
 log = logging.getLogger("dtf.worker")
@@ -51,9 +51,11 @@ class WorkerAgent:
         self, nc: Client, *, worker_id: str, concurrency: int = 1, tags: dict[str, str] | None = None,
         cache_dir: str | os.PathLike[str], python: str = sys.executable, heartbeat_interval: float = 5.0,
         drain_grace: float = 10.0, workdir: str | os.PathLike[str] | None = None,
-        fetch_timeout: float = FETCH_TIMEOUT_S,
+        fetch_timeout: float = FETCH_TIMEOUT_S, exit_when_idle: float | None = None,
     ) -> None:
-        """`workdir` is where tasks without a workspace run (default: the current directory)."""
+        """`workdir` is where tasks without a workspace run (default: the current directory). With
+        `exit_when_idle`, the worker stops itself (drains, leaves) after that many seconds with
+        nothing assigned and nothing running."""
         if not subjects.is_token(worker_id):
             raise ValueError(f"worker id {worker_id!r} must be letters, digits, _ or - (at most 80)")
         if concurrency < 1:
@@ -66,6 +68,7 @@ class WorkerAgent:
         self.heartbeat_interval = heartbeat_interval
         self.drain_grace = drain_grace
         self.fetch_timeout = fetch_timeout
+        self.exit_when_idle = exit_when_idle
         self.ctx = Context(
             nc=nc, js=self.js, worker_id=worker_id, cache_dir=Path(cache_dir).resolve(),
             workdir=Path(workdir or Path.cwd()).resolve(), python=python,
@@ -150,7 +153,13 @@ class WorkerAgent:
 
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         failures = 0
+        since: float | None = None
         while not stop.is_set():
+            since = idle.idle_since(since, bool(self.attempts), time.monotonic())
+            if idle.should_exit(since, time.monotonic(), self.exit_when_idle):
+                log.info("worker %s idle for %gs: leaving", self.worker_id, self.exit_when_idle)
+                stop.set()  # the service's own stop: the same drain and WorkerLeft as a SIGTERM
+                break
             # Python 3.11: asyncio.wait_for inside nats-py's fetch can turn our cancel into a TimeoutError.
             if (task := asyncio.current_task()) is not None and task.cancelling():
                 raise asyncio.CancelledError
@@ -172,6 +181,7 @@ class WorkerAgent:
                         await self._rebind()
                 continue
             failures = 0
+            since = None if msgs else since  # an assignment, even one handed back, is not idleness
             for msg in msgs:
                 await self._on_assignment(msg, stopping=stop.is_set())
 

@@ -180,10 +180,12 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None, heart
                    "(auto: the uid only as root; on: refuse to start without it; off: run in the worker's cwd).")
 @click.option("--task-uids", default="20000-20999", show_default=True, metavar="FIRST-LAST",
               help="Unprivileged uids tasks run as when the worker is root (one per running attempt).")
+@click.option("--exit-when-idle", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Leave (drain, WorkerLeft, exit 0) after SECONDS with nothing assigned or running.")
 def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_id: str | None, concurrency: int,
            capabilities: tuple[str, ...], cache_dir: Path | None, heartbeat_interval: float,
            metrics_address: tuple[str, int] | None, task_max_memory_mb: int | None,
-           task_max_open_files: int, isolate: str, task_uids: str) -> None:
+           task_max_open_files: int, isolate: str, task_uids: str, exit_when_idle: float | None) -> None:
     """Run a worker agent on this machine (or manage workers: `dtf worker drain ID`)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -218,7 +220,7 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
         process.task_limits.hold_open_files()  # this process is the worker: its tasks inherit them
         process.use_pidfd_child_watcher()
         agent = WorkerAgent(nc, worker_id=worker_id, concurrency=concurrency, tags=tags, cache_dir=cache,
-                            heartbeat_interval=heartbeat_interval)
+                            heartbeat_interval=heartbeat_interval, exit_when_idle=exit_when_idle)
         if endpoint is not None:
             endpoint.add(WorkerCollector(agent, asyncio.get_running_loop()))
         await agent.run(stop)

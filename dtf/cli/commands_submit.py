@@ -20,7 +20,7 @@ from dtf import subjects
 from dtf import pyenv, split
 from dtf.cli import rootdir, splitting
 from dtf.cli import github_annotations as github
-from dtf.cli import failures
+from dtf.cli import failures, interrupt
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.commands_query import ask
@@ -32,6 +32,7 @@ from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json, test_args
 from dtf.state import Fold, TaskState
 from dtf.streams import bus, topology
+from dtf.streams.retry import PUBLISH_ATTEMPTS
 
 
 class PassthroughCommand(click.Command):
@@ -140,6 +141,28 @@ async def follow_with_progress(js, run_id: str, show: bool, timeout: float | Non
         return await sub.follow_run(js, run_id, progress.update, timeout)
 
 
+async def follow_or_interrupt(ctx: click.Context, js, run_id: str, show: bool, timeout: float | None,
+                             cancel_on_interrupt: bool, creds: str | None) -> list[TaskState]:
+    """Follow the run; on SIGINT/SIGTERM cancel its unfinished tasks (the flag, or a yes at the
+    terminal) or leave it going, then exit 130."""
+    try:
+        return await interrupt.until_interrupted(follow_with_progress(js, run_id, show, timeout))
+    except interrupt.Interrupted:
+        pass
+    click.echo(f"\ndtf: interrupted while waiting for run {run_id}", err=True)
+    choice = interrupt.on_interrupt(cancel_on_interrupt, sys.stdin.isatty())
+    if choice == "ask":  # in a thread: the loop keeps the connection alive while the user thinks
+        choice = "cancel" if await asyncio.to_thread(
+            click.confirm, "cancel the run?", default=False, err=True) else "leave"
+    if choice == "cancel":
+        cancelled, total = await cancel_open(js, subjects.run_all(run_id), run_id,
+                                             "interrupted while waiting", creds)
+        click.echo(f"dtf: cancelled {cancelled} of {total} tasks of run {run_id}", err=True)
+    else:
+        click.echo(f"dtf: run {run_id} goes on; `dtf wait {run_id}` follows it again", err=True)
+    ctx.exit(interrupt.EXIT_INTERRUPTED)
+
+
 WAIT_TIMEOUT = click.option(
     "--wait-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
     help="Give up waiting after S seconds: exit 1 with the reasons of the unsettled tasks.")
@@ -173,6 +196,7 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A seeds-style task spec JSON file (an object or a list of them).")
 @click.option("--wait", is_flag=True, help="Wait for the run to finish; exit 0 only if everything passed.")
+@interrupt.CANCEL_ON_INTERRUPT
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--priority", type=int, default=5, show_default=True, help="Lower is more urgent.")
 @click.option("--requires", multiple=True, metavar="K=V",
@@ -216,8 +240,8 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
            spec_file: Path | None, wait: bool, as_json: bool, priority: int, requires: tuple[str, ...],
            labels: tuple[str, ...], configs: tuple[str, ...], retries: int, timeout: float, no_ship: bool,
            run_id: str | None, project: str, name: str, depends_on: tuple[str, ...], deadline: str | None,
-           rerun_failed: str | None, split_into: str | None, group: str, env_mode: str, cold: bool, wait_timeout: float | None,
-           nats_url: str | None, creds: str | None) -> None:
+           rerun_failed: str | None, split_into: str | None, group: str, env_mode: str, cold: bool,
+           wait_timeout: float | None, cancel_on_interrupt: bool, nats_url: str | None, creds: str | None) -> None:
     """Submit tests (PATHS), a --command, a --benchmark, a --spec file, or --rerun-failed RUN_ID.
 
     Test PATHS ship their whole project to the workers (the directory pytest takes as its rootdir for
@@ -259,12 +283,13 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
     joining = run_id is not None  # a run that may exist already: its new tasks take new task ids
     run_id = run_id or sub.new_run_id()
     asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json,
-                        no_ship, project, wait_timeout, nats_url, creds, splitting_request, joining, env_mode))
+                        no_ship, project, wait_timeout, nats_url, creds, splitting_request, joining, env_mode,
+                        cancel_on_interrupt))
 
 
 async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json, no_ship,
                   project, wait_timeout, nats_url, creds, splitting_request=None, joining=False,
-                  env_mode="system") -> None:
+                  env_mode="system", cancel_on_interrupt=False) -> None:
     from dtf.workers import workspace
 
     root = None
@@ -342,7 +367,7 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                 click.echo(run_id)
             return
         try:
-            tasks = await follow_with_progress(js, run_id, show=True, timeout=wait_timeout)
+            tasks = await follow_or_interrupt(ctx, js, run_id, True, wait_timeout, cancel_on_interrupt, creds)
         except sub.WaitTimeout as out:
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
         failed_tests = await failures.collect(js, run_id, tasks)
@@ -392,10 +417,11 @@ def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:
 @ci.ci_options
 @github.annotations_option
 @WAIT_TIMEOUT
+@interrupt.CANCEL_ON_INTERRUPT
 @nats_options
 @click.pass_context
-def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | None, nats_url: str | None,
-         creds: str | None) -> None:
+def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | None, cancel_on_interrupt: bool,
+         nats_url: str | None, creds: str | None) -> None:
     """Wait for a run to finish; same output and exit codes as `submit --wait`."""
     if not subjects.is_token(run_id):
         raise click.BadParameter("not a run id", param_hint="RUN_ID")
@@ -405,8 +431,8 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
             js = nc.jetstream()
             if not await sub.run_exists(js, run_id):
                 raise CliError(f"no run {run_id} in the event log")
-            tasks = await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty(),
-                                               timeout=wait_timeout)
+            tasks = await follow_or_interrupt(ctx, js, run_id, not as_json or sys.stderr.isatty(), wait_timeout,
+                                              cancel_on_interrupt, creds)
             failed_tests = await failures.collect(js, run_id, tasks)
             return await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
                                                                           failed_tests=failed_tests))
@@ -508,31 +534,38 @@ def cancel(task_id: str | None, run_id: str | None, reason: str, nats_url: str |
 
 async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, creds: str | None) -> None:
     async with connected(nats_url, creds, "dtf-cancel") as nc:
-        js = nc.jetstream()
-        fold = Fold()
-        async for msg in bus.read(js, topology.EVENTS, [scope]):
-            fold.apply(msg.subject, msg.seq, msg.data)
-        if not fold.tasks:
-            raise CliError(f"nothing known as {target} in the event log")
-        actor = acting_name(creds)
-        identity = credential_identity(creds)
-        as_submitter = identity is not None and identity.role == "submitter"
-        open_tasks = [t for t in fold.tasks.values() if not t.terminal]
-        if as_submitter and (others := [t.task_id for t in open_tasks if t.submitter != actor]):
-            raise CliError(f"{actor} may cancel only its own tasks, not {', '.join(others[:5])}", EXIT_PERMISSION)
-        for task in open_tasks:
-            # A cancel counts only as the task's submitter's (dtf.subjects.may_cancel): an operator
-            # with the right to publish for it does so, and names itself in the reason.
-            by = actor if as_submitter else task.submitter
-            why = reason if by == actor else f"{reason} (cancelled by {actor})".strip()
-            event = ev.TaskCancelled(id=f"cancel-{task.task_id}-{by}", run_id=task.run_id, task_id=task.task_id,
-                                     reason=why, by=by)
-            try:
-                await bus.publish(js, event, expected_seq=fold.task_seq[(task.run_id, task.task_id)])
-            except bus.Conflict:  # it moved on meanwhile: say so rather than guess
-                click.echo(f"dtf: {task.task_id} changed while cancelling; run `dtf cancel` again", err=True)
-                continue
-        click.echo(f"dtf: cancelled {len(open_tasks)} of {len(fold.tasks)} tasks", err=True)
+        cancelled, total = await cancel_open(nc.jetstream(), scope, target, reason, creds)
+        click.echo(f"dtf: cancelled {cancelled} of {total} tasks", err=True)
+
+
+async def cancel_open(js, scope: str, target: str, reason: str, creds: str | None) -> tuple[int, int]:
+    """Cancel every unfinished task under `scope` (a task's or a run's subjects) as `dtf cancel`
+    does; how many were cancelled, of how many known."""
+    fold = Fold()
+    async for msg in bus.read(js, topology.EVENTS, [scope]):
+        fold.apply(msg.subject, msg.seq, msg.data)
+    if not fold.tasks:
+        raise CliError(f"nothing known as {target} in the event log")
+    actor = acting_name(creds)
+    identity = credential_identity(creds)
+    as_submitter = identity is not None and identity.role == "submitter"
+    open_tasks = [t for t in fold.tasks.values() if not t.terminal]
+    if as_submitter and (others := [t.task_id for t in open_tasks if t.submitter != actor]):
+        raise CliError(f"{actor} may cancel only its own tasks, not {', '.join(others[:5])}", EXIT_PERMISSION)
+    for task in open_tasks:
+        # A cancel counts only as the task's submitter's (dtf.subjects.may_cancel): an operator
+        # with the right to publish for it does so, and names itself in the reason.
+        by = actor if as_submitter else task.submitter
+        why = reason if by == actor else f"{reason} (cancelled by {actor})".strip()
+        event = ev.TaskCancelled(id=f"cancel-{task.task_id}-{by}", run_id=task.run_id, task_id=task.task_id,
+                                 reason=why, by=by)
+        try:
+            await bus.publish(js, event, expected_seq=fold.task_seq[(task.run_id, task.task_id)],
+                              attempts=PUBLISH_ATTEMPTS)
+        except bus.Conflict:  # it moved on meanwhile: say so rather than guess
+            click.echo(f"dtf: {task.task_id} changed while cancelling; run `dtf cancel` again", err=True)
+            continue
+    return len(open_tasks), len(fold.tasks)
 
 
 COMMANDS = [submit, wait, logs, cancel]

@@ -17,10 +17,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+import tenacity
 from nats.aio.client import Client
 
 from dtf.cli.submit import submitter_name
-from dtf.streams import auth, bus
+from dtf.streams import auth, bus, retry
+from dtf.streams.retry import is_auth_refusal
 
 
 EXIT_FAILED = 1
@@ -185,6 +187,17 @@ async def _probe(url: str) -> None:
     raise error
 
 
+async def until_reachable(url: str) -> None:
+    """A service waits for NATS to listen, backing off exponentially with jitter (0.5 s up to 10 s)
+    and logging each failed attempt, instead of nats-py's silent fixed 0.5 s loop; the caller
+    cancels it on a stop signal."""
+    async for attempt in tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(OSError), wait=retry.backoff(), before_sleep=retry.log_attempt,
+    ):
+        with attempt:
+            await _probe(url)
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
@@ -206,6 +219,31 @@ def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
+CUT_SHORT_POLL_S = 0.2
+
+
+async def until_stopped_or_cut_short(work: Awaitable[None], stop: asyncio.Event,
+                                     connected_now: Callable[[], bool]) -> None:
+    """Run a service's body; once `stop` is set it shuts down in its own orderly way (hand work
+    back, publish that it left) while NATS is there to take it. With NATS gone, nothing it would
+    publish can land and its publishes would retry for a long time, so it is cancelled at once."""
+    job = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({job, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        while not job.done():
+            if not connected_now():
+                job.cancel()
+                break
+            await asyncio.wait({job}, timeout=CUT_SHORT_POLL_S)
+        await asyncio.gather(job, return_exceptions=True)
+    finally:
+        stopping.cancel()
+        job.cancel()
+    if not job.cancelled() and job.exception() is not None:
+        raise job.exception()
+
+
 def serve_with_nats(
     nats_url: str | None, creds: str | None, name: str,
     body: Callable[[Client, asyncio.Event], Awaitable[None]],
@@ -214,12 +252,35 @@ def serve_with_nats(
     url, options, _ = resolve_connection(nats_url, creds)
 
     async def main(stop: asyncio.Event) -> None:
-        nc = await bus.connect(url, name=name, **options)
+        refused: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            if is_auth_refusal(exc):  # nats-py would retry a refused login forever
+                refused.append(str(exc))
+                stop.set()
+
+        # Connecting races the stop signal: with NATS down or refusing, a SIGTERM still ends the process.
+        async def connect() -> Client:
+            await until_reachable(url)
+            return await bus.connect(url, name=name, error_cb=on_error, **options)
+
+        connecting = asyncio.ensure_future(connect())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            if refused:
+                raise CliError(f"NATS at {url} refused these credentials: {refused[0]}", EXIT_PERMISSION)
+            return
+        nc = connecting.result()
         try:
-            await body(nc, stop)
+            await until_stopped_or_cut_short(body(nc, stop), stop, lambda: nc.is_connected)
         finally:
             with contextlib.suppress(Exception):
-                await nc.drain()
+                await (nc.drain() if nc.is_connected else nc.close())  # drain would wait on a dead link
 
     serve(main)
 
