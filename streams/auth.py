@@ -49,6 +49,7 @@ from dtf.spec import TOKEN_RE
 
 ROLES = ("submitter", "worker", "coordinator", "projector", "detector", "viewer", "admin")
 EVENTS = "DTF_EVENTS"
+FEED = "DTF_FEED"
 HEARTBEATS = "DTF_HEARTBEATS"
 WORKSPACES = "dtf-workspaces"
 ARTIFACTS = "dtf-artifacts"
@@ -100,6 +101,14 @@ def _durable(stream: str, name: str) -> list[str]:
     ]
 
 
+def _own_feed(name: str) -> list[str]:
+    """Read one's own runs from DTF_FEED: only the filtered create form, whose subject carries the
+    filter (the server checks it against the body), and only with one's own prefix. Consumer info is
+    by consumer name, which carries no owner: a submitter may look up another's consumer (its filter
+    and counts, not its messages)."""
+    return [f"$JS.API.CONSUMER.CREATE.{FEED}.*.dtf.feed.{name}.>", f"$JS.API.CONSUMER.INFO.{FEED}.*"]
+
+
 COMMON_PUBLISH = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.FC.>"]
 """Account info and stream lookup by subject (client checks, object-store reads), and flow-control
 replies of the push consumers a reader makes."""
@@ -117,7 +126,7 @@ def permissions(role: str, name: str, public_key: str) -> dict:
     publish, subscribe, extra = list(COMMON_PUBLISH), [inbox], {}
     if role == "submitter":
         publish += [f"dtf.task.*.*.submitted.{name}", f"dtf.task.*.*.cancelled.{name}", f"dtf.query.*.{name}",
-                    *_bucket_write(WORKSPACES, overwrite=False)]
+                    *_own_feed(name), *_bucket_write(WORKSPACES, overwrite=False)]
     elif role == "worker":
         publish += [f"dtf.task.*.*.{kind}.{name}" for kind in WORKER_PUBLISHES]
         publish += [f"dtf.worker.{name}.registered", f"dtf.worker.{name}.left", f"dtf.hb.{name}", "dtf.log.*",
@@ -125,7 +134,7 @@ def permissions(role: str, name: str, public_key: str) -> dict:
                     *_bucket_read(WORKSPACES), *_bucket_write(ARTIFACTS, overwrite=True)]
         subscribe += ["dtf.task.*.*.cancelled.*", f"dtf.task.*.*.preempted.{name}"]
     elif role == "coordinator":
-        publish += ["dtf.task.>", "dtf.worker.>", "$JS.API.>", "$JS.ACK.>", "$O.>"]
+        publish += ["dtf.task.>", "dtf.worker.>", "dtf.feed.>", "$JS.API.>", "$JS.ACK.>", "$O.>"]
     elif role == "projector":
         publish += [*_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_bucket_read(ARTIFACTS)]
         for stream in (EVENTS, HEARTBEATS):

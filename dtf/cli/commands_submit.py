@@ -134,10 +134,11 @@ def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after
     return sub.run_exit_code(tasks)
 
 
-async def follow_with_progress(js, run_id: str, show: bool, timeout: float | None = None) -> list[TaskState]:
+async def follow_with_progress(js, run_id: str, show: bool, timeout: float | None = None,
+                               scope: str | None = None) -> list[TaskState]:
     """Raises sub.WaitTimeout when `timeout` runs out first."""
     with RunProgress(run_id, enabled=show) as progress:
-        return await sub.follow_run(js, run_id, progress.update, timeout)
+        return await sub.follow_run(js, run_id, progress.update, timeout, scope)
 
 
 WAIT_TIMEOUT = click.option(
@@ -295,7 +296,7 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             await workspace.upload(js, data, ref)
         try:
             if rerun_failed is not None:
-                fold, results = await sub.read_run(js, rerun_failed)
+                fold, results = await sub.read_run(js, rerun_failed, query_scope(nc))
                 if not fold.tasks:
                     raise CliError(f"no run {rerun_failed} in the event log")
                 old_ids, specs = sub.rerun_specs(list(fold.tasks.values()), results)
@@ -342,10 +343,10 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                 click.echo(run_id)
             return
         try:
-            tasks = await follow_with_progress(js, run_id, show=True, timeout=wait_timeout)
+            tasks = await follow_with_progress(js, run_id, show=True, timeout=wait_timeout, scope=query_scope(nc))
         except sub.WaitTimeout as out:
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
-        failed_tests = await failures.collect(js, run_id, tasks)
+        failed_tests = await failures.collect(js, run_id, tasks, query_scope(nc))
         code = await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
                                                                       failed_tests=failed_tests))
     ctx.exit(code)
@@ -403,11 +404,12 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
     async def main() -> int:
         async with connected(nats_url, creds, "dtf-wait") as nc:
             js = nc.jetstream()
-            if not await sub.run_exists(js, run_id):
-                raise CliError(f"no run {run_id} in the event log")
+            scope = query_scope(nc)  # a submitter follows its own feed, where others' runs do not exist
+            if not await sub.run_exists(js, run_id, scope):
+                raise CliError(f"no run {run_id} in the event log" + (f" of {scope}'s runs" if scope else ""))
             tasks = await follow_with_progress(js, run_id, show=not as_json or sys.stderr.isatty(),
-                                               timeout=wait_timeout)
-            failed_tests = await failures.collect(js, run_id, tasks)
+                                               timeout=wait_timeout, scope=scope)
+            failed_tests = await failures.collect(js, run_id, tasks, scope)
             return await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
                                                                           failed_tests=failed_tests))
 

@@ -1,0 +1,61 @@
+"""A CI job holding only submitter credentials follows its own run to its verdict, from its own feed
+(dtf.streams.feed), and sees nothing of another submitter's runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from dtf.streams import auth
+
+
+def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA"):
+        env.pop(name, None)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    (suite / "test_bad.py").write_text("def test_bad():\n    assert 1 == 2, 'one is not two'\n")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
+         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
+    try:
+        url = up.stdout.readline().strip().split("=", 1)[1]
+        up.stdout.readline()
+
+        def cli(*args: str, creds: str | None = None) -> subprocess.CompletedProcess:
+            extra = {"DTF_CREDS": creds} if creds else {}
+            return subprocess.run([sys.executable, "-m", "dtf", *args, *(("--nats", url) if creds else ())],
+                                  check=False, capture_output=True, text=True, env={**env, **extra}, timeout=180,
+                                  cwd=tmp_path)
+
+        for name in ("ann", "bob"):
+            added = cli("creds", "add", "--role", "submitter", "--name", name, "--out", str(tmp_path / f"{name}.creds"))
+            assert added.returncode == 0, added.stderr
+        assert auth.read_credentials(tmp_path / "bob.creds").role == "submitter"
+        ann, bob = str(tmp_path / "ann.creds"), str(tmp_path / "bob.creds")
+        for _ in range(100):  # the server reloads its users asynchronously
+            if cli("tasks", "--json", creds=bob).returncode == 0:
+                break
+
+        junit = tmp_path / "j.xml"
+        submitted = cli("submit", str(suite), "--wait", "--junit", str(junit), "--run-id", "run-ann", creds=ann)
+        assert submitted.returncode == 1, submitted.stderr
+        assert "permissions violation" not in submitted.stderr
+        assert "one is not two" in junit.read_text() and "test_bad" in junit.read_text()
+
+        waited = cli("wait", "run-ann", "--json", creds=ann)
+        assert waited.returncode == 1, waited.stderr
+        report = json.loads(waited.stdout)
+        assert sorted(t["state"] for t in report["tasks"]) == ["failed", "passed"]
+
+        foreign = cli("wait", "run-ann", "--json", creds=bob)
+        assert foreign.returncode not in (0, 1), foreign.stderr
+        assert "no run run-ann" in foreign.stderr and foreign.stdout == ""
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
