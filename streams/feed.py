@@ -59,8 +59,8 @@ async def read(js: JetStreamContext, filter_: str, scope: str | None, *, follow:
     config = ConsumerConfig(name=f"feed-{secrets.token_hex(8)}", deliver_policy=DeliverPolicy.ALL,
                             inactive_threshold=60.0)
     async for msg in bus.read(js, topology.FEED, [feed_subject(scope, filter_)], follow=follow, config=config):
-        yield bus.StoredMsg(topology.EVENTS, int(msg.msg_id) if msg.msg_id.isdigit() else msg.seq, original_subject(scope, msg.subject),
-                            msg.data, msg.pending)
+        seq = int(msg.msg_id) if msg.msg_id.isdigit() else msg.seq
+        yield bus.StoredMsg(topology.EVENTS, seq, original_subject(scope, msg.subject), msg.data, msg.pending)
 
 
 async def last_fed(js: JetStreamContext) -> int:

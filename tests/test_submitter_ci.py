@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 
-from dtf.streams import auth
+import pytest
+from dtf.streams import auth, feed, topology
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 
 def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path):
@@ -59,3 +62,39 @@ def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
+
+
+async def test_the_server_lets_a_submitter_read_only_its_own_feed(secured_server):
+    admin = await secured_server.connect(secured_server.admin)
+    await topology.provision(admin.jetstream())
+    subject = "dtf.task.run-a.run-a-1.submitted.alice"
+    await admin.jetstream().publish(feed.feed_subject("alice", subject), b"{}", headers={"Nats-Msg-Id": "7"})
+    refusals: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refusals.append(str(exc))
+
+    bob = await secured_server.connect(secured_server.creds("submitter", "bob"), error_cb=on_error)
+    alice = await secured_server.connect(secured_server.creds("submitter", "alice"))
+    try:
+        mine = [m async for m in feed.read(alice.jetstream(), "dtf.task.run-a.>", "alice")]
+        assert [(m.stream, m.subject, m.seq) for m in mine] == [(topology.EVENTS, subject, 7)]
+        assert [m async for m in feed.read(bob.jetstream(), "dtf.task.run-a.>", "bob")] == []
+        create = f"$JS.API.CONSUMER.CREATE.{topology.FEED}"
+        alices = "dtf.feed.alice.>"
+
+        def body(**config) -> bytes:
+            return json.dumps({"stream_name": topology.FEED, "config": {"deliver_subject": "_INBOX.x", **config}}).encode()
+
+        # another's prefix, by the filtered form or in the body of the bare form: refused by the server
+        for api in (f"{create}.x.{alices}", create):
+            with pytest.raises((NatsTimeoutError, NoRespondersError)):
+                await bob.request(api, body(filter_subject=alices), timeout=2)
+        # its own prefix in the subject and another's (or none) in the body: the server checks one against the other
+        for config in ({"filter_subject": alices}, {"filter_subjects": [alices]}, {}):
+            reply = await bob.request(f"{create}.x.dtf.feed.bob.>", body(name="x", **config), timeout=2)
+            assert "error" in json.loads(reply.data), config
+        assert refusals
+    finally:
+        for nc in (admin, bob, alice):
+            await nc.close()
