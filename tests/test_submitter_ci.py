@@ -22,7 +22,8 @@ def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "test_ok.py").write_text("def test_ok():\n    assert True\n")
-    (suite / "test_bad.py").write_text("def test_bad():\n    assert 1 == 2, 'one is not two'\n")
+    (suite / "test_bad.py").write_text(  # a log long enough to be stored in the artifacts store
+        "def test_bad():\n    print('the start of the log', 'y' * 20000)\n    assert 1 == 2, 'one is not two'\n")
     up = subprocess.Popen(
         [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
          "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
@@ -56,9 +57,16 @@ def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path
         report = json.loads(waited.stdout)
         assert sorted(t["state"] for t in report["tasks"]) == ["failed", "passed"]
 
+        failed_task = next(t["task_id"] for t in report["tasks"] if t["state"] == "failed")
+        logged = cli("logs", failed_task, creds=ann)
+        assert logged.returncode == 0, logged.stderr
+        assert "the start of the log" in logged.stdout and "one is not two" in logged.stdout
+
         foreign = cli("wait", "run-ann", "--json", creds=bob)
         assert foreign.returncode not in (0, 1), foreign.stderr
         assert "no run run-ann" in foreign.stderr and foreign.stdout == ""
+        foreign_log = cli("logs", failed_task, creds=bob)
+        assert foreign_log.returncode not in (0, 1) and "the start of the log" not in foreign_log.stdout
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0

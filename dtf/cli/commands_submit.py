@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import click
 import msgspec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +34,7 @@ from dtf.cli.common import (
 from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json, test_args
 from dtf.state import Fold, TaskState
-from dtf.streams import bus, topology
+from dtf.streams import bus, feed, topology
 
 
 class PassthroughCommand(click.Command):
@@ -431,9 +434,9 @@ def logs(task_id: str, follow: bool, nats_url: str | None, creds: str | None) ->
     asyncio.run(_logs(task_id, follow, nats_url, creds))
 
 
-async def _task_history(js, task_id: str) -> list[ev.Event]:
+async def _task_history(js, task_id: str, scope: str | None) -> list[ev.Event]:
     events = []
-    async for msg in bus.read(js, topology.EVENTS, [subjects.task_any_run(task_id)]):
+    async for msg in feed.read(js, subjects.task_any_run(task_id), scope):
         try:
             events.append(ev.decode(msg.data))
         except ev.DecodeError:
@@ -449,10 +452,13 @@ def _finished(events: list[ev.Event]) -> ev.ResultReported | None:
 async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | None) -> None:
     async with connected(nats_url, creds, "dtf-logs") as nc:
         js = nc.jetstream()
-        history = await _task_history(js, task_id)
+        scope = query_scope(nc)  # a submitter reads its own tasks' events from its feed
+        history = await _task_history(js, task_id, scope)
         if not history:
-            raise CliError(f"no task {task_id} in the event log")
+            raise CliError(f"no task {task_id} in the event log" + (f" of {scope}'s tasks" if scope else ""))
         if follow and _finished(history) is None:
+            if scope is not None:
+                raise CliError("live output is for viewer credentials; a submitter's is its task's once it ends")
             await _follow_live(nc, js, task_id)
             return
         result = _finished(history)
@@ -461,6 +467,9 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
         if result.log_ref is None:
             sys.stdout.write(result.output_tail)
             return
+        if scope is not None:
+            await _stored_log_by_query(nc, task_id)
+            return
         store = await js.object_store(topology.ARTIFACTS_BUCKET)
         try:
             obj = await store.get(result.log_ref)
@@ -468,6 +477,23 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
             raise CliError(f"log {result.log_ref} is gone from {topology.ARTIFACTS_BUCKET}") from None
         sys.stdout.buffer.write(obj.data or b"")
         sys.stdout.flush()
+
+
+async def _stored_log_by_query(nc, task_id: str) -> None:
+    """A submitter's own task log, which the projector reads from the artifacts store for it."""
+    offset: int | None = 0
+    while offset is not None:
+        try:
+            reply = await nc.request(subjects.query("log", query_scope(nc)),
+                                     json.dumps({"task_id": task_id, "offset": offset}).encode(), timeout=10)
+        except (NoRespondersError, NatsTimeout):
+            raise CliError("no projector answered for the stored log (is `dtf up` or `dtf projector` running?)") from None
+        body = json.loads(reply.data)
+        if "error" in body:
+            raise CliError(f"projector: {body['error']}")
+        sys.stdout.buffer.write(base64.b64decode(body["data"]))
+        offset = body["next_offset"]
+    sys.stdout.flush()
 
 
 async def _follow_live(nc, js, task_id: str) -> None:
