@@ -67,6 +67,13 @@ def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path
         assert "no run run-ann" in foreign.stderr and foreign.stdout == ""
         foreign_log = cli("logs", failed_task, creds=bob)
         assert foreign_log.returncode not in (0, 1) and "the start of the log" not in foreign_log.stdout
+
+        long = cli("submit", "--command", "sleep 600", "--run-id", "run-long", creds=ann)
+        assert long.returncode == 0, long.stderr
+        assert cli("cancel", "--run", "run-long", creds=bob).returncode not in (0, 1)
+        cancelled = cli("cancel", "--run", "run-long", creds=ann)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert cli("wait", "run-long", creds=ann).returncode == 1
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0

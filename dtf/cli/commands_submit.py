@@ -538,7 +538,7 @@ async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, cr
     async with connected(nats_url, creds, "dtf-cancel") as nc:
         js = nc.jetstream()
         fold = Fold()
-        async for msg in bus.read(js, topology.EVENTS, [scope]):
+        async for msg in feed.read(js, scope, query_scope(nc)):  # a submitter's from its own feed
             fold.apply(msg.subject, msg.seq, msg.data)
         if not fold.tasks:
             raise CliError(f"nothing known as {target} in the event log")
