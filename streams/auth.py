@@ -14,22 +14,27 @@ forged, so each event's subject ends with the party it is from or for (`dtf.subj
 user may publish only under its own name:
 
     role         publishes                                           reads
-    submitter    dtf.task.*.*.submitted.<name>, cancelled.<name>     dtf.query.*.<name> (its own scope)
-                 workspaces into the object store
+    submitter    dtf.task.*.*.submitted.<name>, cancelled.<name>     its own feed, dtf.feed.<name>.> in
+                 workspaces into the object store                    DTF_FEED; dtf.query.*.<name> (its
+                                                                     own scope, its own tasks' logs)
     worker       dtf.task.*.*.{started,result,failed,released}.<id>  its own durable consumer worker-<id>,
                  dtf.worker.<id>.{registered,left}, dtf.hb.<id>,     cancellations, preemptions of its own,
                  dtf.log.*, artifacts into the object store          the task history, workspaces
-    coordinator  dtf.task.>, dtf.worker.> (its verdicts), provisions everything
+    coordinator  dtf.task.>, dtf.worker.> (its verdicts), dtf.feed.>,  everything
+                 provisions
     projector    nothing on dtf.*; answers dtf.query.> (replies only) both streams, artifacts
     detector     dtf.task.*.*.{regression,anomaly}.detector          the task history, artifacts
     viewer       nothing on dtf.* but queries                        both streams, artifacts, live logs
     admin        everything                                          everything
 
-A submitter does not read the streams: JetStream's consumer filter is in the request body, where a
+A submitter does not read DTF_EVENTS: JetStream's consumer filter is in the request body, where a
 permission cannot see it, and a run's subjects name no submitter, so read access to the task history
-would be access to everyone's results. Its results come from the projector's query service on
+would be access to everyone's results. It follows its own runs in DTF_FEED instead, where the
+coordinator republishes each run's events under its owner's name (dtf.streams.feed): there it may
+create consumers only through the filtered create subject with its own prefix, which the server
+checks against the filter in the body. Its reports come from the projector's query service on
 `dtf.query.<query>.<name>`, the only query subjects it may publish to, which the service scopes to that
-submitter's runs. Replies come back on a per-user inbox prefix (`_INBOX.<public key>`), which only that
+submitter's runs (and its stored logs, which the projector reads from the artifacts store for it). Replies come back on a per-user inbox prefix (`_INBOX.<public key>`), which only that
 user may subscribe to, so no one can listen in on another's replies.
 """
 
