@@ -32,6 +32,8 @@ log = logging.getLogger("dtf.feed")
 WINDOW = 256
 """Republishes in flight at once."""
 RETRY_S = 0.5
+FEED_CONSUMER_IDLE_S = 5.0
+"""A feed consumer nobody listens to is gone this soon (see `read`)."""
 
 
 def feed_subject(owner: str, subject: str) -> str:
@@ -56,8 +58,11 @@ async def read(js: JetStreamContext, filter_: str, scope: str | None, *, follow:
             yield msg
         return
     # A named consumer with one filter subject: nats-py then asks on the filtered create subject.
+    # When nats-py resets an ordered consumer it creates it again under this same name, which the
+    # server refuses while the old one lives; a short inactivity threshold (no subscriber on its
+    # inbox) lets the server drop the old one, so a later reset gets through.
     config = ConsumerConfig(name=f"feed-{secrets.token_hex(8)}", deliver_policy=DeliverPolicy.ALL,
-                            inactive_threshold=60.0)
+                            inactive_threshold=FEED_CONSUMER_IDLE_S)
     async for msg in bus.read(js, topology.FEED, [feed_subject(scope, filter_)], follow=follow, config=config):
         seq = int(msg.msg_id) if msg.msg_id.isdigit() else msg.seq
         yield bus.StoredMsg(topology.EVENTS, seq, original_subject(scope, msg.subject), msg.data, msg.pending)
