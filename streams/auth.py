@@ -20,8 +20,8 @@ user may publish only under its own name:
     worker       dtf.task.*.*.{started,result,failed,released}.<id>  its own durable consumer worker-<id>,
                  dtf.worker.<id>.{registered,left}, dtf.hb.<id>,     cancellations, preemptions of its own,
                  dtf.log.*, artifacts into the object store          the task history, workspaces
-    coordinator  dtf.task.>, dtf.worker.> (its verdicts), dtf.feed.>,  everything
-                 provisions
+    coordinator  dtf.task.>, dtf.worker.> (its verdicts),            everything
+                 dtf.feed.> (each run again for its owner), provisions
     projector    nothing on dtf.*; answers dtf.query.> (replies only) both streams, artifacts
     detector     dtf.task.*.*.{regression,anomaly}.detector          the task history, artifacts
     viewer       nothing on dtf.* but queries                        both streams, artifacts, live logs
