@@ -57,6 +57,9 @@ def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path
         report = json.loads(waited.stdout)
         assert sorted(t["state"] for t in report["tasks"]) == ["failed", "passed"]
 
+        reported = cli("report", "--run", "run-ann", "--format", "junit", creds=ann)
+        assert reported.returncode == 0 and "one is not two" in reported.stdout, reported.stderr
+
         failed_task = next(t["task_id"] for t in report["tasks"] if t["state"] == "failed")
         logged = cli("logs", failed_task, creds=ann)
         assert logged.returncode == 0, logged.stderr

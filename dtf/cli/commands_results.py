@@ -310,7 +310,7 @@ def report_command(ctx: click.Context, run_id: str | None, fmt: str, out: str, f
                 if not known:
                     raise CliError("no runs in the read model yet")
                 chosen = known[0]["run_id"]
-            fold, _ = await sub.read_run(nc.jetstream(), chosen)
+            fold, _ = await sub.read_run(nc.jetstream(), chosen, query_scope(nc))
             # A settled run is reported once the read model holds all of it; one still going, as it is.
             done = fold.tasks and all(t.terminal for t in fold.tasks.values())
             settled = {t.task_id: t.status for t in fold.tasks.values()} if done else None
