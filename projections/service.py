@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from dtf import subjects
-from dtf.projections import queries
+from dtf.projections import logs, queries
 
 log = logging.getLogger("dtf.projector.queries")
 
@@ -32,6 +32,7 @@ class QueryService:
 
     def __init__(self, nc: Client, con: duckdb.DuckDBPyConnection) -> None:
         self.nc = nc
+        self.js = nc.jetstream()
         self.con = con
         self._subs: list[Subscription] = []
         self._inflight: set[asyncio.Future[bytes]] = set()
@@ -45,6 +46,10 @@ class QueryService:
                 self._subs.append(await self.nc.subscribe(
                     subjects.query(name, "*"), queue=QUEUE, cb=partial(self._handle, name),
                 ))
+        # Only ever a submitter's own (an admin or viewer reads the artifacts store itself).
+        self._subs.append(await self.nc.subscribe(
+            subjects.query("log", "*"), queue=QUEUE, cb=partial(self._handle, "log"),
+        ))
         await self.nc.flush()
         return self
 
@@ -55,7 +60,9 @@ class QueryService:
             # A task of its own, shielded: if this callback is cancelled (close), the thread's
             # result is still awaited by close() before the connection goes away.
             party = msg.subject.split(".")[3] if msg.subject.count(".") == 3 else None
-            future = asyncio.ensure_future(asyncio.to_thread(queries.answer, self.con, name, msg.data, party))
+            work = logs.answer(self.js, self.con, msg.data, party) if name == "log" and party \
+                else asyncio.to_thread(queries.answer, self.con, name, msg.data, party)
+            future = asyncio.ensure_future(work)
             self._inflight.add(future)
             future.add_done_callback(self._inflight.discard)
             reply = await asyncio.shield(future)

@@ -14,22 +14,27 @@ forged, so each event's subject ends with the party it is from or for (`dtf.subj
 user may publish only under its own name:
 
     role         publishes                                           reads
-    submitter    dtf.task.*.*.submitted.<name>, cancelled.<name>     dtf.query.*.<name> (its own scope)
-                 workspaces into the object store
+    submitter    dtf.task.*.*.submitted.<name>, cancelled.<name>     its own feed, dtf.feed.<name>.> in
+                 workspaces into the object store                    DTF_FEED; dtf.query.*.<name> (its
+                                                                     own scope, its own tasks' logs)
     worker       dtf.task.*.*.{started,result,failed,released}.<id>  its own durable consumer worker-<id>,
                  dtf.worker.<id>.{registered,left}, dtf.hb.<id>,     cancellations, preemptions of its own,
                  dtf.log.*, artifacts into the object store          the task history, workspaces
-    coordinator  dtf.task.>, dtf.worker.> (its verdicts), provisions everything
+    coordinator  dtf.task.>, dtf.worker.> (its verdicts),            everything
+                 dtf.feed.> (each run again for its owner), provisions
     projector    nothing on dtf.*; answers dtf.query.> (replies only) both streams, artifacts
     detector     dtf.task.*.*.{regression,anomaly}.detector          the task history, artifacts
     viewer       nothing on dtf.* but queries                        both streams, artifacts, live logs
     admin        everything                                          everything
 
-A submitter does not read the streams: JetStream's consumer filter is in the request body, where a
+A submitter does not read DTF_EVENTS: JetStream's consumer filter is in the request body, where a
 permission cannot see it, and a run's subjects name no submitter, so read access to the task history
-would be access to everyone's results. Its results come from the projector's query service on
+would be access to everyone's results. It follows its own runs in DTF_FEED instead, where the
+coordinator republishes each run's events under its owner's name (dtf.streams.feed): there it may
+create consumers only through the filtered create subject with its own prefix, which the server
+checks against the filter in the body. Its reports come from the projector's query service on
 `dtf.query.<query>.<name>`, the only query subjects it may publish to, which the service scopes to that
-submitter's runs. Replies come back on a per-user inbox prefix (`_INBOX.<public key>`), which only that
+submitter's runs (and its stored logs, which the projector reads from the artifacts store for it). Replies come back on a per-user inbox prefix (`_INBOX.<public key>`), which only that
 user may subscribe to, so no one can listen in on another's replies.
 """
 
@@ -49,6 +54,7 @@ from dtf.spec import TOKEN_RE
 
 ROLES = ("submitter", "worker", "coordinator", "projector", "detector", "viewer", "admin")
 EVENTS = "DTF_EVENTS"
+FEED = "DTF_FEED"
 HEARTBEATS = "DTF_HEARTBEATS"
 WORKSPACES = "dtf-workspaces"
 ARTIFACTS = "dtf-artifacts"
@@ -100,6 +106,14 @@ def _durable(stream: str, name: str) -> list[str]:
     ]
 
 
+def _own_feed(name: str) -> list[str]:
+    """Read one's own runs from DTF_FEED: only the filtered create form, whose subject carries the
+    filter (the server checks it against the body), and only with one's own prefix. Consumer info is
+    by consumer name, which carries no owner: a submitter may look up another's consumer (its filter
+    and counts, not its messages)."""
+    return [f"$JS.API.CONSUMER.CREATE.{FEED}.*.dtf.feed.{name}.>", f"$JS.API.CONSUMER.INFO.{FEED}.*"]
+
+
 COMMON_PUBLISH = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.FC.>"]
 """Account info and stream lookup by subject (client checks, object-store reads), and flow-control
 replies of the push consumers a reader makes."""
@@ -117,7 +131,7 @@ def permissions(role: str, name: str, public_key: str) -> dict:
     publish, subscribe, extra = list(COMMON_PUBLISH), [inbox], {}
     if role == "submitter":
         publish += [f"dtf.task.*.*.submitted.{name}", f"dtf.task.*.*.cancelled.{name}", f"dtf.query.*.{name}",
-                    *_bucket_write(WORKSPACES, overwrite=False)]
+                    *_own_feed(name), *_bucket_write(WORKSPACES, overwrite=False)]
     elif role == "worker":
         publish += [f"dtf.task.*.*.{kind}.{name}" for kind in WORKER_PUBLISHES]
         publish += [f"dtf.worker.{name}.registered", f"dtf.worker.{name}.left", f"dtf.hb.{name}", "dtf.log.*",
@@ -125,7 +139,7 @@ def permissions(role: str, name: str, public_key: str) -> dict:
                     *_bucket_read(WORKSPACES), *_bucket_write(ARTIFACTS, overwrite=True)]
         subscribe += ["dtf.task.*.*.cancelled.*", f"dtf.task.*.*.preempted.{name}"]
     elif role == "coordinator":
-        publish += ["dtf.task.>", "dtf.worker.>", "$JS.API.>", "$JS.ACK.>", "$O.>"]
+        publish += ["dtf.task.>", "dtf.worker.>", "dtf.feed.>", "$JS.API.>", "$JS.ACK.>", "$O.>"]
     elif role == "projector":
         publish += [*_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_bucket_read(ARTIFACTS)]
         for stream in (EVENTS, HEARTBEATS):

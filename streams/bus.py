@@ -138,16 +138,20 @@ class StoredMsg:
     data: bytes
     pending: int = 0
     """Messages still to come after this one when it was delivered: 0 means caught up."""
+    msg_id: str = ""
+    """Its Nats-Msg-Id header: a republished message's sequence in its source (dtf.streams.feed)."""
 
 
 async def read(
     js: JetStreamContext, stream: str, filters: list[str], *, start_seq: int = 1,
     follow: bool = False, last_per_subject: bool = False, near_leader: bool = False,
+    config: ConsumerConfig | None = None,
 ) -> AsyncIterator[StoredMsg]:
     """Stored messages in stream order through an ordered consumer. Without `follow` it stops once it
     has delivered everything that was in the stream when it started. With `near_leader`, on a cluster
-    the consumer is placed on the stream leader's node (see `subscribe_ordered`)."""
-    config = ConsumerConfig(filter_subjects=filters, inactive_threshold=60.0)
+    the consumer is placed on the stream leader's node (see `subscribe_ordered`). A given `config`
+    is used as it is, with the one filter subject `filters[0]`."""
+    config = config or ConsumerConfig(filter_subjects=filters, inactive_threshold=60.0)
     if last_per_subject:
         config.deliver_policy = DeliverPolicy.LAST_PER_SUBJECT
     elif start_seq > 1:
@@ -162,7 +166,8 @@ async def read(
             msg: Msg = await sub.next_msg(timeout=None)
             meta = msg.metadata
             remaining = meta.num_pending
-            yield StoredMsg(stream, meta.sequence.stream, msg.subject, msg.data, remaining)
+            yield StoredMsg(stream, meta.sequence.stream, msg.subject, msg.data, remaining,
+                            (msg.headers or {}).get("Nats-Msg-Id", ""))
     finally:
         # The caller may stop early and close the connection before this generator is finalised.
         with contextlib.suppress(NatsError):

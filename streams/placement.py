@@ -29,7 +29,8 @@ from dtf.streams import topology
 
 log = logging.getLogger("dtf.placement")
 
-STREAMS = (topology.HEARTBEATS, f"OBJ_{topology.WORKSPACES_BUCKET}", f"OBJ_{topology.ARTIFACTS_BUCKET}")
+STREAMS = (topology.HEARTBEATS, topology.FEED, f"OBJ_{topology.WORKSPACES_BUCKET}",
+           f"OBJ_{topology.ARTIFACTS_BUCKET}")
 """Streams kept next to DTF_EVENTS (whose consumers are kept there too, like DTF_EVENTS' own)."""
 REQUEST_TIMEOUT_S = 2.0
 

@@ -2,6 +2,8 @@
 
 DTF_EVENTS      task history and worker lifecycle (dtf.task.>, dtf.worker.>): the source of truth.
 DTF_HEARTBEATS  dtf.hb.<worker_id>, one message kept per subject: each worker's last heartbeat.
+DTF_FEED        dtf.feed.<submitter>.<event subject>: each run's events again under its owner's name,
+                which a submitter may read (dtf.streams.feed); kept FEED_MAX_AGE_S.
 dtf-workspaces  packed submission directories, named by content hash.
 dtf-artifacts   full logs and large result lists, referenced from ResultReported.
 
@@ -23,6 +25,10 @@ from dtf import limits, subjects
 
 EVENTS = "DTF_EVENTS"
 HEARTBEATS = "DTF_HEARTBEATS"
+FEED = "DTF_FEED"
+FEED_PREFIX = f"{subjects.PREFIX}.feed"
+FEED_MAX_AGE_S = 7 * 24 * 3600.0
+"""A submitter follows its runs from the feed for this long; older runs only through the read model."""
 WORKSPACES_BUCKET = "dtf-workspaces"
 ARTIFACTS_BUCKET = "dtf-artifacts"
 PROJECTOR = "projector"
@@ -66,6 +72,20 @@ def heartbeats_stream(replicas: int = 1) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         max_msg_size=64 * 1024,
         allow_direct=True,
+    )
+
+
+def feed_stream(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=FEED,
+        description="dtf task events again, under the submitter who owns each run",
+        subjects=[f"{FEED_PREFIX}.>"],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_age=FEED_MAX_AGE_S,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_msg_size=MAX_MSG_SIZE,
     )
 
 
@@ -130,6 +150,7 @@ async def provision(js: JetStreamContext, replicas: int = 1, max_age_s: float | 
     `max_age_s` None keeps whatever retention the stream has (0 on creation: keep forever)."""
     await _ensure_stream(js, events_stream(replicas, max_age_s))
     await _ensure_stream(js, heartbeats_stream(replicas))
+    await _ensure_stream(js, feed_stream(replicas))
     for bucket in (WORKSPACES_BUCKET, ARTIFACTS_BUCKET):
         try:
             await js.object_store(bucket)

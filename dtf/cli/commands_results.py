@@ -21,7 +21,7 @@ from rich.table import Table
 from dtf import subjects
 from dtf.cli import submit as sub
 from dtf.cli.commands_query import QUERY_TIMEOUT_S, ask, cell, query
-from dtf.cli.common import CliError, connected, nats_options
+from dtf.cli.common import CliError, connected, nats_options, query_scope
 from dtf.projections import aggregate, report, report_html, report_junit
 from dtf.state import TaskState
 
@@ -219,6 +219,8 @@ async def run_document(nc, run_id: str, settled: dict[str, str] | None, wait_reg
     if not tasks:
         raise CliError(f"no run {run_id} in the read model")
     results_rows = await ask(nc, "results", {"run_id": run_id})
+    if query_scope(nc) is not None:  # a submitter is answered tasks and results, not metrics or anomalies
+        return report.document(run_id, tasks, results_rows, [], None)
     metrics = await ask(nc, "aggregate",
                         {"run_id": run_id, "kind": "metrics", "group_by": report.METRIC_GROUPS})
     found = await detections(nc, run_id)
@@ -308,7 +310,7 @@ def report_command(ctx: click.Context, run_id: str | None, fmt: str, out: str, f
                 if not known:
                     raise CliError("no runs in the read model yet")
                 chosen = known[0]["run_id"]
-            fold, _ = await sub.read_run(nc.jetstream(), chosen)
+            fold, _ = await sub.read_run(nc.jetstream(), chosen, query_scope(nc))
             # A settled run is reported once the read model holds all of it; one still going, as it is.
             done = fold.tasks and all(t.terminal for t in fold.tasks.values())
             settled = {t.task_id: t.status for t in fold.tasks.values()} if done else None

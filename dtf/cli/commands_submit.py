@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import click
 import msgspec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +34,7 @@ from dtf.cli.common import (
 from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json, test_args
 from dtf.state import Fold, TaskState
-from dtf.streams import bus, topology
+from dtf.streams import bus, feed, topology
 from dtf.streams.retry import PUBLISH_ATTEMPTS
 
 
@@ -135,18 +138,20 @@ def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after
     return sub.run_exit_code(tasks)
 
 
-async def follow_with_progress(js, run_id: str, show: bool, timeout: float | None = None) -> list[TaskState]:
+async def follow_with_progress(js, run_id: str, show: bool, timeout: float | None = None,
+                               scope: str | None = None) -> list[TaskState]:
     """Raises sub.WaitTimeout when `timeout` runs out first."""
     with RunProgress(run_id, enabled=show) as progress:
-        return await sub.follow_run(js, run_id, progress.update, timeout)
+        return await sub.follow_run(js, run_id, progress.update, timeout, scope)
 
 
 async def follow_or_interrupt(ctx: click.Context, js, run_id: str, show: bool, timeout: float | None,
-                             cancel_on_interrupt: bool, creds: str | None) -> list[TaskState]:
+                             cancel_on_interrupt: bool, creds: str | None,
+                             scope: str | None = None) -> list[TaskState]:
     """Follow the run; on SIGINT/SIGTERM cancel its unfinished tasks (the flag, or a yes at the
     terminal) or leave it going, then exit 130."""
     try:
-        return await interrupt.until_interrupted(follow_with_progress(js, run_id, show, timeout))
+        return await interrupt.until_interrupted(follow_with_progress(js, run_id, show, timeout, scope))
     except interrupt.Interrupted:
         pass
     click.echo(f"\ndtf: interrupted while waiting for run {run_id}", err=True)
@@ -156,7 +161,7 @@ async def follow_or_interrupt(ctx: click.Context, js, run_id: str, show: bool, t
             click.confirm, "cancel the run?", default=False, err=True) else "leave"
     if choice == "cancel":
         cancelled, total = await cancel_open(js, subjects.run_all(run_id), run_id,
-                                             "interrupted while waiting", creds)
+                                             "interrupted while waiting", creds, scope)
         click.echo(f"dtf: cancelled {cancelled} of {total} tasks of run {run_id}", err=True)
     else:
         click.echo(f"dtf: run {run_id} goes on; `dtf wait {run_id}` follows it again", err=True)
@@ -320,7 +325,7 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             await workspace.upload(js, data, ref)
         try:
             if rerun_failed is not None:
-                fold, results = await sub.read_run(js, rerun_failed)
+                fold, results = await sub.read_run(js, rerun_failed, query_scope(nc))
                 if not fold.tasks:
                     raise CliError(f"no run {rerun_failed} in the event log")
                 old_ids, specs = sub.rerun_specs(list(fold.tasks.values()), results)
@@ -367,10 +372,11 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                 click.echo(run_id)
             return
         try:
-            tasks = await follow_or_interrupt(ctx, js, run_id, True, wait_timeout, cancel_on_interrupt, creds)
+            tasks = await follow_or_interrupt(ctx, js, run_id, True, wait_timeout, cancel_on_interrupt, creds,
+                                              query_scope(nc))
         except sub.WaitTimeout as out:
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
-        failed_tests = await failures.collect(js, run_id, tasks)
+        failed_tests = await failures.collect(js, run_id, tasks, query_scope(nc))
         code = await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
                                                                       failed_tests=failed_tests))
     ctx.exit(code)
@@ -429,11 +435,12 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
     async def main() -> int:
         async with connected(nats_url, creds, "dtf-wait") as nc:
             js = nc.jetstream()
-            if not await sub.run_exists(js, run_id):
-                raise CliError(f"no run {run_id} in the event log")
+            scope = query_scope(nc)  # a submitter follows its own feed, where others' runs do not exist
+            if not await sub.run_exists(js, run_id, scope):
+                raise CliError(f"no run {run_id} in the event log" + (f" of {scope}'s runs" if scope else ""))
             tasks = await follow_or_interrupt(ctx, js, run_id, not as_json or sys.stderr.isatty(), wait_timeout,
-                                              cancel_on_interrupt, creds)
-            failed_tests = await failures.collect(js, run_id, tasks)
+                                              cancel_on_interrupt, creds, scope)
+            failed_tests = await failures.collect(js, run_id, tasks, scope)
             return await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
                                                                           failed_tests=failed_tests))
 
@@ -455,9 +462,9 @@ def logs(task_id: str, follow: bool, nats_url: str | None, creds: str | None) ->
     asyncio.run(_logs(task_id, follow, nats_url, creds))
 
 
-async def _task_history(js, task_id: str) -> list[ev.Event]:
+async def _task_history(js, task_id: str, scope: str | None) -> list[ev.Event]:
     events = []
-    async for msg in bus.read(js, topology.EVENTS, [subjects.task_any_run(task_id)]):
+    async for msg in feed.read(js, subjects.task_any_run(task_id), scope):
         try:
             events.append(ev.decode(msg.data))
         except ev.DecodeError:
@@ -473,10 +480,13 @@ def _finished(events: list[ev.Event]) -> ev.ResultReported | None:
 async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | None) -> None:
     async with connected(nats_url, creds, "dtf-logs") as nc:
         js = nc.jetstream()
-        history = await _task_history(js, task_id)
+        scope = query_scope(nc)  # a submitter reads its own tasks' events from its feed
+        history = await _task_history(js, task_id, scope)
         if not history:
-            raise CliError(f"no task {task_id} in the event log")
+            raise CliError(f"no task {task_id} in the event log" + (f" of {scope}'s tasks" if scope else ""))
         if follow and _finished(history) is None:
+            if scope is not None:
+                raise CliError("live output is for viewer credentials; a submitter's is its task's once it ends")
             await _follow_live(nc, js, task_id)
             return
         result = _finished(history)
@@ -485,6 +495,9 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
         if result.log_ref is None:
             sys.stdout.write(result.output_tail)
             return
+        if scope is not None:
+            await _stored_log_by_query(nc, task_id)
+            return
         store = await js.object_store(topology.ARTIFACTS_BUCKET)
         try:
             obj = await store.get(result.log_ref)
@@ -492,6 +505,23 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
             raise CliError(f"log {result.log_ref} is gone from {topology.ARTIFACTS_BUCKET}") from None
         sys.stdout.buffer.write(obj.data or b"")
         sys.stdout.flush()
+
+
+async def _stored_log_by_query(nc, task_id: str) -> None:
+    """A submitter's own task log, which the projector reads from the artifacts store for it."""
+    offset: int | None = 0
+    while offset is not None:
+        try:
+            reply = await nc.request(subjects.query("log", query_scope(nc)),
+                                     json.dumps({"task_id": task_id, "offset": offset}).encode(), timeout=10)
+        except (NoRespondersError, NatsTimeout):
+            raise CliError("no projector answered for the stored log (is `dtf up` or `dtf projector` running?)") from None
+        body = json.loads(reply.data)
+        if "error" in body:
+            raise CliError(f"projector: {body['error']}")
+        sys.stdout.buffer.write(base64.b64decode(body["data"]))
+        offset = body["next_offset"]
+    sys.stdout.flush()
 
 
 async def _follow_live(nc, js, task_id: str) -> None:
@@ -534,15 +564,16 @@ def cancel(task_id: str | None, run_id: str | None, reason: str, nats_url: str |
 
 async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, creds: str | None) -> None:
     async with connected(nats_url, creds, "dtf-cancel") as nc:
-        cancelled, total = await cancel_open(nc.jetstream(), scope, target, reason, creds)
+        cancelled, total = await cancel_open(nc.jetstream(), scope, target, reason, creds, query_scope(nc))
         click.echo(f"dtf: cancelled {cancelled} of {total} tasks", err=True)
 
 
-async def cancel_open(js, scope: str, target: str, reason: str, creds: str | None) -> tuple[int, int]:
+async def cancel_open(js, scope: str, target: str, reason: str, creds: str | None,
+                      feed_scope: str | None = None) -> tuple[int, int]:
     """Cancel every unfinished task under `scope` (a task's or a run's subjects) as `dtf cancel`
     does; how many were cancelled, of how many known."""
     fold = Fold()
-    async for msg in bus.read(js, topology.EVENTS, [scope]):
+    async for msg in feed.read(js, scope, feed_scope):  # a submitter's from its own feed
         fold.apply(msg.subject, msg.seq, msg.data)
     if not fold.tasks:
         raise CliError(f"nothing known as {target} in the event log")

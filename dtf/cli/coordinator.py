@@ -26,6 +26,7 @@ from dtf import events as ev
 from dtf import schedule, subjects
 from dtf.state import Fold
 from dtf.streams import bus, placement, topology
+from dtf.streams.feed import OwnerFeed
 
 log = logging.getLogger("dtf.coordinator")
 
@@ -49,6 +50,8 @@ class Coordinator:
         self.name = name or default_name()
         self.policy = policy
         self.fold = Fold()
+        self.feed = OwnerFeed(self.js)
+        """Each owned run's events again, for its submitter to follow (dtf.streams.feed)."""
         self.caught_up = asyncio.Event()
         self.changed = asyncio.Event()
         self.published = 0
@@ -67,7 +70,9 @@ class Coordinator:
         start_tail = info.state.last_seq
         if start_tail == 0:
             self.caught_up.set()
+        await self.feed.resume()
         tasks = [
+            asyncio.create_task(self.feed.run(), name="coordinator-feed"),
             asyncio.create_task(self._follow_events(start_tail), name="coordinator-events"),
             asyncio.create_task(self._follow_heartbeats(), name="coordinator-heartbeats"),
             asyncio.create_task(self._decide_loop(), name="coordinator-decide"),
@@ -94,6 +99,7 @@ class Coordinator:
 
         async for msg in bus.follow(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS], where, stalled):
             self.fold.apply(msg.subject, msg.seq, msg.data)
+            self.feed.offer(msg.subject, msg.seq, msg.data, self.fold.owners.get(subjects.parse(msg.subject).run_id))
             if msg.seq >= start_tail and msg.pending == 0:
                 self.caught_up.set()
                 self.changed.set()

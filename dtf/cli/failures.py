@@ -19,7 +19,7 @@ from dtf import events as ev
 from dtf import subjects
 from dtf.projections.artifacts import decode_tests
 from dtf.state import TaskState
-from dtf.streams import bus, topology
+from dtf.streams import feed, topology
 
 log = logging.getLogger("dtf.cli.failures")
 
@@ -45,13 +45,14 @@ async def _stored_tests(js: JetStreamContext, ref: str) -> list[ev.TestOutcome]:
         return []
 
 
-async def collect(js: JetStreamContext, run_id: str, tasks: list[TaskState]) -> list[dict]:
-    """The failed and errored tests of the run's current attempts, in the tasks' submission order."""
+async def collect(js: JetStreamContext, run_id: str, tasks: list[TaskState], scope: str | None = None) -> list[dict]:
+    """The failed and errored tests of the run's current attempts, in the tasks' submission order
+    (for a submitter, `scope`, from its own feed)."""
     if all(t.status == "passed" for t in tasks):
         return []
     by_id = {t.task_id: t for t in tasks}
     results: dict[str, ev.ResultReported] = {}
-    async for msg in bus.read(js, topology.EVENTS, [subjects.task(run_id, "*", "result", "*")]):
+    async for msg in feed.read(js, subjects.task(run_id, "*", "result", "*"), scope):
         try:
             event = ev.decode(msg.data)
         except ev.DecodeError:

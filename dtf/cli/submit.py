@@ -25,7 +25,7 @@ from dtf import admission, subjects
 from dtf import events as ev
 from dtf.spec import SpecError, TaskSpec, WorkspaceRef, test_paths, validate
 from dtf.state import Fold, TaskState
-from dtf.streams import bus, topology
+from dtf.streams import bus, feed, topology
 
 TEST_FILE_GLOBS = ("test_*.py", "*_test.py")
 
@@ -338,9 +338,10 @@ PROGRESS_EVERY_S = 0.2
 
 async def follow_run(
     js: JetStreamContext, run_id: str, on_change: Callable[[list[TaskState]], None] | None = None,
-    timeout: float | None = None,
+    timeout: float | None = None, scope: str | None = None,
 ) -> list[TaskState]:
     """Fold the run's events until every task in it is terminal; returns the final task states.
+    A submitter (`scope`, its name) reads them from its own feed (dtf.streams.feed).
     With `timeout` (seconds), raises WaitTimeout with the states so far when it runs out.
     `on_change` sees the states whenever the follow has caught up, at most every PROGRESS_EVERY_S
     (a change held back is shown when that time is up) and once at the end. What is unsettled is
@@ -362,7 +363,7 @@ async def follow_run(
 
     async def follow() -> list[TaskState]:
         nonlocal held_back
-        messages = bus.read(js, topology.EVENTS, [subjects.run_all(run_id)], follow=True)
+        messages = feed.read(js, subjects.run_all(run_id), scope, follow=True)
         async with contextlib.aclosing(messages):
             async for msg in messages:
                 fold.apply(msg.subject, msg.seq, msg.data)
@@ -390,14 +391,21 @@ async def follow_run(
             held_back.cancel()
 
 
-async def read_run(js: JetStreamContext, run_id: str) -> tuple[Fold, dict[str, ev.ResultReported]]:
+async def read_run(js: JetStreamContext, run_id: str, scope: str | None = None,
+                   ) -> tuple[Fold, dict[str, ev.ResultReported]]:
     """A run's events as they are now, folded, with each task's last result (for --rerun-failed)."""
-    messages = [(m.subject, m.seq, m.data)
-                async for m in bus.read(js, topology.EVENTS, [subjects.run_all(run_id)])]
+    messages = [(m.subject, m.seq, m.data) async for m in feed.read(js, subjects.run_all(run_id), scope)]
     return last_results(messages)
 
 
-async def run_exists(js: JetStreamContext, run_id: str) -> bool:
+async def run_exists(js: JetStreamContext, run_id: str, scope: str | None = None) -> bool:
+    """Whether the log holds the run (for a submitter: a run of its own)."""
+    if scope is not None:
+        messages = feed.read(js, subjects.run_all(run_id), scope)
+        async with contextlib.aclosing(messages):
+            async for _ in messages:
+                return True
+        return False
     try:
         await js.get_last_msg(topology.EVENTS, subjects.run_all(run_id))
     except Exception:  # noqa: BLE001 - nats-py raises NotFoundError or a generic API error here

@@ -1,0 +1,133 @@
+"""A CI job holding only submitter credentials follows its own run to its verdict, from its own feed
+(dtf.streams.feed), and sees nothing of another submitter's runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from dtf.streams import auth, feed, topology
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+
+def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA"):
+        env.pop(name, None)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    (suite / "test_bad.py").write_text(  # a log long enough to be stored in the artifacts store
+        "def test_bad():\n    print('the start of the log', 'y' * 20000)\n    assert 1 == 2, 'one is not two'\n")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
+         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
+    try:
+        url = up.stdout.readline().strip().split("=", 1)[1]
+        up.stdout.readline()
+
+        def cli(*args: str, creds: str | None = None) -> subprocess.CompletedProcess:
+            extra = {"DTF_CREDS": creds} if creds else {}
+            return subprocess.run([sys.executable, "-m", "dtf", *args, *(("--nats", url) if creds else ())],
+                                  check=False, capture_output=True, text=True, env={**env, **extra}, timeout=180,
+                                  cwd=tmp_path)
+
+        for name in ("ann", "bob"):
+            added = cli("creds", "add", "--role", "submitter", "--name", name, "--out", str(tmp_path / f"{name}.creds"))
+            assert added.returncode == 0, added.stderr
+        assert auth.read_credentials(tmp_path / "bob.creds").role == "submitter"
+        ann, bob = str(tmp_path / "ann.creds"), str(tmp_path / "bob.creds")
+        for _ in range(100):  # the server reloads its users asynchronously
+            if cli("tasks", "--json", creds=bob).returncode == 0:
+                break
+
+        junit = tmp_path / "j.xml"
+        submitted = cli("submit", str(suite), "--wait", "--junit", str(junit), "--run-id", "run-ann", creds=ann)
+        assert submitted.returncode == 1, submitted.stderr
+        assert "permissions violation" not in submitted.stderr
+        assert "one is not two" in junit.read_text() and "test_bad" in junit.read_text()
+
+        waited = cli("wait", "run-ann", "--json", creds=ann)
+        assert waited.returncode == 1, waited.stderr
+        report = json.loads(waited.stdout)
+        assert sorted(t["state"] for t in report["tasks"]) == ["failed", "passed"]
+
+        reported = cli("report", "--run", "run-ann", "--format", "junit", creds=ann)
+        assert reported.returncode == 0 and "one is not two" in reported.stdout, reported.stderr
+
+        failed_task = next(t["task_id"] for t in report["tasks"] if t["state"] == "failed")
+        logged = cli("logs", failed_task, creds=ann)
+        assert logged.returncode == 0, logged.stderr
+        assert "the start of the log" in logged.stdout and "one is not two" in logged.stdout
+
+        foreign = cli("wait", "run-ann", "--json", creds=bob)
+        assert foreign.returncode not in (0, 1), foreign.stderr
+        assert "no run run-ann" in foreign.stderr and foreign.stdout == ""
+        foreign_log = cli("logs", failed_task, creds=bob)
+        assert foreign_log.returncode not in (0, 1) and "the start of the log" not in foreign_log.stdout
+
+        long = cli("submit", "--command", "sleep 600", "--run-id", "run-long", creds=ann)
+        assert long.returncode == 0, long.stderr
+        assert cli("cancel", "--run", "run-long", creds=bob).returncode not in (0, 1)
+        cancelled = cli("cancel", "--run", "run-long", creds=ann)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert cli("wait", "run-long", creds=ann).returncode == 1
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+
+
+async def test_the_server_lets_a_submitter_read_only_its_own_feed(secured_server):
+    admin = await secured_server.connect(secured_server.admin)
+    await topology.provision(admin.jetstream())
+    subject = "dtf.task.run-a.run-a-1.submitted.alice"
+    await admin.jetstream().publish(feed.feed_subject("alice", subject), b"{}", headers={"Nats-Msg-Id": "7"})
+    refusals: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refusals.append(str(exc))
+
+    bob = await secured_server.connect(secured_server.creds("submitter", "bob"), error_cb=on_error)
+    alice = await secured_server.connect(secured_server.creds("submitter", "alice"))
+    try:
+        mine = [m async for m in feed.read(alice.jetstream(), "dtf.task.run-a.>", "alice")]
+        assert [(m.stream, m.subject, m.seq) for m in mine] == [(topology.EVENTS, subject, 7)]
+        assert [m async for m in feed.read(bob.jetstream(), "dtf.task.run-a.>", "bob")] == []
+        create = f"$JS.API.CONSUMER.CREATE.{topology.FEED}"
+        alices = "dtf.feed.alice.>"
+
+        def body(**config) -> bytes:
+            return json.dumps({"stream_name": topology.FEED, "config": {"deliver_subject": "_INBOX.x", **config}}).encode()
+
+        # another's prefix, by the filtered form or in the body of the bare form: refused by the server
+        for api in (f"{create}.x.{alices}", create):
+            with pytest.raises((NatsTimeoutError, NoRespondersError)):
+                await bob.request(api, body(filter_subject=alices), timeout=2)
+        # its own prefix in the subject and another's (or none) in the body: the server checks one against the other
+        for config in ({"filter_subject": alices}, {"filter_subjects": [alices]}, {}):
+            reply = await bob.request(f"{create}.x.dtf.feed.bob.>", body(name="x", **config), timeout=2)
+            assert "error" in json.loads(reply.data), config
+        assert refusals
+    finally:
+        for nc in (admin, bob, alice):
+            await nc.close()
+
+
+def test_the_projector_hands_a_stored_log_only_to_the_submitter_of_its_task():
+    from dtf.projections import logs
+    from dtf.projections.projection import Projection
+
+    projection = Projection.open(":memory:")
+    con = projection.con
+    con.execute("INSERT INTO tasks (task_id, run_id, submitter) VALUES ('t1', 'r1', 'ann')")
+    con.execute("INSERT INTO attempts (task_id, attempt, run_id, log_ref) VALUES"
+                " ('t1', 1, 'r1', 'logs/t1/1'), ('t1', 2, 'r1', 'logs/t1/2'), ('t1', 3, 'r1', NULL)")
+    assert logs.log_ref(con, "t1", "ann") == "logs/t1/2"
+    assert logs.log_ref(con, "t1", "bob") is None
+    assert logs.page(b"x" * (logs.CHUNK + 1), 0)["next_offset"] == logs.CHUNK
+    assert logs.page(b"x" * (logs.CHUNK + 1), logs.CHUNK) == {"data": "eA==", "next_offset": None}
