@@ -19,8 +19,8 @@ PER_ATTEMPT = ("DTF_TEST_REPORT", "DTF_METRICS")
 
 def is_sensitive(name: str, value: str = "") -> bool:
     upper = name.upper()
-    return (upper == "DTF_CREDS" or upper.startswith("NATS_") or any(w in upper for w in SECRET_WORDS)
-            or "CREDS" in upper or upper == "DTF_CONTEXT" or ("URL" in upper and "@" in value))
+    return (upper.startswith("NATS_") or any(w in upper for w in SECRET_WORDS) or "CREDS" in upper
+            or upper == "DTF_CONTEXT" or ("URL" in upper and "@" in value))
 
 
 def scrubbed(base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import click
@@ -33,9 +34,8 @@ COLUMNS = {
 }
 
 
-async def ask(nc, name: str, request: dict) -> list[dict]:
-    """All rows of one read-model query, following the projector's pages."""
-    rows: list[dict] = []
+async def pages(nc, name: str, request: dict) -> AsyncIterator[dict]:
+    """Each reply of one read-model query, following the projector's pages (`next_offset`)."""
     offset: int | None = 0
     deadline = asyncio.get_running_loop().time() + PROJECTOR_START_S
     while offset is not None:
@@ -57,9 +57,13 @@ async def ask(nc, name: str, request: dict) -> list[dict]:
             raise CliError("the projector's reply is not a JSON object")
         if "error" in body:
             raise CliError(f"projector: {body['error']}")
-        rows.extend(body.get(name, []))
+        yield body
         offset = body.get("next_offset")
-    return rows
+
+
+async def ask(nc, name: str, request: dict) -> list[dict]:
+    """All rows of one read-model query."""
+    return [row async for body in pages(nc, name, request) for row in body.get(name, [])]
 
 
 def query(name: str, request: dict, nats_url: str | None, creds: str | None) -> list[dict]:

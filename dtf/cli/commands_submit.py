@@ -12,8 +12,6 @@ from pathlib import Path
 
 import click
 import msgspec
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
@@ -26,7 +24,7 @@ from dtf.cli import github_annotations as github
 from dtf.cli import failures, interrupt
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
-from dtf.cli.commands_query import ask
+from dtf.cli.commands_query import ask, pages
 from dtf.cli.common import (
     EXIT_PERMISSION, CliError, acting_name, connected, credential_identity, nats_options, parse_pairs,
     query_scope,
@@ -509,18 +507,8 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
 
 async def _stored_log_by_query(nc, task_id: str) -> None:
     """A submitter's own task log, which the projector reads from the artifacts store for it."""
-    offset: int | None = 0
-    while offset is not None:
-        try:
-            reply = await nc.request(subjects.query("log", query_scope(nc)),
-                                     json.dumps({"task_id": task_id, "offset": offset}).encode(), timeout=10)
-        except (NoRespondersError, NatsTimeout):
-            raise CliError("no projector answered for the stored log (is `dtf up` or `dtf projector` running?)") from None
-        body = json.loads(reply.data)
-        if "error" in body:
-            raise CliError(f"projector: {body['error']}")
+    async for body in pages(nc, "log", {"task_id": task_id}):
         sys.stdout.buffer.write(base64.b64decode(body["data"]))
-        offset = body["next_offset"]
     sys.stdout.flush()
 
 

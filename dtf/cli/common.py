@@ -13,6 +13,7 @@ import ssl
 import sys
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +24,8 @@ from nats.aio.client import Client
 from dtf.cli.submit import submitter_name
 from dtf.streams import auth, bus, retry
 from dtf.streams.retry import is_auth_refusal
+
+T = TypeVar("T")
 
 
 EXIT_FAILED = 1
@@ -219,6 +222,26 @@ def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
+class Stopped(Exception):
+    """The event came before the work finished (the work was cancelled)."""
+
+
+async def unless_set(work: Awaitable[T], event: asyncio.Event) -> T:
+    """`work`'s result, or Stopped if `event` is set first; `work` is then cancelled and awaited."""
+    job = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+    if job.cancelled() and event.is_set():
+        raise Stopped
+    return job.result()
+
+
 CUT_SHORT_POLL_S = 0.2
 
 
@@ -264,18 +287,12 @@ def serve_with_nats(
             await until_reachable(url)
             return await bus.connect(url, name=name, error_cb=on_error, **options)
 
-        connecting = asyncio.ensure_future(connect())
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await connecting
+        try:
+            nc = await unless_set(connect(), stop)
+        except Stopped:
             if refused:
-                raise CliError(f"NATS at {url} refused these credentials: {refused[0]}", EXIT_PERMISSION)
+                raise CliError(f"NATS at {url} refused these credentials: {refused[0]}", EXIT_PERMISSION) from None
             return
-        nc = connecting.result()
         try:
             await until_stopped_or_cut_short(body(nc, stop), stop, lambda: nc.is_connected)
         finally:

@@ -10,6 +10,8 @@ from typing import Literal, TypeVar
 
 import click
 
+from dtf.cli.common import Stopped, unless_set
+
 T = TypeVar("T")
 
 EXIT_INTERRUPTED = 130
@@ -42,17 +44,10 @@ async def until_interrupted(work: Awaitable[T]) -> T:
     sigs = (signal.SIGINT, signal.SIGTERM)
     for sig in sigs:
         loop.add_signal_handler(sig, signalled.set)
-    job = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(signalled.wait())
     try:
-        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await unless_set(work, signalled)
+    except Stopped:
+        raise Interrupted from None
     finally:
         for sig in sigs:
             loop.remove_signal_handler(sig)
-        watcher.cancel()
-        if not job.done():
-            job.cancel()
-            await asyncio.gather(job, return_exceptions=True)
-    if job.cancelled() and signalled.is_set():
-        raise Interrupted
-    return job.result()
