@@ -3,14 +3,22 @@ own runs; another's run is refused, not silently empty; the fleet without what i
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import duckdb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dtf import events as ev
 from dtf.projections import logs, queries, schema
+from dtf.streams import auth, bus
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PEOPLE = ("ann", "bob")
@@ -131,3 +139,144 @@ def test_the_projector_refuses_another_submitters_task_log_and_knows_none_of_an_
     assert logs.foreign_task(con, "t1", "ann")
     assert not logs.foreign_task(con, "t1", "bob")
     assert not logs.foreign_task(con, "nope", "ann")
+
+
+# --- end to end: two CI jobs, each with only its submitter credentials ----------------------------
+
+
+def suite(root: Path, who: str) -> Path:
+    """A git project with a test that fails, one that passes, and one that fails with its file's other
+    test and passes alone: what `--rerun-failed` runs. One commit, so the rerun's pass makes it flaky."""
+    root.mkdir()
+    (root / f"test_ok_{who}.py").write_text(f"def test_ok_{who}():\n    assert True\n")
+    (root / f"test_bad_{who}.py").write_text(f"def test_bad_{who}():\n    assert 1 == 2, '{who} is broken'\n")
+    (root / f"test_flaky_{who}.py").write_text(
+        f"def test_together_{who}(request):\n    assert len(request.session.items) == 1, 'fails unless alone'\n\n\n"
+        f"def test_other_{who}():\n    assert True\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "."],
+                 ["-c", "user.name=ci", "-c", "user.email=ci@example.com", "commit", "-q", "-m", "suite"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    return root
+
+
+async def detect(url: str, admin: str, kind: str, run_id: str, task_id: str) -> None:
+    """What the detector would publish for one of the run's results (the same event, the same subject)."""
+    nc = await bus.connect(url, "test-detector", **auth.client_options(admin, None))
+    try:
+        common = dict(id=f"{kind}-{task_id}", time=datetime.now(UTC), run_id=run_id, task_id=task_id,
+                      series=f"{task_id}:latency_ms@cpu", benchmark=task_id, metric="latency_ms", hardware=["cpu"],
+                      better="lower", size=0.5, confidence=0.99, detector="test")
+        event = (ev.RegressionDetected(**common, before=10.0, after=15.0, change_run_id=run_id) if kind == "regression"
+                 else ev.AnomalyDetected(**common, value=15.0, expected=10.0, direction="worse"))
+        await bus.publish(nc.jetstream(), event)
+    finally:
+        await nc.close()
+
+
+def test_two_ci_jobs_each_read_and_report_only_their_own_runs_and_are_refused_the_others(tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA", "GITHUB_STEP_SUMMARY", "GITHUB_ACTIONS"):
+        env.pop(name, None)
+    suites = {who: suite(tmp_path / f"suite-{who}", who) for who in ("ann", "bob")}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
+         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
+    try:
+        url = up.stdout.readline().strip().split("=", 1)[1]
+        admin = up.stdout.readline().strip().split("=", 1)[1]
+
+        def cli(*args: str, creds: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "dtf", *args, "--nats", url], check=False,
+                                  capture_output=True, text=True, env={**env, "DTF_CREDS": creds}, timeout=180,
+                                  cwd=tmp_path)
+
+        def as_json(done: subprocess.CompletedProcess) -> dict:
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        creds = {}
+        for who in ("ann", "bob"):
+            creds[who] = str(tmp_path / f"{who}.creds")
+            added = subprocess.run([sys.executable, "-m", "dtf", "creds", "add", "--role", "submitter", "--name", who,
+                                    "--out", creds[who]], capture_output=True, text=True, env=env, cwd=tmp_path)
+            assert added.returncode == 0, added.stderr
+        ann, bob = creds["ann"], creds["bob"]
+        for _ in range(100):  # the server reloads its users asynchronously
+            if cli("tasks", "--json", creds=bob).returncode == 0:
+                break
+
+        # Each job: a run with a failing and a flaky test, the rerun of its failures, a passing run.
+        for who in ("ann", "bob"):
+            first = cli("submit", str(suites[who]), "--wait", "--run-id", f"run-{who}", creds=creds[who])
+            assert first.returncode == 1, first.stderr
+            rerun = cli("submit", "--rerun-failed", f"run-{who}", "--run-id", f"rerun-{who}", "--wait", "--json",
+                        creds=creds[who])
+            assert rerun.returncode == 1, rerun.stderr  # test_bad still fails; test_together passes alone
+            assert {t["state"] for t in json.loads(rerun.stdout)["tasks"]} == {"passed", "failed"}
+            ok = cli("submit", "--command", "true", "--run-id", f"ok-{who}", "--wait", "--json", creds=creds[who])
+            assert ok.returncode == 0, ok.stderr
+            (task,) = json.loads(ok.stdout)["tasks"]
+            asyncio.run(detect(url, admin, "regression", f"ok-{who}", task["task_id"]))
+            asyncio.run(detect(url, admin, "anomaly", f"run-{who}", f"run-{who}-1"))
+
+        # Flaky, anomalies and results: each job's own, and nothing of the other's.
+        def eventually(name: str, enough: int) -> list[dict]:
+            """The rows once the projector holds them (it follows the log asynchronously)."""
+            for _ in range(100):
+                found = as_json(cli(name, "--json", creds=ann))[name]
+                if len(found) >= enough:
+                    break
+            return found
+
+        flaky = eventually("flaky", 1)
+        assert [row["test"] for row in flaky] == ["test_flaky_ann.py::test_together_ann"]
+        found = eventually("anomalies", 2)
+        assert {(a["kind"], a["run_id"]) for a in found} == {("regression", "ok-ann"), ("anomaly", "run-ann")}
+        rows = as_json(cli("results", "--json", creds=ann))["results"]
+        assert {r["run_id"] for r in rows} == {"run-ann", "rerun-ann", "ok-ann"}
+        grouped = as_json(cli("results", "--group-by", "test", "--json", creds=ann))["results"]
+        assert {row["test"] for row in grouped} == {
+            "test_ok_ann.py::test_ok_ann", "test_bad_ann.py::test_bad_ann", "test_flaky_ann.py::test_together_ann",
+            "test_flaky_ann.py::test_other_ann", "true"}  # the command task's own result
+        csv = cli("results", "--group-by", "run", "--csv", creds=ann)
+        assert csv.returncode == 0 and "run-ann" in csv.stdout and "bob" not in csv.stdout, csv.stderr
+        runs = as_json(cli("results", "--run", "rerun-ann", "--json", creds=ann))["results"]
+        assert {r["nodeid"] for r in runs} == {"test_bad_ann.py::test_bad_ann", "test_flaky_ann.py::test_together_ann"}
+
+        # Reports in every format, and the verdicts CI acts on.
+        for fmt, expected in (("md", "ann is broken"), ("json", "test_bad_ann"), ("html", "test_bad_ann"),
+                              ("junit", "ann is broken")):
+            report = cli("report", "--run", "run-ann", "--format", fmt, creds=ann)
+            assert report.returncode == 0 and expected in report.stdout and "bob" not in report.stdout, report.stderr
+        latest = cli("report", "--format", "json", creds=ann)  # the latest run: its own
+        assert latest.returncode == 0 and json.loads(latest.stdout)["run_id"] == "ok-ann", latest.stderr
+        regressed = cli("report", "--run", "ok-ann", "--format", "json", "--fail-on-regression", creds=ann)
+        assert regressed.returncode == 4, regressed.stderr
+        assert "regression in ok-ann" in regressed.stderr
+        assert cli("wait", "ok-ann", "--fail-on-regression", creds=ann).returncode == 4
+
+        # The fleet: whether a capable worker is there and how busy, not where or why.
+        (worker,) = as_json(cli("workers", "--json", creds=ann))["workers"]
+        assert worker["state"] == "online" and "hardware" in worker["capabilities"]
+        assert (worker["host"], worker["pid"], worker["reason"]) == (None, None, None)
+
+        # Everything of bob's, asked by ann: exit 3 and the reason, never bob's data.
+        refusals = [
+            ("results", "--run", "run-bob", "--json"), ("results", "--run", "run-bob", "--group-by", "test"),
+            ("tasks", "--run", "run-bob"), ("anomalies", "--run", "run-bob"),
+            *(("report", "--run", "run-bob", "--format", fmt) for fmt in ("md", "json", "html", "junit")),
+            ("report", "--run", "ok-bob", "--fail-on-regression"), ("wait", "run-bob"),
+            ("wait", "ok-bob", "--fail-on-regression"), ("cancel", "--run", "run-bob"),
+            ("submit", "--rerun-failed", "run-bob", "--run-id", "stolen"), ("logs", "run-bob-1"),
+        ]
+        for args in refusals:
+            refused = cli(*args, creds=ann)
+            assert refused.returncode == 3, (args, refused.returncode, refused.stderr)
+            assert "another submitter's" in refused.stderr and "no projector" not in refused.stderr, args
+            assert "bob is broken" not in refused.stdout + refused.stderr, args
+        assert cli("tasks", "--run", "stolen", "--json", creds=ann).stdout == '{"tasks": []}\n'
+        unknown = cli("report", "--run", "no-such-run", creds=ann)
+        assert unknown.returncode == 2 and "no run no-such-run" in unknown.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
