@@ -489,7 +489,8 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
             raise CliError(f"no task {task_id} in the event log")
         if follow and _finished(history) is None:
             if scope is not None:
-                raise CliError("live output is for viewer credentials; a submitter's is its task's once it ends")
+                raise CliError("live output is for viewer credentials; a submitter reads its task's log once it "
+                               "ends", EXIT_PERMISSION)
             await _follow_live(nc, js, task_id)
             return
         result = _finished(history)
