@@ -17,6 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dtf import events as ev
+from dtf.cli import splitting
+from dtf.spec import Requirements
+from dtf.state import WorkerState
 from dtf.projections import logs, queries, schema
 from dtf.streams import auth, bus
 
@@ -132,6 +135,16 @@ def test_a_submitter_sees_the_fleets_capabilities_and_load_but_not_its_hosts_or_
     assert (worker["host"], worker["pid"], worker["reason"]) == (None, None, None)
     assert "bob-secret-task" not in json.dumps(worker)
     assert ask(con, "workers", {})["workers"][0]["host"] == "gpu-7.internal"
+
+
+def test_a_split_is_sized_by_the_online_undrained_workers_that_could_run_it():
+    cuda = ev.Capabilities(hardware=["cpu", "cuda"])
+    workers = [WorkerState(worker_id="a", status="online", concurrency=4, capabilities=cuda),
+               WorkerState(worker_id="b", status="online", concurrency=2),
+               WorkerState(worker_id="c", status="online", concurrency=8, capabilities=cuda, draining=True),
+               WorkerState(worker_id="d", status="lost", concurrency=8, capabilities=cuda)]
+    assert splitting.capable_slots(workers, Requirements()) == 6
+    assert splitting.capable_slots(workers, Requirements(hardware=["cuda"])) == 4
 
 
 def test_the_projector_refuses_another_submitters_task_log_and_knows_none_of_an_unknown_one():
@@ -277,6 +290,11 @@ def test_two_ci_jobs_each_read_and_report_only_their_own_runs_and_are_refused_th
         assert cli("tasks", "--run", "stolen", "--json", creds=ann).stdout == '{"tasks": []}\n'
         unknown = cli("report", "--run", "no-such-run", creds=ann)
         assert unknown.returncode == 2 and "no run no-such-run" in unknown.stderr
+
+        # --split auto sizes the split by the fleet the workers query shows it
+        split = cli("submit", str(suites["ann"]), "--split", "auto", "--run-id", "split-ann", creds=ann)
+        assert split.returncode == 0, split.stderr
+        assert "slots" in split.stderr and "no capable worker" not in split.stderr, split.stderr
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
