@@ -18,6 +18,7 @@ out); `change` is the relative change of the mean against the group's previous w
 Unix epoch); with `since` and no `window_s`, one window from `since` to `until` (default now), compared
 with the window of the same length before it; with neither, one window over everything. A metric row
 also names its series, `BENCHMARK:METRIC{k=v,...}@HARDWARE`, from the other keys of its group.
+Asked by a submitter (`submitter`, set by the query service), only its own tasks' observations count.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class AggregateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     since: Time | None = None
     until: Time | None = None
     window_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    submitter: str | None = None
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
@@ -53,13 +55,13 @@ _SOURCES = {
     "tests": (
         "SELECT r.time, r.outcome, r.duration_s AS value, r.run_id, r.worker_id, r.hardware,"
         " r.nodeid AS test, NULL::VARCHAR AS metric, t.type, t.name, t.commit, t.branch, t.labels, t.state,"
-        " r.task_id"
+        " r.task_id, t.submitter"
         " FROM test_results r LEFT JOIN tasks t ON t.task_id = r.task_id"
     ),
     "metrics": (
         "SELECT m.time, NULL::VARCHAR AS outcome, m.value, m.run_id, m.worker_id, m.hardware,"
         " NULL::VARCHAR AS test, m.name AS metric, t.type, t.name, t.commit, t.branch, m.labels, t.state,"
-        " m.task_id"
+        " m.task_id, t.submitter"
         " FROM metrics m LEFT JOIN tasks t ON t.task_id = m.task_id"
     ),
 }
@@ -121,6 +123,9 @@ def _sql(request: AggregateRequest, kind: str, keys: list[str], now: datetime) -
     if request.run_id is not None:
         where.append("run_id = $run_id")
         params["run_id"] = request.run_id
+    if request.submitter is not None:
+        where.append("submitter = $submitter")
+        params["submitter"] = request.submitter
     if request.metric is not None and kind == "metrics":
         where.append("metric = $metric")
         params["metric"] = request.metric

@@ -8,6 +8,11 @@
 and the outlier itself, so both kinds read alike. `run_id`/`task_id` are the result that completed
 the detection; a regression's `change_run_id` is the run where the shift began. Newest first, at
 most `limit` (and 1000) a page; `next_offset` says where the next page starts (null at the end).
+
+Asked by a submitter (`submitter`, set by the query service), only the detections its own tasks'
+results completed. A series is not a tenant's (two projects may run the same benchmark on the same
+hardware), so such a detection's `change_run_id` is kept only when that run is the submitter's too,
+and its `result_ids` (event ids that name tasks) are left out.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class AnomaliesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     series: str | None = None
     run_id: str | None = None
     kind: Literal["regression", "anomaly"] | None = None
+    submitter: str | None = None
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
@@ -61,10 +67,19 @@ COLUMNS = (
 def anomalies(cur: duckdb.DuckDBPyConnection, request: AnomaliesRequest) -> dict:
     given = {"series": request.series, "run_id": request.run_id, "kind": request.kind}
     params: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-    where = " AND ".join(f"{name} = ${name}" for name in params)
+    clauses = [f"{name} = ${name}" for name in params]
+    columns = list(COLUMNS)
+    if request.submitter is not None:
+        params["submitter"] = request.submitter
+        mine = "(SELECT {0} FROM tasks WHERE submitter = $submitter)"
+        clauses.append(f"task_id IN {mine.format('task_id')}")
+        columns[COLUMNS.index("change_run_id")] = (
+            f"CASE WHEN change_run_id IN {mine.format('run_id')} THEN change_run_id END")
+        columns[COLUMNS.index("result_ids")] = "[]::VARCHAR[]"
+    where = " AND ".join(clauses)
     limit = min(request.limit or MAX_ROWS, MAX_ROWS)
     found = cur.execute(
-        f"SELECT {', '.join(COLUMNS)} FROM detections {'WHERE ' + where if where else ''}"
+        f"SELECT {', '.join(columns)} FROM detections {'WHERE ' + where if where else ''}"
         " ORDER BY time DESC, seq DESC LIMIT $limit OFFSET $offset",
         {**params, "limit": limit + 1, "offset": request.offset},
     ).fetchall()

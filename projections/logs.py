@@ -5,6 +5,7 @@
 A submitter may not read the artifacts store (an object name says nothing of its owner), so the
 projector, which may, answers for the tasks the read model says are that submitter's: the log of
 the task's last attempt that stored one. A log bigger than a reply comes in pages of CHUNK bytes.
+Another submitter's task is refused ({"error", "refused": true}, the CLI's exit 3).
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def log_ref(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> str
     return row[0] if row else None
 
 
+def foreign_task(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> bool:
+    """Whether the read model holds the task as another submitter's."""
+    cur = con.cursor()
+    try:
+        row = cur.execute("SELECT submitter FROM tasks WHERE task_id = $task", {"task": task_id}).fetchone()
+    finally:
+        cur.close()
+    return row is not None and row[0] != submitter
+
+
 def page(data: bytes, offset: int) -> dict:
     chunk = data[offset:offset + CHUNK]
     end = offset + len(chunk)
@@ -61,6 +72,9 @@ async def answer(js: JetStreamContext, con: duckdb.DuckDBPyConnection, data: byt
         return _encoder.encode({"error": f"bad log request: {exc}"})
     ref = await asyncio.to_thread(log_ref, con, request.task_id, submitter)
     if ref is None:
+        if await asyncio.to_thread(foreign_task, con, request.task_id, submitter):
+            return _encoder.encode({"error": f"task {request.task_id} is another submitter's: {submitter} may "
+                                             "read only its own tasks' logs", "refused": True})
         return _encoder.encode({"error": f"no stored log of task {request.task_id} among {submitter}'s tasks"})
     try:
         stored = await (await js.object_store(ARTIFACTS_BUCKET)).get(ref)

@@ -9,6 +9,10 @@
     aggregate, flaky, runs: see projections/aggregate.py, flaky.py and report.py
     anomalies {"series"?, "run_id"?, "kind"?} -> {"anomalies": [...]}: see projections/anomalies.py
 
+A submitter asks on `dtf.query.<name>.<submitter>` (`SCOPED`): the service sets the request's
+`submitter`, so every query answers from that submitter's runs only, and a `run_id` of another's
+run is refused. A refusal is {"error": "...", "refused": true}, which the CLI ends with exit 3.
+
 Replies stay under NATS's 1 MB payload limit: a list is cut before ~900 KB and `next_offset` says
 where the next page starts (null at the end); `limit` caps a page further. Pages follow a stable
 order, so paging through a table that is not changing sees every row once. A bad request gets
@@ -46,7 +50,8 @@ class TasksRequest(Page, kw_only=True, forbid_unknown_fields=True):
 
 
 class WorkersRequest(Page, kw_only=True, forbid_unknown_fields=True):
-    pass
+    submitter: str | None = None
+    """Asked by a submitter: the fleet without what it does not need (host, pid, reason)."""
 
 
 class ResultsRequest(Page, kw_only=True, forbid_unknown_fields=True):
@@ -129,12 +134,16 @@ def workers(cur: duckdb.DuckDBPyConnection, request: WorkersRequest) -> dict:
         " FROM workers w ORDER BY w.worker_id"
     )
 
+    # A worker's reason may name another tenant's task (quarantine, loss); host and pid are the
+    # fleet's business. A submitter keeps what says whether a capable worker is there and how busy.
+    tenant = request.submitter is not None
+
     def item(r: tuple) -> dict:
         state = msgspec.json.decode(r[9]) if r[9] else {}
         return {
-            "worker_id": r[0], "host": r[1], "pid": r[2], "state": r[3],
+            "worker_id": r[0], "host": None if tenant else r[1], "pid": None if tenant else r[2], "state": r[3],
             "capabilities": msgspec.json.decode(r[4]) if r[4] else {}, "last_heartbeat": _iso(r[5]),
-            "concurrency": r[6], "running": r[7], "reason": r[8] or None,
+            "concurrency": r[6], "running": r[7], "reason": None if tenant else (r[8] or None),
             "draining": bool(state.get("draining")), "quarantined_until": state.get("quarantined_until"),
         }
 
@@ -188,6 +197,10 @@ class QueryError(ValueError):
     """A request that cannot be answered; the message is the reply's "error"."""
 
 
+class Refused(QueryError):
+    """A request a submitter may not make: the reply also says "refused": true (the CLI's exit 3)."""
+
+
 def parse(name: str, data: bytes) -> msgspec.Struct:
     if name not in QUERIES:
         raise QueryError(f"unknown query {name!r} (known: {', '.join(QUERIES)})")
@@ -198,8 +211,21 @@ def parse(name: str, data: bytes) -> msgspec.Struct:
         raise QueryError(f"bad {name} request: {exc}") from None
 
 
-SCOPED = ("tasks", "results", "durations")
-"""The queries a submitter may ask on `dtf.query.<name>.<submitter>`, answered for its own runs only."""
+SCOPED = ("tasks", "workers", "results", "durations", "aggregate", "flaky", "runs", "anomalies")
+"""The queries a submitter may ask on `dtf.query.<name>.<submitter>`, answered for its own runs only
+(`workers`: the fleet, which holds no tenant's data, without host, pid and reason). `status` counts
+everyone's events, so it is refused."""
+
+
+def foreign_run(cur: duckdb.DuckDBPyConnection, run_id: str, submitter: str) -> bool:
+    """Whether the read model holds the run and none of it is `submitter`'s. Admission keeps a
+    stranger's tasks out of a run, so a run's tasks are its owner's. A run the read model does not
+    hold (yet) is not refused: it is empty, as a run still being projected is."""
+    (mine, others) = cur.execute(
+        "SELECT count(*) FILTER (WHERE submitter = $p), count(*) FILTER (WHERE submitter IS DISTINCT FROM $p)"
+        " FROM tasks WHERE run_id = $r", {"r": run_id, "p": submitter},
+    ).fetchone()  # type: ignore[misc]
+    return mine == 0 and others > 0
 
 
 def answer(con: duckdb.DuckDBPyConnection, name: str, data: bytes, party: str | None = None) -> bytes:
@@ -210,13 +236,18 @@ def answer(con: duckdb.DuckDBPyConnection, name: str, data: bytes, party: str | 
         request = parse(name, data)
         if party is not None:
             if name not in SCOPED:
-                raise QueryError(f"{name} is not answered for a submitter (only {', '.join(SCOPED)})")
+                raise Refused(f"a submitter may not ask the {name} query (it may ask {', '.join(SCOPED)})")
             request = msgspec.structs.replace(request, submitter=party)
         cur = con.cursor()
         try:
+            run_id = getattr(request, "run_id", None)
+            if party is not None and run_id is not None and foreign_run(cur, run_id, party):
+                raise Refused(f"run {run_id} is another submitter's: {party} may read only its own runs")
             reply = QUERIES[name][1](cur, request)
         finally:
             cur.close()
+    except Refused as exc:
+        reply = {"error": str(exc), "refused": True}
     except QueryError as exc:
         reply = {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a query must never take the service down

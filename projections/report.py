@@ -2,7 +2,7 @@
 here, as JUnit XML by `report_junit` and as a self-contained HTML page by `report_html`.
 
     runs {"offset"?, "limit"?} -> {"runs": [{run_id, submitted_at, finished_at, tasks, states, tests}],
-                                   "next_offset"}   newest first (the `runs` query)
+                                   "next_offset"}   newest first (the `runs` query; a submitter's own)
 
 `document(run_id, tasks, results, metrics, anomalies)` is pure: it takes the rows of the `tasks`,
 `results` and `aggregate` queries and the `anomalies` reply, keeps each task's tests from its last
@@ -33,6 +33,7 @@ METRIC_GROUPS = ["benchmark", "metric", "labels", "hardware"]
 class RunsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A `queries.Page` (not a subclass: `queries` imports this module)."""
 
+    submitter: str | None = None
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
@@ -44,7 +45,8 @@ def runs(cur: duckdb.DuckDBPyConnection, request: RunsRequest) -> dict:
         SELECT run_id, min(submitted_at) AS submitted_at, max(finished_at) AS finished_at, count(*) AS tasks,
             list(status ORDER BY status) AS states, sum(passed) AS passed, sum(failed) AS failed,
             sum(skipped) AS skipped, sum(errors) AS errors
-        FROM tasks GROUP BY run_id ORDER BY submitted_at DESC NULLS LAST, run_id DESC
+        FROM tasks WHERE $submitter IS NULL OR submitter = $submitter
+        GROUP BY run_id ORDER BY submitted_at DESC NULLS LAST, run_id DESC
     """
 
     def item(r: tuple) -> dict:
@@ -54,7 +56,7 @@ def runs(cur: duckdb.DuckDBPyConnection, request: RunsRequest) -> dict:
             "tests": dict(zip(COUNTS, (int(n or 0) for n in r[5:9]))),
         }
 
-    found, next_offset = _page(cur, sql, {}, request, item)
+    found, next_offset = _page(cur, sql, {"submitter": request.submitter}, request, item)
     return {"runs": found, "next_offset": next_offset}
 
 

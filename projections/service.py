@@ -42,10 +42,11 @@ class QueryService:
             self._subs.append(await self.nc.subscribe(
                 subjects.query(name), queue=QUEUE, cb=partial(self._handle, name),
             ))
-            if name in queries.SCOPED:  # a submitter's own: dtf.query.<name>.<submitter>
-                self._subs.append(await self.nc.subscribe(
-                    subjects.query(name, "*"), queue=QUEUE, cb=partial(self._handle, name),
-                ))
+            # A submitter's own: dtf.query.<name>.<submitter>. Every query, so one a submitter may
+            # not ask is refused in words rather than met by silence ("no responders").
+            self._subs.append(await self.nc.subscribe(
+                subjects.query(name, "*"), queue=QUEUE, cb=partial(self._handle, name),
+            ))
         # Only ever a submitter's own (an admin or viewer reads the artifacts store itself).
         self._subs.append(await self.nc.subscribe(
             subjects.query("log", "*"), queue=QUEUE, cb=partial(self._handle, "log"),

@@ -399,7 +399,8 @@ async def test_a_submitter_reads_its_own_runs_and_no_one_elses(secured_server, l
         mine = json.loads((await run("tasks", "--json")).stdout)["tasks"]
         assert [t["task_id"] for t in mine] == ["run-b-1"]  # alice's run-a-1 is not listed
         theirs = await run("results", "--run", "run-a", "--json")
-        assert theirs.returncode == 0 and json.loads(theirs.stdout)["results"] == []
+        assert theirs.returncode == 3 and theirs.stdout == ""  # refused, in words
+        assert "run run-a is another submitter's: bob may read only its own runs" in theirs.stderr
         def as_admin(*args):
             return json.loads(dtf(secured_server, secured_server.admin, *args).stdout)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -210,7 +211,7 @@ def test_split_refuses_what_it_cannot_split(system, suite):
     assert broken.returncode == 2 and "collecting the tests to split them failed" in broken.stderr
 
 
-def test_a_submitter_splits_by_its_own_history_and_must_name_the_slots(suite, tmp_path):
+def test_a_submitter_splits_by_its_own_history_for_the_fleet_the_workers_query_shows(suite, tmp_path):
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA"):
         env.pop(name, None)
@@ -229,12 +230,14 @@ def test_a_submitter_splits_by_its_own_history_and_must_name_the_slots(suite, tm
         added = dtf("creds", "add", "--role", "submitter", "--name", "sam", "--out", str(creds))
         assert added.returncode == 0, added.stderr
         as_sam = {"DTF_CREDS": str(creds)}
-        for _ in range(100):  # the server loads new credentials asynchronously
-            auto = dtf("submit", str(suite), "--split", "auto", "--nats", url, **as_sam)
-            if "refused" not in auto.stderr:
+        for _ in range(300):  # the server loads new credentials, the projector the worker, asynchronously
+            fleet = dtf("workers", "--json", "--nats", url, **as_sam)
+            if fleet.returncode == 0 and any(w["state"] == "online" for w in json.loads(fleet.stdout)["workers"]):
                 break
             time.sleep(0.1)
-        assert auto.returncode == 2 and "give --split N" in auto.stderr
+        auto = dtf("submit", str(suite), "--split", "auto", "--nats", url, **as_sam)
+        assert auto.returncode == 0, auto.stderr
+        assert re.search(r"shards for [1-9]\d* slots", auto.stderr) and "no capable worker" not in auto.stderr
         named = dtf("submit", str(suite), "--split", "2", "--nats", url, **as_sam)
         assert named.returncode == 0, named.stderr
         assert "0 with history" in named.stderr and "no test history" not in named.stderr

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from dtf import events as ev
 from dtf import subjects, wire
-from dtf.cli.common import CliError, connected, nats_options, query_scope
+from dtf.cli.common import EXIT_PERMISSION, CliError, connected, nats_options, query_scope
 from dtf.limits import clip
 from dtf.replay import Cutoff
 from dtf.state import Fold
@@ -46,7 +46,8 @@ async def pages(nc, name: str, request: dict) -> AsyncIterator[dict]:
             if asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.2)
                 continue
-            raise CliError("no projector answered (is `dtf up` or `dtf projector` running?)") from None
+            raise CliError(f"no projector answered the {name} query (is `dtf up` or `dtf projector` "
+                           "running?)") from None
         except NatsTimeout:
             raise CliError("the projector did not answer in time") from None
         try:
@@ -56,6 +57,8 @@ async def pages(nc, name: str, request: dict) -> AsyncIterator[dict]:
         if not isinstance(body, dict):
             raise CliError("the projector's reply is not a JSON object")
         if "error" in body:
+            if body.get("refused") is True:  # a submitter asked for what is not its own
+                raise CliError(f"refused: {body['error']}", EXIT_PERMISSION)
             raise CliError(f"projector: {body['error']}")
         yield body
         offset = body.get("next_offset")
@@ -64,6 +67,16 @@ async def pages(nc, name: str, request: dict) -> AsyncIterator[dict]:
 async def ask(nc, name: str, request: dict) -> list[dict]:
     """All rows of one read-model query."""
     return [row async for body in pages(nc, name, request) for row in body.get(name, [])]
+
+
+async def refuse_foreign_run(nc, run_id: str) -> None:
+    """For a submitter whose feed holds no run `run_id`: exit 3 when the read model holds it as
+    another submitter's (the projector refuses to answer for it); return when it is just unknown."""
+    if query_scope(nc) is None:
+        return
+    async with contextlib.aclosing(pages(nc, "tasks", {"run_id": run_id, "limit": 1})) as replies:
+        async for _ in replies:
+            return
 
 
 def query(name: str, request: dict, nats_url: str | None, creds: str | None) -> list[dict]:

@@ -186,7 +186,7 @@ async def detections(nc, run_id: str) -> list[dict] | None:
     """The anomalies query's findings for the run; None when no detector's read model answers (the
     rest of a report does not depend on it)."""
     try:
-        await nc.request(subjects.query("anomalies"), b'{"limit": 1}', timeout=QUERY_TIMEOUT_S)
+        await nc.request(subjects.query("anomalies", query_scope(nc)), b'{"limit": 1}', timeout=QUERY_TIMEOUT_S)
         return await ask(nc, "anomalies", {"run_id": run_id})
     except (NoRespondersError, NatsTimeout):
         return None
@@ -219,8 +219,6 @@ async def run_document(nc, run_id: str, settled: dict[str, str] | None, wait_reg
     if not tasks:
         raise CliError(f"no run {run_id} in the read model")
     results_rows = await ask(nc, "results", {"run_id": run_id})
-    if query_scope(nc) is not None:  # a submitter is answered tasks and results, not metrics or anomalies
-        return report.document(run_id, tasks, results_rows, [], None)
     metrics = await ask(nc, "aggregate",
                         {"run_id": run_id, "kind": "metrics", "group_by": report.METRIC_GROUPS})
     found = await detections(nc, run_id)

@@ -24,7 +24,7 @@ from dtf.cli import github_annotations as github
 from dtf.cli import failures, interrupt
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
-from dtf.cli.commands_query import ask, pages
+from dtf.cli.commands_query import ask, pages, refuse_foreign_run
 from dtf.cli.common import (
     EXIT_PERMISSION, CliError, acting_name, connected, credential_identity, nats_options, parse_pairs,
     query_scope,
@@ -325,6 +325,7 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             if rerun_failed is not None:
                 fold, results = await sub.read_run(js, rerun_failed, query_scope(nc))
                 if not fold.tasks:
+                    await refuse_foreign_run(nc, rerun_failed)
                     raise CliError(f"no run {rerun_failed} in the event log")
                 old_ids, specs = sub.rerun_specs(list(fold.tasks.values()), results)
                 if not specs:
@@ -435,6 +436,7 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
             js = nc.jetstream()
             scope = query_scope(nc)  # a submitter follows its own feed, where others' runs do not exist
             if not await sub.run_exists(js, run_id, scope):
+                await refuse_foreign_run(nc, run_id)
                 raise CliError(f"no run {run_id} in the event log" + (f" of {scope}'s runs" if scope else ""))
             tasks = await follow_or_interrupt(ctx, js, run_id, not as_json or sys.stderr.isatty(), wait_timeout,
                                               cancel_on_interrupt, creds, scope)
@@ -481,10 +483,14 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
         scope = query_scope(nc)  # a submitter reads its own tasks' events from its feed
         history = await _task_history(js, task_id, scope)
         if not history:
-            raise CliError(f"no task {task_id} in the event log" + (f" of {scope}'s tasks" if scope else ""))
+            if scope is not None:  # refused for another's task; a task of its own older than the feed is in the read model
+                await _stored_log_by_query(nc, task_id)
+                return
+            raise CliError(f"no task {task_id} in the event log")
         if follow and _finished(history) is None:
             if scope is not None:
-                raise CliError("live output is for viewer credentials; a submitter's is its task's once it ends")
+                raise CliError("live output is for viewer credentials; a submitter reads its task's log once it "
+                               "ends", EXIT_PERMISSION)
             await _follow_live(nc, js, task_id)
             return
         result = _finished(history)
@@ -552,6 +558,8 @@ def cancel(task_id: str | None, run_id: str | None, reason: str, nats_url: str |
 
 async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, creds: str | None) -> None:
     async with connected(nats_url, creds, "dtf-cancel") as nc:
+        if scope == subjects.run_all(target) and not await sub.run_exists(nc.jetstream(), target, query_scope(nc)):
+            await refuse_foreign_run(nc, target)
         cancelled, total = await cancel_open(nc.jetstream(), scope, target, reason, creds, query_scope(nc))
         click.echo(f"dtf: cancelled {cancelled} of {total} tasks", err=True)
 

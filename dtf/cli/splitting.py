@@ -10,6 +10,7 @@ should be cut (`split.plan_files`); otherwise the suite is collected as above.""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dtf.cli import collection
 from dtf.cli.common import CliError, query_scope
 from dtf.schedule import capable
 from dtf.spec import Requirements, TaskSpec, test_args
-from dtf.state import Fold
+from dtf.state import Fold, WorkerState
 from dtf.streams import bus, topology
 
 
@@ -50,13 +51,28 @@ def relative_args(paths: list[str], root: Path) -> list[str]:
     return rel
 
 
-async def capable_slots(js: JetStreamContext, requirements: Requirements) -> int:
-    """Slots of the online, not draining workers that could run the shards (from the event log)."""
-    fold = Fold()
-    async for msg in bus.read(js, topology.EVENTS, [subjects.worker("*", "*")]):
-        fold.apply(msg.subject, msg.seq, msg.data)
-    return sum(w.concurrency for w in fold.workers.values()
+def capable_slots(workers: Iterable[WorkerState], requirements: Requirements) -> int:
+    """Slots of the online, not draining workers that could run the shards."""
+    return sum(w.concurrency for w in workers
                if w.status == "online" and not w.draining and capable(w, requirements))
+
+
+async def fleet(nc: Client, js: JetStreamContext) -> list[WorkerState]:
+    """The workers as the event log has them; for a submitter, who may not read the log, as the
+    projector's `workers` query shows them (capabilities, state and slots are all a split needs)."""
+    if query_scope(nc) is None:
+        fold = Fold()
+        async for msg in bus.read(js, topology.EVENTS, [subjects.worker("*", "*")]):
+            fold.apply(msg.subject, msg.seq, msg.data)
+        return list(fold.workers.values())
+    from dtf.cli.commands_query import ask
+
+    try:
+        return [msgspec.convert({"worker_id": row["worker_id"], "status": row["state"], "draining": row["draining"],
+                                 "concurrency": row["concurrency"] or 0, "capabilities": row["capabilities"]},
+                                WorkerState) for row in await ask(nc, "workers", {})]
+    except msgspec.ValidationError as exc:
+        raise CliError(f"the projector's workers are not as expected: {exc}") from None
 
 
 async def history(nc: Client, files: list[str], project: str) -> dict[str, float]:
@@ -85,12 +101,9 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
                       workspace_sha: str | None = None) -> tuple[TaskSpec, list[list[str]]]:
     """The base spec marked as a split shard (`config.split`: the whole suite's arguments, which a warm
     pytest process collects once, and whether to use one) and the shards, biggest first."""
-    if request.slots is None and query_scope(nc) is not None:
-        raise CliError("--split auto sizes the split by the workers in the event log, which submitter "
-                       "credentials cannot read; give --split N")
     args = relative_args(paths, root)
     pytest_args = test_args(base)
-    slots = await _slots(js, request, base)
+    slots = await _slots(nc, js, request, base)
     config = {**base.config, "split": {"suite": args, "warm": request.warm}}
     marked = msgspec.structs.replace(base, config=config)
     nodeids = await asyncio.to_thread(collection.cached, args, pytest_args, workspace_sha)
@@ -121,10 +134,10 @@ async def plan_shards(nc: Client, js: JetStreamContext, request: Request, base: 
     return marked, [list(s.nodeids) for s in planned]
 
 
-async def _slots(js: JetStreamContext, request: Request, base: TaskSpec) -> int:
+async def _slots(nc: Client, js: JetStreamContext, request: Request, base: TaskSpec) -> int:
     if request.slots is not None:
         return request.slots
-    slots = await capable_slots(js, base.requirements)
+    slots = capable_slots(await fleet(nc, js), base.requirements)
     if slots == 0:
         click.echo("dtf: no capable worker is online to size the split for; planning for 1 "
                    "(give --split N to plan for N)", err=True)
