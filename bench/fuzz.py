@@ -11,8 +11,10 @@
 
 Inputs mix random bytes, arbitrary JSON, valid events and specs with fields replaced, dropped or
 added, truncated or bit-flipped encodings, deeply nested documents, and hostile ones: submissions
-around the size limit up to 1 MiB, events nesting past the depth limit up to 20,000 levels, up to
-100 KB of unclosed brackets, and times without an offset or outside UTC. An accepted input must
+around the size limit up to 1,048,470 bytes (just under NATS' max_payload with dtf's headers), events
+nesting past the depth limit up to 20,000 levels, 100 KB of nesting (balanced or unclosed) inside an
+event object, up to 100 KB of unclosed brackets, and times without an offset or outside UTC, in the
+event's time, a spec's deadline, or both. An accepted input must
 round-trip (encode, decode, equal). Each call is timed: a call over HANG_S twice counts as a hang.
 
     .venv/bin/python bench/fuzz.py [--examples 10000] [--seed N]
@@ -148,9 +150,13 @@ def oversize(size: int) -> bytes:
     return _dumps(_submission(blob="x" * max(0, size - len(_dumps(_submission())))))
 
 
-def nested_in_event(levels: int) -> bytes:
-    return _dumps(_submission()).replace(b'"pytest_args"', b'"deep": ' + b"[" * levels + b"]" * levels
-                                         + b', "pytest_args"')
+def nested_in_event(levels: int, closed: bool = True) -> bytes:
+    return _dumps(_submission()).replace(b'"pytest_args"', b'"deep": ' + b"[" * levels
+                                         + (b"]" * levels if closed else b"") + b', "pytest_args"')
+
+
+ATTACK_BYTES = 1_048_470
+"""The size of issue #13's oversize attack: the biggest submission the server still takes in one message."""
 
 
 BAD_TIMES = ["2026-01-01T00:00:00", "2026-01-01 00:00:00", "9999-12-31T23:59:59-23:59",
@@ -162,16 +168,19 @@ def offsetless(draw: st.DrawFn) -> bytes:
     """A valid event whose time (or deadline) has no offset, or one outside UTC's range."""
     doc = json.loads(json.dumps(draw(st.sampled_from(EVENT_DICTS))))
     bad = draw(st.sampled_from(BAD_TIMES))
-    if "deadline" in doc.get("spec", {}) and draw(st.booleans()):
+    where = draw(st.sampled_from(["time", "deadline", "both"])) if "deadline" in doc.get("spec", {}) else "time"
+    if where != "time":
         doc["spec"]["deadline"] = bad
-    else:
+    if where != "deadline":
         doc["time"] = bad
     return _dumps(doc)
 
 
 hostile = st.one_of(
-    st.integers(MAX_SUBMISSION_BYTES - 2000, 1_040_000).map(oversize),
+    st.integers(MAX_SUBMISSION_BYTES - 2000, ATTACK_BYTES).map(oversize),
+    st.just(ATTACK_BYTES).map(oversize),
     st.integers(MAX_DEPTH - 8, 20_000).map(nested_in_event),
+    st.builds(nested_in_event, st.integers(50_000, 100_000), st.booleans()),
     st.integers(1, 100_000).map(lambda n: b"[" * n),
     offsetless(),
 )
