@@ -2,7 +2,8 @@
 
 A submitter may not read DTF_EVENTS (its subjects name no owner, see dtf.streams.auth), so the
 coordinator, which folds every run's owner anyway, republishes each event of an owned run to
-`dtf.feed.<owner>.<original subject>` in DTF_FEED, with the original bytes and the original stream
+`dtf.feed.<owner>.<original subject>` in DTF_FEED (a submission and its rejection to their sender's
+feed instead, `reader_of`), with the original bytes and the original stream
 sequence as Nats-Msg-Id. The server lets a submitter create only consumers filtered to its own
 prefix (the filtered `$JS.API.CONSUMER.CREATE.DTF_FEED.<consumer>.<filter>` form, where the filter
 is in the subject a permission sees), and `read` strips the prefix again, so every reader folds the
@@ -17,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 
-from dtf import subjects
+from dtf import admission, subjects
+from dtf import events as ev
 from dtf.streams import bus, topology
 
 log = logging.getLogger("dtf.feed")
@@ -47,6 +49,19 @@ def original_subject(owner: str, subject: str) -> str:
 def republished(subject: str, owner: str | None) -> bool:
     """Whether a DTF_EVENTS message goes to the feed: a task event of a run with a known owner."""
     return owner is not None and subject.startswith(f"{subjects.PREFIX}.task.")
+
+
+def reader_of(subject: str, event: ev.Event | None, owners: Mapping[str, str]) -> str | None:
+    """Whose feed a DTF_EVENTS message goes to: its run's owner, except a submission and its
+    rejection, which go to the submitter who sent it. So a submission into another's run, refused on
+    the record, is seen by its sender (its `--wait` ends "rejected", with the reason) and not by the
+    run's owner, to whose run it never belonged."""
+    parsed = subjects.parse(subject)
+    if parsed.kind == "submitted" and parsed.party:
+        return parsed.party
+    if isinstance(event, ev.TaskRejected) and (sender := admission.rejected_submitter(event)):
+        return sender
+    return owners.get(parsed.run_id)
 
 
 async def read(js: JetStreamContext, filter_: str, scope: str | None, *, follow: bool = False,

@@ -141,8 +141,6 @@ async def test_a_task_in_another_submitters_run_is_rejected_and_that_runs_verdic
     assert after == {"code": 0, "tasks": {"run-ann-1": "passed"}}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with submitter credentials `dtf submit` cannot read the log, so it "
-                   "reports a task refused as foreign as submitted, and --wait waits for a run it cannot see")
 async def test_dtf_submit_with_submitter_credentials_into_another_submitters_run_exits_with_the_reason(system):
     own = await asyncio.to_thread(system.cli, "submit", "--command", "true", "--run-id", "run-ann2", creds=system.ann)
     assert own.returncode == 0, own.stderr

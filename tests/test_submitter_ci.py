@@ -131,3 +131,18 @@ def test_the_projector_hands_a_stored_log_only_to_the_submitter_of_its_task():
     assert logs.log_ref(con, "t1", "bob") is None
     assert logs.page(b"x" * (logs.CHUNK + 1), 0)["next_offset"] == logs.CHUNK
     assert logs.page(b"x" * (logs.CHUNK + 1), logs.CHUNK) == {"data": "eA==", "next_offset": None}
+
+
+def test_a_submission_into_anothers_run_and_its_rejection_reach_its_sender_not_the_runs_owner():
+    from datetime import UTC, datetime
+
+    from dtf import events as ev
+
+    owners = {"run-a": "alice"}
+    into_alices = "dtf.task.run-a.run-a-9.submitted.bob"
+    rejection = ev.TaskRejected(id="rejected-9", time=datetime.now(UTC), run_id="run-a", task_id="run-a-9",
+                                reason="run run-a belongs to submitter alice", source_subject=into_alices, source_seq=9)
+    assert feed.reader_of(into_alices, None, owners) == "bob"
+    assert feed.reader_of("dtf.task.run-a.run-a-9.rejected.coordinator", rejection, owners) == "bob"
+    assert feed.reader_of("dtf.task.run-a.run-a-1.started.w1", None, owners) == "alice"
+    assert feed.reader_of("dtf.task.run-b.run-b-1.started.w1", None, owners) is None  # no owner known: not fed

@@ -26,7 +26,7 @@ from dtf import events as ev
 from dtf import schedule, subjects
 from dtf.state import Fold
 from dtf.streams import bus, placement, topology
-from dtf.streams.feed import OwnerFeed
+from dtf.streams.feed import OwnerFeed, reader_of
 
 log = logging.getLogger("dtf.coordinator")
 
@@ -98,8 +98,8 @@ class Coordinator:
             return {"start_seq": self.fold.last_seq + 1}
 
         async for msg in bus.follow(self.js, topology.EVENTS, [subjects.TASKS, subjects.WORKERS], where, stalled):
-            self.fold.apply(msg.subject, msg.seq, msg.data)
-            self.feed.offer(msg.subject, msg.seq, msg.data, self.fold.owners.get(subjects.parse(msg.subject).run_id))
+            applied = self.fold.apply(msg.subject, msg.seq, msg.data)
+            self.feed.offer(msg.subject, msg.seq, msg.data, reader_of(msg.subject, applied.event, self.fold.owners))
             if msg.seq >= start_tail and msg.pending == 0:
                 self.caught_up.set()
                 self.changed.set()
