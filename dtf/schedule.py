@@ -2,7 +2,8 @@
 
 `decide(fold, now, coordinator, policy)` returns every event the coordinator should publish given what
 it has folded so far: workers declared lost after `policy.heartbeat_timeout` without a heartbeat, the
-attempts they held failed (category "worker", so they are requeued), workers quarantined after
+attempts they held failed (category "worker", so they are requeued), attempts that a worker still
+there never started within `policy.start_deadline` failed the same way, workers quarantined after
 repeated infrastructure failures (then probed with one attempt), rejections of set-aside
 submissions, cancellations of tasks whose dependencies failed, tasks no registered worker can ever
 run (TaskUnschedulable), missed deadlines (TaskDeadlineMissed), assignments of ready tasks to
@@ -29,12 +30,21 @@ from dtf.state import ACTIVE, TERMINAL, Fold, TaskState, WorkerState
 
 HEARTBEAT_TIMEOUT_S = 15.0
 """Default: three missed heartbeats at the worker's default 5 s interval."""
+START_DEADLINE_S = 60.0
+"""Default start deadline. A worker publishes TaskStarted as soon as it has checked that the assignment
+is still current, before it fetches the workspace or builds the env (workers/attempt.py), so only
+delivery and one publish count: under a second normally. 60 s is the worker's own budget for retrying
+that publish through bus trouble (`workers.attempt.PUBLISH_RETRY_FOR_S`), so a worker riding out a
+leader election is not overtaken, and it is well past the heartbeat timeout, so a dead worker is
+found lost (the clearer verdict) first."""
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
-    """The coordinator's tunables (`dtf coordinator --heartbeat-timeout`)."""
+    """The coordinator's tunables (`dtf coordinator --heartbeat-timeout --start-deadline`)."""
 
     heartbeat_timeout: timedelta = timedelta(seconds=HEARTBEAT_TIMEOUT_S)
+    start_deadline: timedelta = timedelta(seconds=START_DEADLINE_S)
+    """How long an assigned attempt may wait for its TaskStarted before it is taken back (`not_started`)."""
     quarantine_after: int = 3
     """Infrastructure failures in a row that quarantine a worker."""
     quarantine_base: timedelta = timedelta(seconds=30)
@@ -397,6 +407,35 @@ def lost_attempts(fold: Fold, now: datetime) -> list[ev.TaskFailed]:
     return decisions
 
 
+def not_started(fold: Fold, now: datetime, policy: Policy, skip: set[str] = frozenset()) -> list[ev.TaskFailed]:
+    """Attempts assigned more than `policy.start_deadline` ago and still not started, on a worker that
+    is not lost or gone (`lost_attempts` fails those): the assignment never reached the worker (its
+    consumer was overwritten, the message was lost) or the worker never acted on it, yet it heartbeats.
+
+    Each is failed as lost with its worker (category "worker", id `unstarted-<task>-<attempt>`): the
+    task is requeued at once without using a retry, the attempt is no longer current, so its late
+    start or result changes nothing (and the worker, which starts only if nothing landed on the task
+    since it looked, skips it), and it counts towards the worker's quarantine like any other lost
+    attempt: a worker that never receives its work stops attracting it. Reads the fold's index of
+    unstarted attempts by assignment time only as far as they are due."""
+    decisions = []
+    for assigned_at, task_id in fold.queues.unstarted:
+        if now - assigned_at <= policy.start_deadline:
+            break
+        task = fold.tasks[task_id]
+        worker = fold.workers.get(task.worker_id)
+        if task_id in skip or (worker is not None and worker.status in ("lost", "left")):
+            continue
+        waited = (now - assigned_at).total_seconds()
+        decisions.append(ev.TaskFailed(
+            id=f"unstarted-{task_id}-{task.attempt}", time=now, run_id=task.run_id, task_id=task_id,
+            attempt=task.attempt, worker_id=task.worker_id, category="worker",
+            reason=f"attempt {task.attempt} not started within {policy.start_deadline.total_seconds():g}s "
+                   f"of assignment to {task.worker_id} (waited {waited:.1f}s)",
+        ))
+    return decisions
+
+
 def quarantines(fold: Fold, now: datetime, policy: Policy) -> list[ev.WorkerQuarantined]:
     """Quarantine a worker after `quarantine_after` infrastructure failures in a row, and again (for
     twice as long) when its probe after a quarantine fails too."""
@@ -419,7 +458,7 @@ def quarantines(fold: Fold, now: datetime, policy: Policy) -> list[ev.WorkerQuar
 
 def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy()) -> Iterable[ev.Event]:
     """Everything to publish now, in a safe order: verdicts before new work. A task gets at most one
-    of cancellation, unschedulable, deadline-missed and assignment per round (each would expect the
+    of rejection, not-started failure, cancellation, unschedulable, deadline-missed and assignment per round (each would expect the
     same last sequence on the task's subject, so a second would only be refused); the rest follow
     in the next round, once the first is folded."""
     yield from lost_workers(fold, now, policy)
@@ -428,8 +467,11 @@ def decide(fold: Fold, now: datetime, coordinator: str, policy: Policy = Policy(
     # A rejection may land on a known task's subject (its id submitted again): that task waits a round.
     rejected = rejections(fold, now)
     yield from rejected
+    touched = {d.task_id for d in rejected}
+    unstarted = not_started(fold, now, policy, touched)
+    yield from unstarted
     cancelled = dependency_cancellations(fold, now)
-    touched = {d.task_id for d in rejected} | {d.task_id for d in cancelled}
+    touched |= {d.task_id for d in unstarted} | {d.task_id for d in cancelled}
     yield from cancelled
     stuck = unschedulable(fold, now, policy, touched)
     touched |= {d.task_id for d in stuck}

@@ -15,6 +15,8 @@ Task lifecycle (attempt numbers start at 1):
     pending --TaskUnschedulable--> unschedulable --TaskAssigned(n)--> assigned   (a capable worker came)
     TaskDeadlineMissed marks any unsettled task once and changes nothing else.
     TaskPreempted(n) marks an active attempt as being handed back; its TaskReleased(n) requeues it.
+    An attempt not started by the start deadline is failed by the coordinator as lost with its worker
+    (TaskFailed(n), category "worker", id `unstarted-<task>-<n>`), like one whose worker was lost.
 
 An event for any attempt but the current one (a late result from a lost attempt, a duplicate) changes
 nothing: at most one terminal outcome per attempt.
@@ -293,6 +295,8 @@ class Queues:
         doomed     queued tasks with a dependency that ended without passing (to be cancelled)
         pending    requirements (as JSON) -> pending tasks with them (one unschedulable verdict each)
         deadlines  (deadline, task id) of unsettled tasks whose miss is not yet recorded
+        unstarted  (assigned_at, task id) of attempts assigned but not started, oldest first (the
+                   start deadline, `schedule.not_started`)
         served     project -> its fair-share clock: assignments so far, but set to `clock` when its
                    lane fills again if behind it (start-time fair queueing, equal weights), so an
                    idle project banks no credit and a busy one cannot starve a newcomer
@@ -309,6 +313,7 @@ class Queues:
         self.doomed: dict[str, None] = {}
         self.pending: dict[bytes, dict[str, None]] = {}
         self.deadlines = SortedList()
+        self.unstarted = SortedList()
         self.served: dict[str, float] = {}
         self.clock = 0.0
 
@@ -332,6 +337,10 @@ class Queues:
             self.deadlines.discard((before.spec.deadline, before.task_id))  # type: ignore[union-attr]
         elif _watched(after) and not _watched(before):
             self.deadlines.add((after.spec.deadline, after.task_id))  # type: ignore[union-attr]
+        if before is not None and before.status == "assigned":
+            self.unstarted.discard((before.assigned_at, before.task_id))
+        if after.status == "assigned":
+            self.unstarted.add((after.assigned_at, after.task_id))
         if before is None or before.status != after.status:
             if after.status == "passed":
                 for waiter in self.waiting.pop(after.task_id, {}):

@@ -1,6 +1,7 @@
 """The fold's scheduling indexes (`Fold.queues`) are kept as the log goes so a round never scans every
 task; here they must always equal the same indexes rebuilt from scratch from the folded tasks, through
-random histories of submissions, decisions, results, failures, releases and preemptions."""
+random histories of submissions, decisions, results, failures, releases, preemptions and attempts
+failed for not starting."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dtf.state import QUEUED, TERMINAL, Fold
 def rebuilt(fold: Fold) -> dict:
     """The indexes as their definitions say, from the tasks alone."""
     lanes: dict[str, set[str]] = {}
-    doomed, deadlines = set(), set()
+    doomed, deadlines, unstarted = set(), set(), set()
     pending: dict[bytes, set[str]] = {}
     for task in fold.tasks.values():
         if task.spec is None:
@@ -35,7 +36,9 @@ def rebuilt(fold: Fold) -> dict:
             pending.setdefault(msgspec.json.encode(task.spec.requirements), set()).add(task.task_id)
         if task.status not in TERMINAL and task.spec.deadline is not None and task.deadline_missed is None:
             deadlines.add((task.spec.deadline, task.task_id))
-    return {"lanes": lanes, "doomed": doomed, "pending": pending, "deadlines": deadlines}
+        if task.status == "assigned":
+            unstarted.add((task.assigned_at, task.task_id))
+    return {"lanes": lanes, "doomed": doomed, "pending": pending, "deadlines": deadlines, "unstarted": unstarted}
 
 
 def kept(fold: Fold) -> dict:
@@ -45,6 +48,7 @@ def kept(fold: Fold) -> dict:
         "doomed": set(queues.doomed),
         "pending": {key: set(ids) for key, ids in queues.pending.items() if ids},
         "deadlines": set(queues.deadlines),
+        "unstarted": set(queues.unstarted),
     }
 
 

@@ -202,7 +202,7 @@ def result_for(task_id: str) -> ev.ResultReported:
                              worker_id="w1", outcome="passed")
 
 
-@pytest.mark.parametrize("moved_on", ["finished", "cancelled", "reassigned"])
+@pytest.mark.parametrize("moved_on", ["finished", "cancelled", "reassigned", "taken back"])
 async def test_a_stale_assignment_is_acknowledged_and_skipped(nats_server, js, tmp_path, moved_on):
     """A restarted worker gets its unacknowledged assignments again; work that already finished or
     moved on must not run twice."""
@@ -213,6 +213,9 @@ async def test_a_stale_assignment_is_acknowledged_and_skipped(nats_server, js, t
         await bus.publish(js, result_for("t1"))
     elif moved_on == "cancelled":
         await bus.publish(js, ev.TaskCancelled(run_id="r1", task_id="t1", by="alice"))
+    elif moved_on == "taken back":  # the coordinator's start deadline passed first
+        await bus.publish(js, ev.TaskFailed(id="unstarted-t1-1", run_id="r1", task_id="t1", attempt=1,
+                                            worker_id="w1", category="worker", reason="not started"))
     else:
         await bus.publish(js, ev.TaskReleased(run_id="r1", task_id="t1", attempt=1, worker_id="w1",
                                               reason="lost"))

@@ -4,8 +4,12 @@
                     release of this attempt, a cancel, a newer attempt): a restarted worker gets its
                     unacked assignments again and must not rerun finished work; stale ones are
                     acked and skipped (`still_current`)
-    TaskStarted     then the workspace (TaskFailed "data"/"network" when it cannot be had)
-    workspace       materialized once per hash in the cache, copied for each attempt
+    TaskStarted     published only if nothing landed on the task since that check (the expected
+                    last subject sequence, as the coordinator's decisions): if the coordinator took
+                    the attempt back for not starting in time, the start is refused and the
+                    assignment skipped, so the same task never runs twice at once (`claim`)
+    workspace       then the workspace (TaskFailed "data"/"network" when it cannot be had)
+                    materialized once per hash in the cache, copied for each attempt
     run             output streamed to the live-log subject; `msg.in_progress()` every 10 s keeps the
                     claim (the consumer's ack_wait is 30 s)
     report          log to the artifacts store (unless output_tail already holds all of it), then
@@ -26,6 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import nats.errors
 import tenacity
@@ -101,8 +106,13 @@ class Attempt:
         return self.assignment.task_id, self.assignment.attempt
 
 
-async def publish(js: JetStreamContext, event: ev.Event) -> None:
-    """Publish, retrying through short bus trouble (safe: the event id deduplicates)."""
+CLAIM_TRIES = 5
+"""How often a start refused by a harmless newcomer on the task (a deadline note) is checked again."""
+
+
+async def publish(js: JetStreamContext, event: ev.Event, expected_seq: int | None = None) -> None:
+    """Publish, retrying through short bus trouble (safe: the event id deduplicates). With
+    `expected_seq`, `bus.Conflict` when the task moved past that sequence (never retried)."""
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(RETRYABLE),
         wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=0.5, jitter=0.1),
@@ -113,7 +123,7 @@ async def publish(js: JetStreamContext, event: ev.Event) -> None:
     )
     async for attempt in retrying:
         with attempt:
-            await bus.publish(js, event, timeout=PUBLISH_TIMEOUT_S)
+            await bus.publish(js, event, expected_seq=expected_seq, timeout=PUBLISH_TIMEOUT_S)
 
 
 def supersedes(event: ev.Event, a: ev.TaskAssigned) -> bool:
@@ -140,35 +150,67 @@ def _moved_on(event: ev.Event, seq: int) -> str:
     return f"the task moved on: {type(event).__name__}{detail} at seq {seq}"
 
 
-async def still_current(ctx: Context, attempt: Attempt) -> str | None:
-    """None when the assignment should run; otherwise why it is stale.
+class Currency(NamedTuple):
+    stale: str | None
+    """Why the assignment must not run; None when it should."""
+    seq: int
+    """The task's last stream sequence when it was checked."""
+
+
+async def still_current(ctx: Context, attempt: Attempt) -> Currency:
+    """Whether the assignment should run, as of the task's last sequence.
 
     Fast path: the task's last message (last-by-subject on the wildcard `dtf.task.<run>.<task>.>`) is
     this assignment, or this worker's own TaskStarted for it (a restarted worker finishing what it
     began): run; a result, failure or release of this attempt, a cancel or a newer attempt: skip.
-    Anything else there (a rejected forgery, junk) says nothing, so the history since the assignment
-    is read for a superseding event."""
+    Anything else there (a rejected forgery, junk, a deadline note) says nothing, so the history since
+    the assignment is read for a superseding event."""
     a = attempt.assignment
     task_subjects = subjects.task_all(a.run_id, a.task_id)
     try:
         last = await ctx.js.get_last_msg(topology.EVENTS, task_subjects)
     except NotFoundError:
-        return "the task has no history on the bus"
+        return Currency("the task has no history on the bus", 0)
     if last.seq == attempt.seq:
-        return None
+        return Currency(None, last.seq)
     event = _admitted(last.subject, last.data)
     if event is not None:
         if isinstance(event, ev.TaskStarted) and event.attempt == a.attempt and event.worker_id == ctx.worker_id:
-            return None
+            return Currency(None, last.seq)
         if supersedes(event, a):
-            return _moved_on(event, last.seq)
+            return Currency(_moved_on(event, last.seq), last.seq)
     reader = bus.read(ctx.js, topology.EVENTS, [task_subjects], start_seq=attempt.seq + 1)
     async with contextlib.aclosing(reader) as stored_messages:  # its consumer goes now, not at GC
         async for stored in stored_messages:
             event = _admitted(stored.subject, stored.data)
             if event is not None and supersedes(event, a):
-                return _moved_on(event, stored.seq)
-    return None
+                return Currency(_moved_on(event, stored.seq), stored.seq)
+    return Currency(None, last.seq)
+
+
+class Unclaimed(Exception):
+    """The start kept meeting newer messages on the task: try again later."""
+
+
+async def claim(ctx: Context, attempt: Attempt, currency: Currency) -> str | None:
+    """Publish the attempt's TaskStarted unless something landed on the task since `currency` was
+    checked; then check again: None once started, else why it is stale. The coordinator takes back
+    an attempt not started in time with the same kind of conditional write, so of the start and the
+    take-back exactly one is stored, and a start that lost to a take-back finds the attempt stale."""
+    a = attempt.assignment
+    started = ev.TaskStarted(
+        id=f"started-{a.task_id}-{a.attempt}", run_id=a.run_id, task_id=a.task_id,
+        attempt=a.attempt, worker_id=a.worker_id, pid=os.getpid(),
+    )
+    for _ in range(CLAIM_TRIES):
+        try:
+            await publish(ctx.js, started, expected_seq=currency.seq)
+            return None
+        except bus.Conflict:  # something landed since the check: look again
+            currency = await still_current(ctx, attempt)
+            if currency.stale is not None:
+                return currency.stale
+    raise Unclaimed(f"the task kept moving while {attempt.key} was being started")
 
 
 def released(a: ev.TaskAssigned, reason: str) -> ev.TaskReleased:
@@ -231,9 +273,12 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
     uid: int | None = None
     try:
         try:
-            stale = await still_current(ctx, attempt)
+            currency = await still_current(ctx, attempt)
+            stale = currency.stale
+            if stale is None and not attempt.releasing:
+                stale = await claim(ctx, attempt, currency)
         except Exception as exc:  # noqa: BLE001 - cannot tell: let it come back
-            log.warning("cannot check whether %s is still current (%s); it will come back", attempt.key, exc)
+            log.warning("cannot check or start %s (%s); it will come back", attempt.key, exc)
             with contextlib.suppress(Exception):
                 await attempt.msg.nak(delay=RECHECK_DELAY_S)
             return
@@ -244,10 +289,6 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         if attempt.releasing:
             await _finish(ctx, attempt, released(a, attempt.release_reason))
             return
-        await publish(ctx.js, ev.TaskStarted(
-            id=f"started-{a.task_id}-{a.attempt}", run_id=a.run_id, task_id=a.task_id,
-            attempt=a.attempt, worker_id=a.worker_id, pid=os.getpid(),
-        ))
         await asyncio.to_thread(shutil.rmtree, attempt_dir, True)  # a crashed earlier run's leftovers
         try:
             workdir = await _workdir(ctx, a, attempt_dir)

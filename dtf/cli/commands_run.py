@@ -25,7 +25,7 @@ from dtf.cli.commands_metrics import metrics_endpoint, metrics_option
 from dtf import subjects
 from dtf.cli.up import System
 from dtf.streams import topology
-from dtf.schedule import HEARTBEAT_TIMEOUT_S, Policy
+from dtf.schedule import HEARTBEAT_TIMEOUT_S, START_DEADLINE_S, Policy
 
 HEARTBEAT_INTERVAL_S = 5.0
 
@@ -56,16 +56,19 @@ log = logging.getLogger("dtf.cli")
               help="The CA that signed --tls-cert, for the clients to verify it.")
 @click.option("--isolate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="The workers' task isolation (see `dtf worker --help`).")
+@click.option("--start-deadline", default=START_DEADLINE_S, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds an assigned attempt may wait for its TaskStarted before the coordinator "
+                   "takes it back and requeues it (its --start-deadline).")
 def up(workers: int, data_dir: Path, nats_port: int, listen: str, no_dashboard: bool, dashboard_port: int,
        metrics_port: int | None,
        cluster: str, no_auth: bool, use_tls: bool, tls_cert: Path | None, tls_key: Path | None,
-       tls_ca: Path | None, isolate: str) -> None:
+       tls_ca: Path | None, isolate: str, start_deadline: float) -> None:
     """Start a local dtf: nats-server, coordinator, projector and N workers, until SIGINT/SIGTERM."""
     given = [tls_cert, tls_key, tls_ca]
     if any(given) and not all(given):
         raise click.UsageError("--tls-cert, --tls-key and --tls-ca go together")
     system = System(data_dir=data_dir, workers=workers, isolate=isolate, metrics_port=metrics_port,
-                    nats_port=nats_port, listen=listen, cluster=int(cluster),
+                    start_deadline=start_deadline, nats_port=nats_port, listen=listen, cluster=int(cluster),
                     auth=not no_auth, tls=use_tls or all(given), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
     system.dashboard_port = None if no_dashboard else dashboard_port
 
@@ -136,12 +139,16 @@ def demo(keep: bool, workers: int) -> None:
 @click.option("--id", "name", help="Replica name (default coord-HOST-PID).")
 @click.option("--heartbeat-timeout", default=HEARTBEAT_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0.1), help="Seconds without a heartbeat before a worker is lost.")
+@click.option("--start-deadline", default=START_DEADLINE_S, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds an assigned attempt may wait for its TaskStarted before it is taken back and requeued "
+                   "(workers start before fetching the workspace or building the env).")
 @click.option("--replicas", envvar="DTF_REPLICAS", default=1, show_default=True, type=click.IntRange(1, 5),
               help="Stream replicas to provision (3 on a 3-node cluster); existing streams are never shrunk.")
 @click.option("--retention-days", type=click.FloatRange(min=0), default=None,
               help="Keep the task history this long (0: forever). Default: leave it as configured.")
 def coordinator(nats_url: str | None, creds: str | None, name: str | None, heartbeat_timeout: float,
-                replicas: int, retention_days: float | None, metrics_address: tuple[str, int] | None) -> None:
+                start_deadline: float, replicas: int, retention_days: float | None,
+                metrics_address: tuple[str, int] | None) -> None:
     """Run a coordinator replica (any number may run at once)."""
     from dtf.cli.coordinator import Coordinator
     from dtf.cli.coordinator_metrics import CoordinatorCollector
@@ -149,7 +156,8 @@ def coordinator(nats_url: str | None, creds: str | None, name: str | None, heart
     async def body(nc: Client, stop: asyncio.Event) -> None:
         max_age = None if retention_days is None else retention_days * 86400
         await topology.provision(nc.jetstream(), replicas=replicas, max_age_s=max_age)
-        policy = Policy(heartbeat_timeout=timedelta(seconds=heartbeat_timeout))
+        policy = Policy(heartbeat_timeout=timedelta(seconds=heartbeat_timeout),
+                        start_deadline=timedelta(seconds=start_deadline))
         coordinator = Coordinator(nc, name, policy)
         if endpoint is not None:
             endpoint.add(CoordinatorCollector(coordinator, asyncio.get_running_loop()))

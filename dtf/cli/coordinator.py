@@ -2,7 +2,7 @@
 
 It keeps no state of its own: on start it folds DTF_EVENTS from the first message and each worker's
 last heartbeat, then follows both. Whenever it has caught up with the log (and once a second, for
-retry back-offs and heartbeat ages) it asks the pure scheduler what to do and publishes each decision
+retry back-offs, heartbeat ages and start deadlines) it asks the pure scheduler what to do and publishes each decision
 with the task's last stream sequence as the expected one, so when replicas race the server keeps the
 first write and refuses the rest (`bus.Conflict`). It never applies its own decisions directly: they
 count once they come back through the log, like everyone else's.
@@ -56,8 +56,10 @@ class Coordinator:
         self.changed = asyncio.Event()
         self.published = 0
         self.conflicts = 0
-        self.tick = min(TICK_S, policy.heartbeat_timeout.total_seconds() / 5)
-        """How often to decide with no news: retry back-offs and silent workers are found by time."""
+        self.tick = min(TICK_S, policy.heartbeat_timeout.total_seconds() / 5,
+                        policy.start_deadline.total_seconds() / 5)
+        """How often to decide with no news: retry back-offs, silent workers and attempts not started
+        in time are found by time."""
         self.bus_trouble = False
         self.bus_ok_since = datetime.now(UTC)
         """Since when the bus has worked for us: a worker's silence only counts from then on (a stream

@@ -43,6 +43,8 @@ class System:
     workers: int = 2
     isolate: str = "auto"
     """Each worker's `--isolate`."""
+    start_deadline: float | None = None
+    """The coordinator's `--start-deadline` (None: its default)."""
     nats_port: int = 4222
     listen: str = "127.0.0.1"
     dashboard_url: str | None = None
@@ -118,7 +120,9 @@ class System:
         (self.data_dir / "logs").mkdir(mode=0o700, exist_ok=True)
         host = socket.gethostname().split(".")[0]
         self.children = [
-            self._child("coordinator", ["coordinator"], ("coordinator", "coordinator")),
+            self._child("coordinator", ["coordinator", *(
+                [] if self.start_deadline is None else ["--start-deadline", str(self.start_deadline)])],
+                ("coordinator", "coordinator")),
             self._child("projector", ["projector", "--db", str(self.data_dir / "readmodel.duckdb")],
                         ("projector", "projector")),
             self._child("detector", ["detector"], ("detector", "detector")),
