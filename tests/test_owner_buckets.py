@@ -159,3 +159,25 @@ async def test_a_submitter_follows_its_own_running_task_and_sees_only_its_assign
         for client in (w1, w2, bob):
             await client.nc.close()
 
+
+
+def test_every_owners_bucket_is_kept_beside_the_events_leader():
+    from dtf.streams import placement
+
+    names = ["DTF_EVENTS", "OBJ_dtf-ws-alice", "OBJ_dtf-artifacts-w1", "OBJ_other", "KV_x"]
+    assert placement.owner_buckets(names) == ["OBJ_dtf-artifacts-w1", "OBJ_dtf-ws-alice"]
+
+
+async def test_a_bad_bucket_request_gets_an_error_and_the_service_goes_on(nc, js):
+    serving = asyncio.create_task(buckets.serve(nc, js))
+    try:
+        await asyncio.sleep(0.1)
+        for subject in ("dtf.bucket.kv.alice", "dtf.bucket.ws.*"):
+            reply = await nc.request(subject, b"", timeout=5)
+            assert b"error" in reply.data, subject
+        store = await buckets.own(nc, js, "ws", "alice")  # asks the service, which makes it
+        assert (await js.stream_info(f"OBJ_{topology.workspaces_bucket('alice')}")).config.num_replicas == 1
+        assert store is not None
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
