@@ -79,7 +79,9 @@ async def survey(js: JetStreamContext) -> tuple[str | None, list[Group]]:
     if group_of(topology.EVENTS, None, events.cluster) is None:
         return None, []
     groups: list[Group] = []
-    names = [info.config.name for info in await js.streams_info()]
+    names: list[str] = []
+    while page := await js.streams_info(offset=len(names)):  # a page at a time (the server's cap is 256)
+        names += [info.config.name for info in page]
     for stream in (topology.EVENTS, *STREAMS, *owner_buckets(names)):
         try:
             info = events if stream == topology.EVENTS else await js.stream_info(stream)
