@@ -7,7 +7,8 @@ comes from (a submitter, a worker) is a subject token that server permissions ca
     dtf.worker.<worker_id>.<kind>                worker lifecycle (stream DTF_EVENTS)
     dtf.hb.<worker_id>                           heartbeats, last one per worker (stream DTF_HEARTBEATS)
     dtf.query.<name>[.<submitter>]               request-reply to the projector's read model (core NATS)
-    dtf.log.<task_id>                            live output chunks of a running task (core NATS)
+    dtf.log.<submitter>.<task_id>.<worker_id>    live output chunks of a running task (core NATS)
+    dtf.bucket.<kind>.<owner>                    asks a coordinator for an owner's object-store bucket
 
 `<party>` is the submitter for `submitted`/`cancelled`, the worker for everything a worker publishes and
 for `assigned` and `preempted` (the assignee, so each worker's durable consumer filters on its own id), and
@@ -102,9 +103,25 @@ def heartbeat(worker_id: str) -> str:
     return f"{PREFIX}.hb.{worker_id}"
 
 
-def live_log(task_id: str) -> str:
-    """Core NATS (not stored): output chunks of a running task, for `dtf logs --follow`."""
-    return f"{PREFIX}.log.{task_id}"
+def live_log(submitter: str, task_id: str, worker_id: str) -> str:
+    """Core NATS (not stored): output chunks of a running task, for `dtf logs --follow`. The task's
+    owner and the worker running it are tokens, so permissions pin who may publish (the worker) and
+    who may listen (the owner); pass "*" to listen for any of them."""
+    return f"{PREFIX}.log.{submitter}.{task_id}.{worker_id}"
+
+
+def live_log_worker(subject: str) -> str:
+    """The worker a live-log chunk came from (its subject's last token, which permissions pin)."""
+    return subject.rsplit(".", 1)[-1]
+
+
+BUCKET_KINDS = ("ws", "artifacts")
+"""`ws`: a submitter's workspaces bucket; `artifacts`: a worker's logs and test lists."""
+
+
+def bucket_request(kind: str, owner: str) -> str:
+    """Core NATS request to a coordinator to make `owner`'s bucket of `kind` (dtf.streams.buckets)."""
+    return f"{PREFIX}.bucket.{kind}.{owner}"
 
 
 def query(name: str, party: str | None = None) -> str:

@@ -6,6 +6,10 @@ the refs a batch needs and passes the decoded lists to `Projection.apply_batch`.
 An object holds the tests as a JSON array of TestOutcome objects, or as JSON lines of them (the
 pytest plugin's report format). A missing or unreadable object gives no tests and a warning; any
 other error fails the batch, which is then retried.
+
+A list is looked up as (worker, ref), in the bucket of the worker whose subject the result came on
+(`dtf-artifacts-<worker>`, which only that worker may write): a result naming another worker's ref
+finds nothing of that worker's.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from nats.js.errors import InvalidObjectNameError, NotFoundError, ObjectDeletedE
 
 from dtf import events as ev
 from dtf import subjects, wire
-from dtf.streams.topology import ARTIFACTS_BUCKET
+from dtf.streams.topology import artifacts_bucket
 
 log = logging.getLogger("dtf.projector.artifacts")
 
@@ -43,36 +47,38 @@ def decode_tests(data: bytes) -> list[ev.TestOutcome]:
     return [wire.decode(line, _one) for line in data.splitlines() if line.strip()]
 
 
-def refs_in(messages: Iterable) -> set[str]:
-    """The tests_ref of every result message that carries no inline tests."""
+Stored = tuple[str, str]
+"""(worker, tests_ref): a test list in that worker's bucket."""
+
+
+def refs_in(messages: Iterable) -> set[Stored]:
+    """(worker, tests_ref) of every result message that carries no inline tests."""
     refs = set()
     for message in messages:
-        if subjects.parse(message.subject).kind != "result":
+        parsed = subjects.parse(message.subject)
+        if parsed.kind != "result" or not subjects.is_token(parsed.party):
             continue
         try:
             header = wire.decode(message.data, _refs)
         except wire.WireError:
             continue  # not a result: the fold records why
         if header.type == "ResultReported" and header.tests_ref and not header.tests:
-            refs.add(header.tests_ref)
+            refs.add((parsed.party, header.tests_ref))
     return refs
 
 
-async def fetch_tests(js: JetStreamContext, messages: Iterable) -> dict[str, list[ev.TestOutcome]]:
-    """tests_ref -> decoded test list for the messages of one batch."""
-    refs = refs_in(messages)
-    if not refs:
-        return {}
-    store = await js.object_store(ARTIFACTS_BUCKET)
-    found: dict[str, list[ev.TestOutcome]] = {}
-    for ref in sorted(refs):
+async def fetch_tests(js: JetStreamContext, messages: Iterable) -> dict[Stored, list[ev.TestOutcome]]:
+    """(worker, tests_ref) -> decoded test list for the messages of one batch."""
+    found: dict[Stored, list[ev.TestOutcome]] = {}
+    for worker, ref in sorted(refs_in(messages)):
+        bucket = artifacts_bucket(worker)
         try:
-            result = await store.get(ref)
-            found[ref] = decode_tests(result.data or b"")
+            result = await (await js.object_store(bucket)).get(ref)
+            found[(worker, ref)] = decode_tests(result.data or b"")
         except wire.WireError as exc:
-            log.warning("test list %s in %s is not readable: %s", ref, ARTIFACTS_BUCKET, exc)
+            log.warning("test list %s in %s is not readable: %s", ref, bucket, exc)
         except (NotFoundError, ObjectDeletedError, InvalidObjectNameError) as exc:
-            log.warning("test list %s not found in %s: %s", ref, ARTIFACTS_BUCKET, exc)
+            log.warning("test list %s not found in %s: %s", ref, bucket, exc)
         # Anything else (a timeout, a reconnect) propagates: the batch is retried, not applied without
         # its tests, so a live database never differs from a rebuilt one for a passing glitch.
     return found

@@ -73,7 +73,7 @@ class Results:
         self.fold = Fold()
 
     def apply(
-        self, message: bus.StoredMsg, tests: Mapping[str, list[ev.TestOutcome]],
+        self, message: bus.StoredMsg, tests: Mapping[tuple[str, str], list[ev.TestOutcome]],
     ) -> tuple[ev.Event | None, Counted | None]:
         """The event the message carried (None if not accepted) and, for a counted result, its context."""
         task_id = subjects.parse(message.subject).task_id
@@ -87,7 +87,7 @@ class Results:
             return event, None
         worker = self.fold.workers.get(event.worker_id)
         hardware = list(worker.capabilities.hardware) if worker and worker.registered_at else []
-        outcomes = event.tests or (tests.get(event.tests_ref, []) if event.tests_ref else [])
+        outcomes = event.tests or (tests.get((event.worker_id, event.tests_ref), []) if event.tests_ref else [])
         return event, Counted(event, benchmark_name(after), hardware, outcomes)
 
 
@@ -106,7 +106,7 @@ class Follower:
     def last_seq(self) -> int:
         return self.results.fold.last_seq
 
-    def apply(self, messages: Sequence[bus.StoredMsg], tests: Mapping[str, list[ev.TestOutcome]]) -> None:
+    def apply(self, messages: Sequence[bus.StoredMsg], tests: Mapping[tuple[str, str], list[ev.TestOutcome]]) -> None:
         for message in messages:
             event, counted = self.results.apply(message, tests)
             if isinstance(event, ev.Detection):

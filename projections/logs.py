@@ -2,10 +2,10 @@
 
     log  {"task_id", "offset"?} -> {"data": base64 of up to CHUNK bytes, "next_offset"}
 
-A submitter may not read the artifacts store (an object name says nothing of its owner), so the
-projector, which may, answers for the tasks the read model says are that submitter's: the log of
-the task's last attempt that stored one. A log bigger than a reply comes in pages of CHUNK bytes.
-Another submitter's task is refused ({"error", "refused": true}, the CLI's exit 3).
+A submitter may not read the workers' artifacts buckets, so the projector, which may, answers for
+the tasks the read model says are that submitter's: the log of the task's last attempt that stored
+one, from the bucket of the worker that attempt was assigned to. A log bigger than a reply comes in
+pages of CHUNK bytes. Another submitter's task is refused ({"error", "refused": true}, the CLI's exit 3).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 
 from dtf import wire
-from dtf.streams.topology import ARTIFACTS_BUCKET
+from dtf.streams.topology import artifacts_bucket
 
 CHUNK = 512 * 1024
 """Log bytes per reply: base64 makes it ~700 KB, under NATS's 1 MB."""
@@ -34,18 +34,19 @@ class LogRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
-def log_ref(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> str | None:
-    """The stored log of the task's last attempt that has one, if the task is `submitter`'s."""
+def log_ref(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> tuple[str, str] | None:
+    """(worker, ref) of the stored log of the task's last attempt that has one, if the task is
+    `submitter`'s."""
     cur = con.cursor()
     try:
         row = cur.execute(
-            "SELECT a.log_ref FROM attempts a JOIN tasks t ON t.task_id = a.task_id"
+            "SELECT a.worker_id, a.log_ref FROM attempts a JOIN tasks t ON t.task_id = a.task_id"
             " WHERE a.task_id = $task AND t.submitter = $submitter AND a.log_ref IS NOT NULL"
             " ORDER BY a.attempt DESC LIMIT 1", {"task": task_id, "submitter": submitter},
         ).fetchone()
     finally:
         cur.close()
-    return row[0] if row else None
+    return (row[0], row[1]) if row else None
 
 
 def foreign_task(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> bool:
@@ -70,16 +71,18 @@ async def answer(js: JetStreamContext, con: duckdb.DuckDBPyConnection, data: byt
         request = wire.decode(data.strip() or b"{}", as_type=LogRequest)
     except wire.WireError as exc:
         return _encoder.encode({"error": f"bad log request: {exc}"})
-    ref = await asyncio.to_thread(log_ref, con, request.task_id, submitter)
-    if ref is None:
+    found = await asyncio.to_thread(log_ref, con, request.task_id, submitter)
+    if found is None:
         if await asyncio.to_thread(foreign_task, con, request.task_id, submitter):
             return _encoder.encode({"error": f"task {request.task_id} is another submitter's: {submitter} may "
                                              "read only its own tasks' logs", "refused": True})
         return _encoder.encode({"error": f"no stored log of task {request.task_id} among {submitter}'s tasks"})
+    worker, ref = found
+    bucket = artifacts_bucket(worker)
     try:
-        stored = await (await js.object_store(ARTIFACTS_BUCKET)).get(ref)
+        stored = await (await js.object_store(bucket)).get(ref)
     except NotFoundError:
-        return _encoder.encode({"error": f"log {ref} is gone from {ARTIFACTS_BUCKET}"})
+        return _encoder.encode({"error": f"log {ref} is gone from {bucket}"})
     except JetStreamError as exc:
         return _encoder.encode({"error": f"log {ref}: {exc}"})
     return _encoder.encode(page(stored.data or b"", request.offset))

@@ -153,10 +153,10 @@ class Projection:
     # --- applying -------------------------------------------------------------------------------
 
     def apply_batch(
-        self, messages: Sequence[Message], tests: Mapping[str, list[ev.TestOutcome]] | None = None,
+        self, messages: Sequence[Message], tests: Mapping[tuple[str, str], list[ev.TestOutcome]] | None = None,
     ) -> BatchResult:
         """Apply messages (each stream's in sequence order) in one transaction. `tests` maps a
-        ResultReported's `tests_ref` to the list fetched from the artifacts store."""
+        ResultReported's (worker_id, tests_ref) to the list fetched from that worker's artifacts bucket."""
         with self._lock:
             result = BatchResult()
             staged = _Staged()
@@ -195,7 +195,7 @@ class Projection:
 
     def _apply_one(
         self, msg: Message, staged: _Staged, seen: set[tuple[str, str]],
-        tests: Mapping[str, list[ev.TestOutcome]], result: BatchResult,
+        tests: Mapping[tuple[str, str], list[ev.TestOutcome]], result: BatchResult,
     ) -> None:
         heartbeat = msg.stream == HEARTBEATS
         if heartbeat:
@@ -251,7 +251,7 @@ class Projection:
 
     def _stage_task(
         self, event: ev.TaskEvent, before: TaskState | None, staged: _Staged,
-        tests: Mapping[str, list[ev.TestOutcome]],
+        tests: Mapping[tuple[str, str], list[ev.TestOutcome]],
     ) -> bool:
         after = self.fold.tasks.get(event.task_id)
         if after is None or after is before:
@@ -261,7 +261,7 @@ class Projection:
         if attempt is not None:
             staged.attempts[(attempt["task_id"], attempt["attempt"])] = attempt
         if isinstance(event, ev.ResultReported):
-            outcomes = event.tests or (tests.get(event.tests_ref, []) if event.tests_ref else [])
+            outcomes = event.tests or (tests.get((event.worker_id, event.tests_ref), []) if event.tests_ref else [])
             hardware = self._hardware(event.worker_id)
             staged.test_results += rows.test_rows(event, outcomes, hardware)
             staged.metrics += rows.metric_rows(event, hardware)

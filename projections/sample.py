@@ -36,8 +36,9 @@ class Publish:
 class History:
     events: list[Publish] = field(default_factory=list)
     heartbeats: list[Publish] = field(default_factory=list)
-    artifacts: dict[str, bytes] = field(default_factory=dict)
-    """Objects for the artifacts store (a ResultReported's tests_ref names one)."""
+    artifacts: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    """Objects for the artifacts store by (worker, name): a ResultReported's tests_ref names one in
+    its worker's bucket."""
 
     def stored(self) -> list[StoredMsg]:
         """The messages as an empty stream pair would store them (sequences from 1 in each)."""
@@ -47,11 +48,11 @@ class History:
             for seq, p in enumerate(published, 1)
         ]
 
-    def tests(self) -> dict[str, list[ev.TestOutcome]]:
+    def tests(self) -> dict[tuple[str, str], list[ev.TestOutcome]]:
         """The artifacts decoded as the projector's shell would fetch them."""
         return {
-            name: msgspec.json.decode(data, type=list[ev.TestOutcome])
-            for name, data in self.artifacts.items()
+            key: msgspec.json.decode(data, type=list[ev.TestOutcome])
+            for key, data in self.artifacts.items()
         }
 
 
@@ -171,7 +172,7 @@ def history(run_id: str = "r1") -> History:
                    ("tests/slow/test_c.py::test_bad", "failed"),
                    ("tests/slow/test_c.py::test_err", "error"))
     ref = f"results/{t2}/2.json"
-    b.history.artifacts[ref] = msgspec.json.encode(tests)
+    b.history.artifacts[(w1, ref)] = msgspec.json.encode(tests)
     b.result(t2, 2, w1, "failed", exit_code=1, duration_s=7.0, counts=_counts(tests), tests_ref=ref,
              output_tail="1 failed, 1 error", log_ref=f"logs/{t2}/2")
 
@@ -228,10 +229,11 @@ async def publish(js, published: list[Publish]) -> None:
 
 async def publish_history(js, h: History) -> None:
     """Artifacts first (a result is published after its test list is stored), then both streams."""
-    from dtf.streams.topology import ARTIFACTS_BUCKET
+    from dtf.streams import buckets, topology
 
-    store = await js.object_store(ARTIFACTS_BUCKET)
-    for name, data in h.artifacts.items():
-        await store.put(name, data)
+    for (worker, name), data in h.artifacts.items():
+        bucket = topology.artifacts_bucket(worker)
+        await buckets.create(js, bucket)
+        await (await js.object_store(bucket)).put(name, data)
     await publish(js, h.events)
     await publish(js, h.heartbeats)

@@ -15,17 +15,26 @@ user may publish only under its own name:
 
     role         publishes                                           reads
     submitter    dtf.task.*.*.submitted.<name>, cancelled.<name>     its own feed, dtf.feed.<name>.> in
-                 workspaces into the object store                    DTF_FEED; dtf.query.*.<name> (its
-                                                                     own scope, its own tasks' logs)
+                 its own workspaces bucket dtf-ws-<name> (no purge)  DTF_FEED; dtf.query.*.<name> (its
+                 dtf.bucket.ws.<name> (asks for that bucket)         own scope, its own tasks' logs);
+                                                                     live logs dtf.log.<name>.>
     worker       dtf.task.*.*.{started,result,failed,released}.<id>  its own durable consumer worker-<id>,
                  dtf.worker.<id>.{registered,left}, dtf.hb.<id>,     cancellations, preemptions of its own,
-                 dtf.log.*, artifacts into the object store          the task history, workspaces
-    coordinator  dtf.task.>, dtf.worker.> (its verdicts),            everything
-                 dtf.feed.> (each run again for its owner), provisions
-    projector    nothing on dtf.*; answers dtf.query.> (replies only) both streams, artifacts
-    detector     dtf.task.*.*.{regression,anomaly}.detector          the task history, artifacts
-    viewer       nothing on dtf.* but queries                        both streams, artifacts, live logs
+                 dtf.log.*.*.<id>, its own bucket dtf-artifacts-<id>, the task history, every submitter's
+                 dtf.bucket.artifacts.<id>                           workspaces bucket
+    coordinator  dtf.task.>, dtf.worker.> (its verdicts),            everything; answers dtf.bucket.>
+                 dtf.feed.> (each run again for its owner), provisions (makes owners' buckets)
+    projector    nothing on dtf.*; answers dtf.query.> (replies only) both streams, every worker's artifacts
+    detector     dtf.task.*.*.{regression,anomaly}.detector          the task history, every worker's artifacts
+    viewer       nothing on dtf.* but queries                        both streams, every worker's artifacts,
+                                                                     live logs
     admin        everything                                          everything
+
+Object stores are pinned by bucket, one per owner (dtf.streams.buckets): an object's subjects name
+no owner a permission could match. So a user's permissions name the exact buckets it may read,
+which is why `permissions` takes every user the server knows: a worker reads each submitter's (and
+admin's) workspaces bucket, the readers of results each worker's artifacts bucket, and adding or
+revoking a user renders everyone's permissions again (`Registry._save`, then a reload).
 
 A submitter does not read DTF_EVENTS: JetStream's consumer filter is in the request body, where a
 permission cannot see it, and a run's subjects name no submitter, so read access to the task history
@@ -56,8 +65,8 @@ ROLES = ("submitter", "worker", "coordinator", "projector", "detector", "viewer"
 EVENTS = "DTF_EVENTS"
 FEED = "DTF_FEED"
 HEARTBEATS = "DTF_HEARTBEATS"
-WORKSPACES = "dtf-workspaces"
-ARTIFACTS = "dtf-artifacts"
+WORKSPACES_PREFIX = "dtf-ws-"
+ARTIFACTS_PREFIX = "dtf-artifacts-"
 WORKER_PUBLISHES = ("started", "result", "failed", "released")
 
 
@@ -89,11 +98,26 @@ def _bucket_read(bucket: str) -> list[str]:
 
 
 def _bucket_write(bucket: str, overwrite: bool) -> list[str]:
-    """Put objects (chunks and metadata). Overwriting one purges its old chunks, and a purge can take
-    any object's chunks, so only a role whose uploads may repeat (a worker's log) gets it; workspaces
-    are named by content and uploaded once, and the worker checks the hash of what it fetches."""
+    """Put objects (chunks and metadata) into one's own bucket. Overwriting one purges its old
+    chunks, so only a role whose uploads may repeat (a worker's log of a redelivered attempt) gets
+    the purge, of its own bucket; workspaces are named by content and uploaded once, and the worker
+    checks the hash of what it fetches."""
     purge = [f"$JS.API.STREAM.PURGE.OBJ_{bucket}"] if overwrite else []
     return [*_bucket_read(bucket), f"$O.{bucket}.>", *purge]
+
+
+def _names(users: Iterable[User], *roles: str) -> list[str]:
+    return sorted({u.name for u in users if u.role in roles})
+
+
+def _workspaces_read(users: Iterable[User]) -> list[str]:
+    """Every workspaces bucket a run's owner may have: each submitter's, and each admin's (an admin
+    submits under its credentials' name)."""
+    return [s for owner in _names(users, "submitter", "admin") for s in _bucket_read(f"{WORKSPACES_PREFIX}{owner}")]
+
+
+def _artifacts_read(users: Iterable[User]) -> list[str]:
+    return [s for worker in _names(users, "worker") for s in _bucket_read(f"{ARTIFACTS_PREFIX}{worker}")]
 
 
 def _durable(stream: str, name: str) -> list[str]:
@@ -119,8 +143,10 @@ COMMON_PUBLISH = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.FC.>"]
 replies of the push consumers a reader makes."""
 
 
-def permissions(role: str, name: str, public_key: str) -> dict:
-    """The nats-server `permissions` block for one user."""
+def permissions(role: str, name: str, public_key: str, users: Iterable[User] = ()) -> dict:
+    """The nats-server `permissions` block for one user; `users` are all the server knows (whose
+    buckets readers may read)."""
+    users = list(users)
     if role not in ROLES:
         raise AuthError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
     if not TOKEN_RE.match(name):
@@ -131,26 +157,31 @@ def permissions(role: str, name: str, public_key: str) -> dict:
     publish, subscribe, extra = list(COMMON_PUBLISH), [inbox], {}
     if role == "submitter":
         publish += [f"dtf.task.*.*.submitted.{name}", f"dtf.task.*.*.cancelled.{name}", f"dtf.query.*.{name}",
-                    *_own_feed(name), *_bucket_write(WORKSPACES, overwrite=False)]
+                    *_own_feed(name), f"dtf.bucket.ws.{name}",
+                    *_bucket_write(f"{WORKSPACES_PREFIX}{name}", overwrite=False)]
+        subscribe.append(f"dtf.log.{name}.>")
     elif role == "worker":
         publish += [f"dtf.task.*.*.{kind}.{name}" for kind in WORKER_PUBLISHES]
-        publish += [f"dtf.worker.{name}.registered", f"dtf.worker.{name}.left", f"dtf.hb.{name}", "dtf.log.*",
+        publish += [f"dtf.worker.{name}.registered", f"dtf.worker.{name}.left", f"dtf.hb.{name}",
+                    f"dtf.log.*.*.{name}", f"dtf.bucket.artifacts.{name}",
                     *_durable(EVENTS, f"worker-{name}"), *_stream_read(EVENTS),  # is an assignment stale?
-                    *_bucket_read(WORKSPACES), *_bucket_write(ARTIFACTS, overwrite=True)]
+                    *_workspaces_read(users), *_bucket_write(f"{ARTIFACTS_PREFIX}{name}", overwrite=True)]
         subscribe += ["dtf.task.*.*.cancelled.*", f"dtf.task.*.*.preempted.{name}"]
     elif role == "coordinator":
         publish += ["dtf.task.>", "dtf.worker.>", "dtf.feed.>", "$JS.API.>", "$JS.ACK.>", "$O.>"]
+        subscribe.append("dtf.bucket.>")
+        extra = {"allow_responses": True}  # answers bucket requests
     elif role == "projector":
-        publish += [*_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_bucket_read(ARTIFACTS)]
+        publish += [*_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_artifacts_read(users)]
         for stream in (EVENTS, HEARTBEATS):
             publish += _durable(stream, "*")
         subscribe.append("dtf.query.>")
         extra = {"allow_responses": True}  # it answers queries, and may publish nothing else
     elif role == "detector":
         publish += ["dtf.task.*.*.regression.detector", "dtf.task.*.*.anomaly.detector",
-                    *_stream_read(EVENTS), *_bucket_read(ARTIFACTS)]
+                    *_stream_read(EVENTS), *_artifacts_read(users)]
     elif role == "viewer":
-        publish += ["dtf.query.>", *_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_bucket_read(ARTIFACTS)]
+        publish += ["dtf.query.>", *_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_artifacts_read(users)]
         subscribe.append("dtf.log.>")
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}, **extra}
 
@@ -308,8 +339,9 @@ class Registry:
 
 def render_users(users: Iterable[User]) -> str:
     """The `users = [...]` lines nats-server includes (its config syntax accepts JSON values)."""
+    users = list(users)
     entries = [
-        {"nkey": u.public_key, "permissions": permissions(u.role, u.name, u.public_key)} for u in users
+        {"nkey": u.public_key, "permissions": permissions(u.role, u.name, u.public_key, users)} for u in users
     ]
     header = "# written by dtf (streams/auth.py); public keys only. `dtf creds add` appends users.\n"
     return header + "users = " + json.dumps(entries, indent=2) + "\n"

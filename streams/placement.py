@@ -29,9 +29,10 @@ from dtf.streams import topology
 
 log = logging.getLogger("dtf.placement")
 
-STREAMS = (topology.HEARTBEATS, topology.FEED, f"OBJ_{topology.WORKSPACES_BUCKET}",
-           f"OBJ_{topology.ARTIFACTS_BUCKET}")
-"""Streams kept next to DTF_EVENTS (whose consumers are kept there too, like DTF_EVENTS' own)."""
+STREAMS = (topology.HEARTBEATS, topology.FEED)
+"""Streams kept next to DTF_EVENTS (whose consumers are kept there too, like DTF_EVENTS' own), and
+every owner's object-store bucket (`owner_buckets`)."""
+OWNER_STREAMS = (f"OBJ_{topology.WORKSPACES_PREFIX}", f"OBJ_{topology.ARTIFACTS_PREFIX}")
 REQUEST_TIMEOUT_S = 2.0
 
 
@@ -62,6 +63,11 @@ def group_of(stream: str, consumer: str | None, cluster: ClusterInfo | None) -> 
     return Group(stream, consumer, cluster.leader, frozenset([cluster.leader, *(p.name for p in cluster.replicas)]))
 
 
+def owner_buckets(streams: list[str]) -> list[str]:
+    """The owners' bucket streams among a list of stream names."""
+    return sorted(s for s in streams if s.startswith(OWNER_STREAMS))
+
+
 def misplaced(groups: list[Group], target: str) -> list[Group]:
     """The groups to move to `target`: led elsewhere, with `target` among their peers."""
     return [g for g in groups if g.leader != target and target in g.peers]
@@ -73,7 +79,10 @@ async def survey(js: JetStreamContext) -> tuple[str | None, list[Group]]:
     if group_of(topology.EVENTS, None, events.cluster) is None:
         return None, []
     groups: list[Group] = []
-    for stream in (topology.EVENTS, *STREAMS):
+    names: list[str] = []
+    while page := await js.streams_info(offset=len(names)):  # a page at a time (the server's cap is 256)
+        names += [info.config.name for info in page]
+    for stream in (topology.EVENTS, *STREAMS, *owner_buckets(names)):
         try:
             info = events if stream == topology.EVENTS else await js.stream_info(stream)
             consumers = await js.consumers_info(stream)

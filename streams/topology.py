@@ -4,8 +4,10 @@ DTF_EVENTS      task history and worker lifecycle (dtf.task.>, dtf.worker.>): th
 DTF_HEARTBEATS  dtf.hb.<worker_id>, one message kept per subject: each worker's last heartbeat.
 DTF_FEED        dtf.feed.<submitter>.<event subject>: each run's events again under its owner's name,
                 which a submitter may read (dtf.streams.feed); kept FEED_MAX_AGE_S.
-dtf-workspaces  packed submission directories, named by content hash.
-dtf-artifacts   full logs and large result lists, referenced from ResultReported.
+dtf-ws-<submitter>     one submitter's packed submission directories, named by content hash.
+dtf-artifacts-<worker> one worker's full logs and large result lists, referenced from ResultReported.
+                       One bucket per owner, so server permissions can pin who writes and reads it
+                       (dtf.streams.buckets makes them, dtf.streams.auth pins them).
 
 Consumers: each worker has a durable pull consumer on its own assignment subject (`worker_consumer`);
 the projector has one durable on all events (`PROJECTOR`); coordinator replicas and `dtf wait`/`replay`
@@ -29,8 +31,8 @@ FEED = "DTF_FEED"
 FEED_PREFIX = f"{subjects.PREFIX}.feed"
 FEED_MAX_AGE_S = 7 * 24 * 3600.0
 """A submitter follows its runs from the feed for this long; older runs only through the read model."""
-WORKSPACES_BUCKET = "dtf-workspaces"
-ARTIFACTS_BUCKET = "dtf-artifacts"
+WORKSPACES_PREFIX = "dtf-ws-"
+ARTIFACTS_PREFIX = "dtf-artifacts-"
 PROJECTOR = "projector"
 
 DUPLICATE_WINDOW_S = 120.0
@@ -87,6 +89,20 @@ def feed_stream(replicas: int = 1) -> StreamConfig:
         duplicate_window=DUPLICATE_WINDOW_S,
         max_msg_size=MAX_MSG_SIZE,
     )
+
+
+def workspaces_bucket(submitter: str) -> str:
+    """Where `submitter`'s workspaces are: the run owner's, as its TaskSubmitted subject names it."""
+    return f"{WORKSPACES_PREFIX}{submitter}"
+
+
+def artifacts_bucket(worker_id: str) -> str:
+    """Where `worker_id` stores its attempts' logs and test lists: the attempt's assigned worker's."""
+    return f"{ARTIFACTS_PREFIX}{worker_id}"
+
+
+def owner_bucket(bucket: str, replicas: int = 1) -> ObjectStoreConfig:
+    return ObjectStoreConfig(bucket=bucket, storage=StorageType.FILE, replicas=replicas)
 
 
 def worker_consumer(worker_id: str) -> ConsumerConfig:
@@ -146,15 +162,9 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def provision(js: JetStreamContext, replicas: int = 1, max_age_s: float | None = None) -> None:
-    """Create or update every stream and bucket; safe to run from every process at every start.
-    `max_age_s` None keeps whatever retention the stream has (0 on creation: keep forever)."""
+    """Create or update every stream; safe to run from every process at every start. `max_age_s`
+    None keeps whatever retention the stream has (0 on creation: keep forever). The object-store
+    buckets are each owner's, made when first needed (dtf.streams.buckets)."""
     await _ensure_stream(js, events_stream(replicas, max_age_s))
     await _ensure_stream(js, heartbeats_stream(replicas))
     await _ensure_stream(js, feed_stream(replicas))
-    for bucket in (WORKSPACES_BUCKET, ARTIFACTS_BUCKET):
-        try:
-            await js.object_store(bucket)
-        except NotFoundError:
-            await js.create_object_store(
-                bucket, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
-            )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from dtf.projections.projector import run_projector
-from dtf.streams import auth, bus, topology
+from dtf.streams import auth, buckets, bus, topology
 from nats.errors import NoRespondersError
 
 from dtf import events as ev
@@ -43,7 +43,12 @@ async def log_state(secured_server):
     await bus.publish(js, ev.ResultReported(id="result-a-1", run_id="run-a", task_id="run-a-1", attempt=1,
                                             worker_id="w1", outcome="passed",
                                             tests=[ev.TestOutcome(nodeid="test_a.py::test_one", outcome="passed")]))
+    coordinator = await secured_server.connect(secured_server.creds("coordinator", "coordinator"))
+    serving = asyncio.create_task(buckets.serve(coordinator, coordinator.jetstream()))  # owners ask it for buckets
     yield nc
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    await coordinator.close()
     await nc.close()
 
 
@@ -145,7 +150,7 @@ async def test_a_submitter_cannot_publish_an_assignment_or_a_result_and_the_log_
         own = ev.TaskSubmitted(id="own", run_id="run-b", task_id="run-b-1", submitter="bob",
                                spec=SPEC)
         await bus.publish(bob.nc.jetstream(), own)  # its own submission is stored
-        await bob.nc.publish("$JS.API.STREAM.PURGE.OBJ_dtf-workspaces", b"{}", reply=bob.nc.new_inbox())
+        await bob.nc.publish("$JS.API.STREAM.PURGE.OBJ_dtf-ws-bob", b"{}", reply=bob.nc.new_inbox())
         assert "purge" in (await bob.refusal()).lower()  # nor wipe the workspaces others depend on
     finally:
         await bob.nc.close()

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
-from dtf.streams import bus, topology
+from dtf.streams import buckets, bus, topology
 from dtf.streams.cluster import STATE_FILE, Cluster
 
 REJOIN_BOUND_S = 60.0
@@ -56,7 +56,8 @@ def a_follower_the_client_is_not_on(cluster: Cluster, info: StreamInfo, nc: Clie
 
 async def test_streams_provisioned_with_replicas_3_have_3_replicas_and_take_publishes(cluster, client):
     js = client.jetstream()
-    for stream in (topology.EVENTS, topology.HEARTBEATS, f"OBJ_{topology.WORKSPACES_BUCKET}"):
+    await buckets.create(js, topology.workspaces_bucket("alice"))  # an owner's bucket takes the events' replicas
+    for stream in (topology.EVENTS, topology.HEARTBEATS, f"OBJ_{topology.workspaces_bucket('alice')}"):
         info = await js.stream_info(stream)
         assert info.config.num_replicas == 3
         assert peers(info) == {cluster.server_name(i) for i in range(3)}

@@ -14,7 +14,7 @@ import pytest
 from dtf import events as ev
 from dtf import subjects
 from dtf.spec import TaskSpec
-from dtf.streams import bus, topology
+from dtf.streams import buckets, bus, topology
 from dtf.ui.feed import Feed
 
 SPEC = TaskSpec(type="command", config={"command": "make check"})
@@ -74,7 +74,8 @@ async def test_an_empty_log_counts_as_caught_up(nc, js):
 
 
 async def test_drill_down_reads_the_full_log_from_the_artifacts_store_else_the_tail(nc, js):
-    store = await js.object_store(topology.ARTIFACTS_BUCKET)
+    await buckets.create(js, topology.artifacts_bucket("w1"))
+    store = await js.object_store(topology.artifacts_bucket("w1"))
     await store.put("logs/t1/1", b"the whole log\n" * 3)
     for event in [*history("t1"), finished("t1", log_ref="logs/t1/1", output_tail="log\n"),
                   *history("t2")[1:], finished("t2", output_tail="only the tail\n")]:

@@ -229,7 +229,7 @@ def test_a_test_list_kept_in_the_artifacts_store_counts_like_an_inline_one():
     for n in range(20):
         run, task, at = f"run{n}", f"unit-{n}", T0 + timedelta(hours=n)
         outcome = "failed" if n >= 10 else "passed"
-        lists[f"results/{task}/1.json"] = [ev.TestOutcome(nodeid="tests/test_a.py::test_x", outcome=outcome)]
+        lists[("w1", f"results/{task}/1.json")] = [ev.TestOutcome(nodeid="tests/test_a.py::test_x", outcome=outcome)]
         events += [
             ev.TaskSubmitted(id=f"{task}-s", time=at, run_id=run, task_id=task, submitter="ci", spec=spec),
             ev.TaskAssigned(id=f"{task}-a", time=at, run_id=run, task_id=task, attempt=1, worker_id="w1",

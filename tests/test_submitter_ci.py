@@ -125,9 +125,9 @@ def test_the_projector_hands_a_stored_log_only_to_the_submitter_of_its_task():
     projection = Projection.open(":memory:")
     con = projection.con
     con.execute("INSERT INTO tasks (task_id, run_id, submitter) VALUES ('t1', 'r1', 'ann')")
-    con.execute("INSERT INTO attempts (task_id, attempt, run_id, log_ref) VALUES"
-                " ('t1', 1, 'r1', 'logs/t1/1'), ('t1', 2, 'r1', 'logs/t1/2'), ('t1', 3, 'r1', NULL)")
-    assert logs.log_ref(con, "t1", "ann") == "logs/t1/2"
+    con.execute("INSERT INTO attempts (task_id, attempt, run_id, worker_id, log_ref) VALUES"
+                " ('t1', 1, 'r1', 'w1', 'logs/t1/1'), ('t1', 2, 'r1', 'w2', 'logs/t1/2'), ('t1', 3, 'r1', 'w1', NULL)")
+    assert logs.log_ref(con, "t1", "ann") == ("w2", "logs/t1/2")  # in the bucket of the attempt's worker
     assert logs.log_ref(con, "t1", "bob") is None
     assert logs.page(b"x" * (logs.CHUNK + 1), 0)["next_offset"] == logs.CHUNK
     assert logs.page(b"x" * (logs.CHUNK + 1), logs.CHUNK) == {"data": "eA==", "next_offset": None}

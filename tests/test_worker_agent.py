@@ -111,7 +111,7 @@ async def test_an_assigned_command_is_started_and_reported_on_the_workers_subjec
     async def on_live(msg) -> None:
         live.append(msg.data)
 
-    live_sub = await nc.subscribe("dtf.log.t1", cb=on_live)
+    live_sub = await nc.subscribe("dtf.log.alice.t1.w1", cb=on_live)
     async with running_agent(nats_server, js, tmp_path):
         await submit_and_assign(js, "t1", command("yes filler | head -n 1000; echo hello-from-t1"))
         subject, result = await wait_for(js, of(ev.ResultReported, "t1"))
@@ -129,7 +129,7 @@ async def test_an_assigned_command_is_started_and_reported_on_the_workers_subjec
     started = history[2][1]
     assert (started.attempt, started.worker_id) == (1, "w1")
 
-    store = await js.object_store(topology.ARTIFACTS_BUCKET)
+    store = await js.object_store(topology.artifacts_bucket("w1"))
     assert result.log_ref == "logs/t1/1"
     assert b"hello-from-t1" in (await store.get(result.log_ref)).data
     assert b"hello-from-t1" in b"".join(live)
@@ -281,14 +281,14 @@ async def test_a_test_task_runs_in_a_private_copy_of_its_uploaded_workspace(nats
     """))
     (project / "data.txt").write_text("payload")
     data, ref = await asyncio.to_thread(workspace.pack, project)
-    await workspace.upload(js, data, ref)
+    await workspace.upload(js._nc, js, "alice", data, ref)
     spec = TaskSpec(type="test", config={"paths": ["tests"]}, workspace=ref)
     async with running_agent(nats_server, js, tmp_path):
         await submit_and_assign(js, "t1", spec)
         _, result = await wait_for(js, of(ev.ResultReported, "t1"))
     assert result.outcome == "passed", result.output_tail
     assert result.counts.passed == 2
-    cached = tmp_path / "cache" / "workspaces" / ref.sha256
+    cached = tmp_path / "cache" / "workspaces" / "alice" / ref.sha256
     assert (cached / "data.txt").read_text() == "payload"
     assert not (cached / "written.txt").exists()  # each attempt runs in its own copy
     assert not list(cached.rglob("__pycache__"))
@@ -301,7 +301,7 @@ async def test_a_missing_workspace_fails_the_attempt_as_a_data_error(nats_server
         subject, failed = await wait_for(js, of(ev.TaskFailed, "t1"))
     assert subject == "dtf.task.r1.t1.failed.w1"
     assert (failed.id, failed.category) == ("failed-t1-1", "data")
-    assert "not in the object store" in failed.reason
+    assert "is not in dtf-ws-alice" in failed.reason
 
 
 async def test_the_worker_keeps_taking_assignments_after_the_server_restarts(nats_server, js, nc, tmp_path):

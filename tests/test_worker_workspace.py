@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from dtf.spec import WorkspaceRef
-from dtf.streams import topology
+from dtf.streams import buckets, topology
 from dtf.workers import workspace
 
 
@@ -101,37 +101,38 @@ def test_a_subdirectory_of_a_git_work_tree_packs_relative_to_itself(tmp_path):
 
 async def test_a_workspace_round_trips_through_the_object_store_and_is_cached(js, tmp_path):
     data, ref = workspace.pack(make_tree(tmp_path / "src"))
-    assert await workspace.upload(js, data, ref) is True
-    assert await workspace.upload(js, data, ref) is False  # already there: stored once
+    assert await workspace.upload(js._nc, js, "alice", data, ref) is True
+    assert await workspace.upload(js._nc, js, "alice", data, ref) is False  # already there: stored once
 
     cache = tmp_path / "cache"
-    path = await workspace.materialize(js, ref, cache)
-    assert path == cache / ref.sha256
+    path = await workspace.materialize(js, "alice", ref, cache)
+    assert path == cache / "alice" / ref.sha256
     assert (path / "pkg" / "mod.py").read_text() == "X = 1\n"
     assert os.access(path / "run.sh", os.X_OK)
 
-    store = await js.object_store(topology.WORKSPACES_BUCKET)
+    store = await js.object_store(topology.workspaces_bucket("alice"))
     await store.delete(ref.sha256)
-    assert await workspace.materialize(js, ref, cache) == path  # a cache hit needs no store
-    assert sorted(p.name for p in cache.iterdir()) == [ref.sha256]  # no temporary leftovers
+    assert await workspace.materialize(js, "alice", ref, cache) == path  # a cache hit needs no store
+    assert sorted(p.name for p in (cache / "alice").iterdir()) == [ref.sha256]  # no temporary leftovers
 
 
 async def test_a_workspace_missing_from_the_store_is_a_data_error(js, tmp_path):
     ref = WorkspaceRef(sha256="a" * 64, size=10, files=1)
     with pytest.raises(workspace.WorkspaceError) as caught:
-        await workspace.materialize(js, ref, tmp_path / "cache")
+        await workspace.materialize(js, "alice", ref, tmp_path / "cache")
     assert caught.value.category == "data"
 
 
 async def test_an_archive_whose_bytes_do_not_match_its_name_is_refused(js, tmp_path):
     data, ref = workspace.pack(make_tree(tmp_path / "src"))
     wrong = "b" * 64
-    store = await js.object_store(topology.WORKSPACES_BUCKET)
+    await buckets.create(js, topology.workspaces_bucket("alice"))
+    store = await js.object_store(topology.workspaces_bucket("alice"))
     await store.put(wrong, data)
     with pytest.raises(workspace.WorkspaceError, match="hash check") as caught:
-        await workspace.materialize(js, WorkspaceRef(sha256=wrong, size=ref.size, files=ref.files), tmp_path / "c")
+        await workspace.materialize(js, "alice", WorkspaceRef(sha256=wrong, size=ref.size, files=ref.files), tmp_path / "c")
     assert caught.value.category == "data"
-    assert not (tmp_path / "c" / wrong).exists()
+    assert not (tmp_path / "c" / "alice" / wrong).exists()
 
 
 @pytest.mark.parametrize("member", ["../escape.txt", "/etc/owned.txt", "ok/../../escape.txt"])
@@ -143,12 +144,12 @@ async def test_an_archive_with_a_member_outside_the_workspace_is_refused(js, tmp
         tar.addfile(info, io.BytesIO(b"evil"))
     data = raw.getvalue()
     ref = WorkspaceRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data), files=1)
-    await workspace.upload(js, data, ref)
+    await workspace.upload(js._nc, js, "alice", data, ref)
     with pytest.raises(workspace.WorkspaceError, match="escapes") as caught:
-        await workspace.materialize(js, ref, tmp_path / "cache")
+        await workspace.materialize(js, "alice", ref, tmp_path / "cache")
     assert caught.value.category == "data"
     assert not (tmp_path / "escape.txt").exists()
-    assert not (tmp_path / "cache" / ref.sha256).exists()
+    assert not (tmp_path / "cache" / "alice" / ref.sha256).exists()
 
 
 async def test_an_archive_with_a_symlink_is_refused(js, tmp_path):
@@ -160,6 +161,6 @@ async def test_an_archive_with_a_symlink_is_refused(js, tmp_path):
         tar.addfile(info)
     data = raw.getvalue()
     ref = WorkspaceRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data), files=1)
-    await workspace.upload(js, data, ref)
+    await workspace.upload(js._nc, js, "alice", data, ref)
     with pytest.raises(workspace.WorkspaceError, match="not a regular file"):
-        await workspace.materialize(js, ref, tmp_path / "cache")
+        await workspace.materialize(js, "alice", ref, tmp_path / "cache")

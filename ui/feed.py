@@ -190,11 +190,12 @@ class Feed:
             return ""
         if detail.log_ref is None:
             return detail.output_tail
+        bucket = topology.artifacts_bucket(detail.worker_id)  # the attempt's worker's: its ref names nothing else
         try:
-            store = await self.js.object_store(topology.ARTIFACTS_BUCKET)
+            store = await self.js.object_store(bucket)
             found = await store.get(detail.log_ref)
         except NotFoundError:
-            return f"(log {detail.log_ref} is gone from {topology.ARTIFACTS_BUCKET})\n{detail.output_tail}"
+            return f"(log {detail.log_ref} is gone from {bucket})\n{detail.output_tail}"
         except (NatsError, JetStreamError, TimeoutError) as exc:
             return f"(cannot fetch {detail.log_ref}: {type(exc).__name__})\n{detail.output_tail}"
         return (found.data or b"").decode("utf-8", "replace")

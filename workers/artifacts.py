@@ -3,8 +3,10 @@
     logs/<task_id>/<attempt>            the attempt's full output log          (ResultReported.log_ref)
     results/<task_id>/<attempt>.json    its test list, when too big to inline  (ResultReported.tests_ref)
 
-Refs are object names in the `topology.ARTIFACTS_BUCKET` bucket. A result whose encoded event would
-pass `MAX_INLINE_EVENT` bytes moves its `tests` to the store and keeps `counts`.
+Refs are object names in the worker's own bucket (`dtf-artifacts-<worker>`, dtf.streams.buckets), and
+readers look for them in the bucket of the worker whose subject the result came on, so a ref names
+nothing outside its writer's bucket. A result whose encoded event would pass `MAX_INLINE_EVENT`
+bytes moves its `tests` to the store and keeps `counts`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import logging
 from pathlib import Path
 
 import msgspec
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from dtf import events as ev
-from dtf.streams import topology
+from dtf.streams import buckets
 from dtf.workers.runner import RunResult
 
 log = logging.getLogger("dtf.worker.artifacts")
@@ -42,10 +45,11 @@ def failed_id(task_id: str, attempt: int) -> str:
     return f"failed-{task_id}-{attempt}"
 
 
-async def upload_log(js: JetStreamContext, task_id: str, attempt: int, path: Path) -> str:
-    """Store the attempt's log file (streamed from disk in a thread by the object store client)."""
-    store = await js.object_store(topology.ARTIFACTS_BUCKET)
-    name = log_name(task_id, attempt)
+async def upload_log(nc: Client, js: JetStreamContext, assignment: ev.TaskAssigned, path: Path) -> str:
+    """Store the attempt's log file in its worker's bucket (streamed from disk in a thread by the
+    object store client)."""
+    store = await buckets.own(nc, js, "artifacts", assignment.worker_id)
+    name = log_name(assignment.task_id, assignment.attempt)
     handle = await asyncio.to_thread(path.open, "rb")
     try:
         await store.put(name, handle)
@@ -55,7 +59,7 @@ async def upload_log(js: JetStreamContext, task_id: str, attempt: int, path: Pat
 
 
 async def result_event(
-    js: JetStreamContext, assignment: ev.TaskAssigned, result: RunResult, log_ref: str | None,
+    nc: Client, js: JetStreamContext, assignment: ev.TaskAssigned, result: RunResult, log_ref: str | None,
 ) -> ev.ResultReported:
     """The ResultReported for an attempt, with its tests moved to the store when they are too big."""
     event = ev.ResultReported(
@@ -69,7 +73,7 @@ async def result_event(
         return event
     name = tests_name(assignment.task_id, assignment.attempt)
     try:
-        store = await js.object_store(topology.ARTIFACTS_BUCKET)
+        store = await buckets.own(nc, js, "artifacts", assignment.worker_id)
         data = await asyncio.to_thread(msgspec.json.encode, result.tests)
         await store.put(name, data)
     except Exception as exc:  # noqa: BLE001 - the outcome and counts matter without the test list

@@ -76,7 +76,7 @@ class Context:
     cache_dir: Path
     workdir: Path
     python: str
-    workspace_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    workspace_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     warm: WarmPool = field(init=False)
     """Warm pytest processes for split shards (`warm`)."""
     envs: EnvCache = field(init=False)
@@ -250,9 +250,9 @@ async def _workdir(ctx: Context, a: ev.TaskAssigned, attempt_dir: Path) -> Path:
     ref = a.spec.workspace
     if ref is None:  # isolated: the fresh attempt dir, not the worker's own cwd
         return attempt_dir if sandbox.sandbox.fresh_dir else ctx.workdir
-    lock = ctx.workspace_locks.setdefault(ref.sha256, asyncio.Lock())
-    async with lock:
-        cached = await workspace.materialize(ctx.js, ref, ctx.cache_dir / "workspaces")
+    lock = ctx.workspace_locks.setdefault((a.submitter, ref.sha256), asyncio.Lock())
+    async with lock:  # from the run owner's bucket: the submitter the event log names, not the ref
+        cached = await workspace.materialize(ctx.js, a.submitter, ref, ctx.cache_dir / "workspaces")
     private = attempt_dir / ref.name
     try:
         if ctx.warm.wants(a.spec):
@@ -299,7 +299,7 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
             uid = await asyncio.to_thread(sandbox.sandbox.take_uid)
             await asyncio.to_thread(attempt_dir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(sandbox.hand_over, attempt_dir, uid)
-        live = LiveLog(ctx.nc, subjects.live_log(a.task_id)).start()
+        live = LiveLog(ctx.nc, subjects.live_log(a.submitter or "_", a.task_id, a.worker_id)).start()
         try:
             launch = ctx.warm.launcher(a.run_id, a.spec) if ctx.warm.wants(a.spec) else run_process
             result = await run_attempt(a.spec, workdir, attempt_dir, python=ctx.python,
@@ -313,10 +313,10 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         log_ref = None
         try:
             if await asyncio.to_thread(lambda: result.log_path.stat().st_size) > TAIL_BYTES:
-                log_ref = await artifacts.upload_log(ctx.js, a.task_id, a.attempt, result.log_path)
+                log_ref = await artifacts.upload_log(ctx.nc, ctx.js, a, result.log_path)
         except Exception as exc:  # noqa: BLE001 - the result matters more than its log
             log.warning("uploading the log of %s failed: %s", attempt.key, exc)
-        await _finish(ctx, attempt, await artifacts.result_event(ctx.js, a, result, log_ref))
+        await _finish(ctx, attempt, await artifacts.result_event(ctx.nc, ctx.js, a, result, log_ref))
         log.info("%s/%s attempt %d: %s", a.run_id, a.task_id, a.attempt, result.outcome)
     except asyncio.CancelledError:
         raise

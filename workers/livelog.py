@@ -1,4 +1,4 @@
-"""Live output of a running task on core NATS (`dtf.log.<task_id>`), batched so a chatty task sends a
+"""Live output of a running task on core NATS (`dtf.log.<submitter>.<task_id>.<worker_id>`), batched so a chatty task sends a
 few messages a second rather than one per write.
 
 `append` is synchronous (the runner's output callback); a background task publishes what has gathered

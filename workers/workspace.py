@@ -9,10 +9,12 @@ and virtual environments (any directory holding a pyvenv.cfg) are always left ou
 Symlinks to files are stored as the files they point to; symlinks to directories and special files are
 skipped, so an archive holds only regular files.
 
-`upload` stores the archive once in the workspaces object store (name = sha256). `materialize` fetches
-it, checks the hash, extracts it safely (no absolute paths, no `..`, regular files and directories
-only) into a temporary directory and renames that to `<cache_dir>/<sha256>`: a directory with that
-name is always complete, so it doubles as the cache.
+`upload` stores the archive once in its submitter's own workspaces bucket (`dtf-ws-<submitter>`,
+name = sha256; dtf.streams.buckets). `materialize` fetches it from the bucket of the run's owner, as
+the event log names it (never a bucket the ref chose), checks the hash, extracts it safely (no
+absolute paths, no `..`, regular files and directories only) into a temporary directory and renames
+that to `<cache_dir>/<owner>/<sha256>`: a directory with that name is always complete, so it doubles
+as the cache, and one owner's cached workspace is never another's by a guessed hash.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from pathlib import Path, PurePosixPath
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from dtf import subjects
 from dtf.spec import WorkspaceRef
-from dtf.streams import topology
+from dtf.streams import buckets, topology
 
 log = logging.getLogger("dtf.worker.workspace")
 
@@ -144,11 +148,12 @@ def _add_file(tar: tarfile.TarFile, root: Path, name: str) -> None:
 # --- storing ------------------------------------------------------------------------------------------
 
 
-async def upload(js: JetStreamContext, data: bytes, ref: WorkspaceRef) -> bool:
-    """Store the archive under its hash unless it is there already; True when it was uploaded."""
+async def upload(nc: Client, js: JetStreamContext, submitter: str, data: bytes, ref: WorkspaceRef) -> bool:
+    """Store the archive under its hash in `submitter`'s bucket unless it is there already; True
+    when it was uploaded."""
     if hashlib.sha256(data).hexdigest() != ref.sha256:
         raise WorkspaceError("archive bytes do not match the workspace ref's sha256")
-    store = await js.object_store(topology.WORKSPACES_BUCKET)
+    store = await buckets.own(nc, js, "ws", submitter)
     try:
         await store.get_info(ref.sha256)
         return False
@@ -166,10 +171,12 @@ NETWORK_ERRORS = (
 )
 
 
-async def materialize(js: JetStreamContext, ref: WorkspaceRef, cache_dir: str | os.PathLike[str]) -> Path:
-    """The workspace's directory under cache_dir, fetched and extracted unless already cached.
-    WorkspaceError with category "data" (missing, corrupt, unsafe) or "network" (cannot fetch)."""
-    cache = Path(cache_dir)
+async def materialize(js: JetStreamContext, owner: str, ref: WorkspaceRef, cache_dir: str | os.PathLike[str]) -> Path:
+    """The workspace of run owner `owner` under cache_dir, fetched and extracted unless already
+    cached. WorkspaceError with category "data" (missing, corrupt, unsafe) or "network" (cannot fetch)."""
+    if not subjects.is_token(owner):  # an assignment from before TaskAssigned named the submitter
+        raise WorkspaceError(f"workspace {ref.sha256[:12]} has no known owner to fetch it from", "data")
+    cache = Path(cache_dir) / owner
     target = cache / ref.sha256
     if target.is_dir():
         if await asyncio.to_thread(_intact, target):
@@ -181,19 +188,19 @@ async def materialize(js: JetStreamContext, ref: WorkspaceRef, cache_dir: str | 
     archive = Path(archive_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            await _fetch(js, ref, handle)
+            await _fetch(js, topology.workspaces_bucket(owner), ref, handle)
         await asyncio.to_thread(_verify_and_extract, archive, ref, target)
     finally:
         archive.unlink(missing_ok=True)
     return target
 
 
-async def _fetch(js: JetStreamContext, ref: WorkspaceRef, handle: io.BufferedWriter) -> None:
+async def _fetch(js: JetStreamContext, bucket: str, ref: WorkspaceRef, handle: io.BufferedWriter) -> None:
     try:
-        store = await js.object_store(topology.WORKSPACES_BUCKET)
+        store = await js.object_store(bucket)
         await store.get(ref.sha256, writeinto=handle)
     except NotFoundError:
-        raise WorkspaceError(f"workspace {ref.sha256[:12]} is not in the object store", "data") from None
+        raise WorkspaceError(f"workspace {ref.sha256[:12]} is not in {bucket}", "data") from None
     except NETWORK_ERRORS as exc:
         raise WorkspaceError(f"cannot fetch workspace {ref.sha256[:12]}: {exc!r}", "network") from None
     except nats.js.errors.Error as exc:  # digest mismatch, bad object metadata

@@ -26,7 +26,7 @@ from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.commands_query import ask, pages, refuse_foreign_run
 from dtf.cli.common import (
-    EXIT_PERMISSION, CliError, acting_name, connected, credential_identity, nats_options, parse_pairs,
+    EXIT_PERMISSION, CliError, acting_as, acting_name, connected, credential_identity, nats_options, parse_pairs,
     query_scope,
 )
 from dtf.cli.progress import RunProgress
@@ -178,7 +178,7 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
     async with connected(url, None, "dtf-demo") as nc:
         js = nc.jetstream()
         data, ref = await asyncio.to_thread(workspace.pack, examples)
-        await workspace.upload(js, data, ref)
+        await workspace.upload(nc, js, sub.submitter_name(), data, ref)
         base = TaskSpec(type="test", labels={"source": "demo"})
         specs = sub.task_specs(kind="test", paths=[str(examples / "suite")], command=None, base=base,
                                root=examples, workspace=ref)
@@ -320,7 +320,7 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
         ref = None
         if root is not None and not no_ship:
             data, ref = await asyncio.to_thread(workspace.pack, root)
-            await workspace.upload(js, data, ref)
+            await workspace.upload(nc, js, acting_as(nc), data, ref)
         try:
             if rerun_failed is not None:
                 fold, results = await sub.read_run(js, rerun_failed, query_scope(nc))
@@ -343,7 +343,7 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
                 shards = None
                 if splitting_request is not None:
                     base, shards = await splitting.plan_shards(nc, js, splitting_request, base, root, list(paths),
-                                                               project or acting_name(creds),
+                                                               project or acting_as(nc),
                                                                ref.sha256 if ref else None)
                 specs = sub.task_specs(kind="test", paths=list(paths), command=None, base=base, root=root,
                                        workspace=ref, shards=shards)
@@ -351,7 +351,7 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             raise CliError(str(exc)) from None
         if not specs:
             raise CliError(f"no test files found under {', '.join(paths)}")
-        submitter = acting_name(creds)
+        submitter = acting_as(nc)
         first = await _first_index(nc, js, run_id, submitter) if joining else 1
         events = sub.submissions(run_id, specs, submitter, project, first)
         if old_ids is not None:
@@ -462,18 +462,31 @@ def logs(task_id: str, follow: bool, nats_url: str | None, creds: str | None) ->
     asyncio.run(_logs(task_id, follow, nats_url, creds))
 
 
-async def _task_history(js, task_id: str, scope: str | None) -> list[ev.Event]:
+async def _task_history(js, task_id: str, scope: str | None) -> list[tuple[int, ev.Event]]:
+    """The task's events with their sequences, each on the subject it belongs on (a forgery is no
+    part of it)."""
     events = []
     async for msg in feed.read(js, subjects.task_any_run(task_id), scope):
         try:
-            events.append(ev.decode(msg.data))
+            event = ev.decode(msg.data)
         except ev.DecodeError:
             continue
+        if subjects.mismatch(event, msg.subject) is None:
+            events.append((msg.seq, event))
     return events
 
 
-def _finished(events: list[ev.Event]) -> ev.ResultReported | None:
-    results = [e for e in events if isinstance(e, ev.ResultReported)]
+def _assignee(events: list[tuple[int, ev.Event]]) -> str:
+    """The worker the task's latest attempt was assigned to ("" before any)."""
+    assigned = [e for _, e in events if isinstance(e, ev.TaskAssigned)]
+    return assigned[-1].worker_id if assigned else ""
+
+
+def _finished(events: list[tuple[int, ev.Event]]) -> ev.ResultReported | None:
+    """The last result from the worker its attempt was assigned to: its log_ref is looked up in that
+    worker's bucket, and a result of another worker's names nothing there."""
+    workers = {e.attempt: e.worker_id for _, e in events if isinstance(e, ev.TaskAssigned)}
+    results = [e for _, e in events if isinstance(e, ev.ResultReported) and workers.get(e.attempt) == e.worker_id]
     return results[-1] if results else None
 
 
@@ -487,13 +500,10 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
                 await _stored_log_by_query(nc, task_id)
                 return
             raise CliError(f"no task {task_id} in the event log")
-        if follow and _finished(history) is None:
-            if scope is not None:
-                raise CliError("live output is for viewer credentials; a submitter reads its task's log once it "
-                               "ends", EXIT_PERMISSION)
-            await _follow_live(nc, js, task_id)
-            return
         result = _finished(history)
+        if follow and result is None:
+            await _follow_live(nc, js, task_id, history, scope)
+            return
         if result is None:
             raise CliError(f"task {task_id} has no output yet (use --follow to stream it)")
         if result.log_ref is None:
@@ -502,11 +512,11 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
         if scope is not None:
             await _stored_log_by_query(nc, task_id)
             return
-        store = await js.object_store(topology.ARTIFACTS_BUCKET)
+        bucket = topology.artifacts_bucket(result.worker_id)
         try:
-            obj = await store.get(result.log_ref)
+            obj = await (await js.object_store(bucket)).get(result.log_ref)
         except NotFoundError:
-            raise CliError(f"log {result.log_ref} is gone from {topology.ARTIFACTS_BUCKET}") from None
+            raise CliError(f"log {result.log_ref} is gone from {bucket}") from None
         sys.stdout.buffer.write(obj.data or b"")
         sys.stdout.flush()
 
@@ -518,23 +528,35 @@ async def _stored_log_by_query(nc, task_id: str) -> None:
     sys.stdout.flush()
 
 
-async def _follow_live(nc, js, task_id: str) -> None:
-    """Print live output chunks until the task ends. Output from before we subscribed is not
-    repeated here: `dtf logs TASK_ID` prints the whole stored log once the task has finished."""
-    async def show(msg) -> None:
-        sys.stdout.buffer.write(msg.data)
-        sys.stdout.flush()
+async def _follow_live(nc, js, task_id: str, history: list[tuple[int, ev.Event]], scope: str | None) -> None:
+    """Print live output chunks until the task ends: those of the worker its attempt is assigned to
+    (another worker may publish on its own subject for this task, and is not shown). Output from
+    before we subscribed is not repeated here: `dtf logs TASK_ID` prints the whole stored log once
+    the task has finished."""
+    owner = next((e.submitter for _, e in history if isinstance(e, ev.TaskSubmitted)), "*")
+    worker = _assignee(history)
+    seen = history[-1][0]
 
-    live = await nc.subscribe(subjects.live_log(task_id), cb=show)
+    async def show(msg) -> None:
+        if subjects.live_log_worker(msg.subject) == worker:
+            sys.stdout.buffer.write(msg.data)
+            sys.stdout.flush()
+
+    live = await nc.subscribe(subjects.live_log(owner, task_id, "*"), cb=show)
     try:
-        reader = bus.read(js, topology.EVENTS, [subjects.task_any_run(task_id)], follow=True)
+        reader = feed.read(js, subjects.task_any_run(task_id), scope, follow=True)
         async with contextlib.aclosing(reader) as messages:  # closed before the connection drains
             async for msg in messages:
                 try:
                     event = ev.decode(msg.data)
                 except ev.DecodeError:
                     continue
-                if isinstance(event, (ev.ResultReported, ev.TaskCancelled, ev.TaskRejected)):
+                if msg.seq <= seen or subjects.mismatch(event, msg.subject) is not None:
+                    continue
+                if isinstance(event, ev.TaskAssigned):
+                    worker = event.worker_id
+                ended = isinstance(event, ev.ResultReported) and event.worker_id == worker
+                if ended or isinstance(event, (ev.TaskCancelled, ev.TaskRejected)):
                     return
     finally:
         await live.unsubscribe()

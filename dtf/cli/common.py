@@ -92,6 +92,14 @@ def query_scope(nc: Client) -> str | None:
     return _query_scopes.get(nc)
 
 
+_acting: weakref.WeakKeyDictionary[Client, str] = weakref.WeakKeyDictionary()
+
+
+def acting_as(nc: Client) -> str:
+    """`acting_name` of the credentials a connection was made with (the current context's included)."""
+    return _acting.get(nc) or submitter_name()
+
+
 def credential_identity(creds: str | None) -> auth.Credentials | None:
     """The role and name a dtf credentials file is for (None without one, or for a NATS JWT file)."""
     if not creds:
@@ -105,9 +113,11 @@ def credential_identity(creds: str | None) -> auth.Credentials | None:
 
 def acting_name(creds: str | None) -> str:
     """Who a command acts as (the last token of what it publishes): the name in a submitter's
-    credentials, the only one the server lets it publish under; otherwise the login name."""
+    credentials, the only one the server lets it publish under, or in an admin's, the only
+    workspaces bucket of an admin's that workers may read (dtf.streams.auth); otherwise the login name."""
     identity = credential_identity(creds)
-    return identity.name if identity is not None and identity.role == "submitter" else submitter_name()
+    named = identity is not None and identity.role in ("submitter", "admin")
+    return identity.name if named else submitter_name()
 
 
 def nats_options(func: Callable) -> Callable:
@@ -158,6 +168,7 @@ async def connected(nats_url: str | None, creds: str | None, name: str) -> Async
         raise CliError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
     if identity is not None and identity.role == "submitter":
         _query_scopes[nc] = identity.name
+    _acting[nc] = acting_name(creds)
     try:
         yield nc
     except asyncio.CancelledError:

@@ -25,7 +25,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from dtf import events as ev
 from dtf import schedule, subjects
 from dtf.state import Fold
-from dtf.streams import bus, placement, topology
+from dtf.streams import buckets, bus, placement, topology
 from dtf.streams.feed import OwnerFeed, reader_of
 
 log = logging.getLogger("dtf.coordinator")
@@ -79,6 +79,7 @@ class Coordinator:
             asyncio.create_task(self._follow_heartbeats(), name="coordinator-heartbeats"),
             asyncio.create_task(self._decide_loop(), name="coordinator-decide"),
             asyncio.create_task(self._keep_leaders_together(), name="coordinator-placement"),
+            asyncio.create_task(buckets.serve(self.nc, self.js), name="coordinator-buckets"),
         ]
         log.info("coordinator %s folding %s from seq 1 (tail %d)", self.name, topology.EVENTS, start_tail)
         stopped = asyncio.create_task(stop.wait())

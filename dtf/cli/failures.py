@@ -36,9 +36,11 @@ def _current(tasks: dict[str, TaskState], event: ev.ResultReported) -> bool:
     return task is not None and task.attempt == event.attempt and task.worker_id == event.worker_id
 
 
-async def _stored_tests(js: JetStreamContext, ref: str) -> list[ev.TestOutcome]:
+async def _stored_tests(js: JetStreamContext, event: ev.ResultReported) -> list[ev.TestOutcome]:
+    """The result's test list, from its worker's bucket (the only place its ref may point)."""
+    ref = event.tests_ref
     try:
-        store = await js.object_store(topology.ARTIFACTS_BUCKET)
+        store = await js.object_store(topology.artifacts_bucket(event.worker_id))
         return decode_tests((await store.get(ref)).data or b"")
     except Exception as exc:  # noqa: BLE001 - the counts and the verdict stand without the list
         log.warning("cannot read the test list %s: %s", ref, exc)
@@ -63,7 +65,7 @@ async def collect(js: JetStreamContext, run_id: str, tasks: list[TaskState], sco
     found = []
     for task_id in sorted(results, key=order.__getitem__):
         event = results[task_id]
-        tests = event.tests or (await _stored_tests(js, event.tests_ref) if event.tests_ref else [])
+        tests = event.tests or (await _stored_tests(js, event) if event.tests_ref else [])
         found += [
             {"task_id": task_id, "nodeid": t.nodeid, "outcome": t.outcome, "file": t.file, "line": t.line,
              "message": t.message, "short": t.short}
