@@ -55,7 +55,7 @@ def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path
         waited = cli("wait", "run-ann", "--json", creds=ann)
         assert waited.returncode == 1, waited.stderr
         report = json.loads(waited.stdout)
-        assert sorted(t["state"] for t in report["tasks"]) == ["failed", "passed"]
+        assert sorted(t["state"] for t in report["tasks"]) == ["failed", "passed"], report
 
         reported = cli("report", "--run", "run-ann", "--format", "junit", creds=ann)
         assert reported.returncode == 0 and "one is not two" in reported.stdout, reported.stderr

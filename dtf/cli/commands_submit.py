@@ -497,7 +497,13 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
         history = await _task_history(js, task_id, scope)
         if not history:
             if scope is not None:  # refused for another's task; a task of its own older than the feed is in the read model
-                await _stored_log_by_query(nc, task_id)
+                try:
+                    await _stored_log_by_query(nc, task_id)
+                except CliError as exc:
+                    if exc.exit_code == EXIT_PERMISSION:
+                        raise
+                    raise CliError(f"no task {task_id} among {scope}'s tasks: a submitter may read only its own "
+                                   f"tasks' logs ({exc.format_message()})", EXIT_PERMISSION) from None
                 return
             raise CliError(f"no task {task_id} in the event log")
         result = _finished(history)
