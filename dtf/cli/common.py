@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import ssl
 import sys
 import weakref
@@ -21,6 +20,7 @@ import click
 import tenacity
 from nats.aio.client import Client
 
+from dtf.cli import early_signals
 from dtf.cli.submit import submitter_name
 from dtf.streams import auth, bus, retry
 from dtf.streams.retry import is_auth_refusal
@@ -210,13 +210,16 @@ def setup_logging(verbose: bool) -> None:
 
 
 def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run a service coroutine on one loop until SIGINT/SIGTERM sets its stop event; exit 0."""
+    """Run a service coroutine on one loop until SIGINT/SIGTERM sets its stop event; exit 0. A
+    signal that came while the process started (held by early_signals) stops it at once."""
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in early_signals.SIGNALS:
             loop.add_signal_handler(sig, stop.set)
+        if early_signals.held():
+            stop.set()
         await main(stop)
 
     asyncio.run(runner())
@@ -281,6 +284,8 @@ def serve_with_nats(
             if is_auth_refusal(exc):  # nats-py would retry a refused login forever
                 refused.append(str(exc))
                 stop.set()
+
+        logging.getLogger("dtf.service").info("%s: connecting to %s", name, url)  # SIGTERM works from here on
 
         # Connecting races the stop signal: with NATS down or refusing, a SIGTERM still ends the process.
         async def connect() -> Client:
