@@ -220,7 +220,9 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
               help="Run a benchmark command; it writes a JSON object of metrics to $DTF_METRICS.")
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A seeds-style task spec JSON file (an object or a list of them).")
-@click.option("--wait", is_flag=True, help="Wait for the run to finish; exit 0 only if everything passed.")
+@click.option("--wait", is_flag=True,
+              help="Wait for the run to finish; exit 0 only if everything passed (1 something failed, 3 refused, "
+                   "4 a regression, 5 unschedulable, 130 interrupted).")
 @interrupt.CANCEL_ON_INTERRUPT
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--priority", type=int, default=5, show_default=True, help="Lower is more urgent.")
