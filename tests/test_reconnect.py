@@ -127,3 +127,31 @@ async def test_a_worker_whose_credentials_are_revoked_while_it_runs_exits_3(secu
     auth.reload([secured_server.server.pid_file])
     assert await asyncio.to_thread(worker.process.wait, 60) == 3
     assert "refused these credentials" in worker.log.read_text().splitlines()[-1]
+
+
+SERVICE_BREAKING_A_LIMIT = """
+import asyncio, sys
+from dtf.cli import common
+
+runs = []
+
+async def body(nc, stop):
+    runs.append(nc)
+    if len(runs) == 1:  # headers beyond max_payload: nats-py lets it through, the server closes the connection
+        await nc.publish("dtf.test", b"x" * (nc.max_payload - 16), headers={"Pad": "y" * 64})
+        await stop.wait()
+    else:
+        print("running again on a new connection", file=sys.stderr, flush=True)
+        stop.set()
+
+common.setup_logging(False)
+common.serve_with_nats(sys.argv[1], None, "dtf-test-service", body)
+"""
+
+
+def test_a_service_whose_connection_the_server_closes_runs_again_on_a_new_one(nats_server):
+    done = subprocess.run([sys.executable, "-c", SERVICE_BREAKING_A_LIMIT, nats_server.url],
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stderr
+    assert CLOSED in done.stderr and "maximum payload violation" in done.stderr.lower()
+    assert "running again on a new connection" in done.stderr
