@@ -113,6 +113,7 @@ class Endpoint:
     def __init__(self, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
+        self._added: list[Collector] = []
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.host = host
         self.port = self._server.server_port
@@ -123,7 +124,13 @@ class Endpoint:
         return f"http://{host}:{self.port}/metrics"
 
     def add(self, collector: Collector) -> None:
+        """Serve `collector`, in place of one of its kind added before: a service that connects
+        afresh (dtf.cli.common.serve_with_nats) builds its state anew, and is scraped once."""
+        for old in [c for c in self._added if type(c) is type(collector)]:
+            self.registry.unregister(old)
+            self._added.remove(old)
         self.registry.register(collector)
+        self._added.append(collector)
 
     def close(self) -> None:
         """Stop serving (blocks for up to the server's 0.5 s poll: call it from a thread)."""

@@ -45,6 +45,13 @@ def backoff() -> tenacity.wait.wait_base:
     return tenacity.wait_exponential(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX) + tenacity.wait_random(0, 1.0)
 
 
+def pause(attempt: int) -> float:
+    """The back-off's wait after the `attempt`-th failure in a row (1, 2, ...), for a loop of our own."""
+    state = tenacity.RetryCallState(None, None, (), {})
+    state.attempt_number = attempt
+    return backoff()(state)
+
+
 def log_attempt(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     log.warning("nats: attempt %d failed (%s); retrying in %.1fs", state.attempt_number, exc,

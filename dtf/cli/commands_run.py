@@ -21,6 +21,7 @@ from nats.js.errors import NotFoundError
 from dtf.cli.common import (
     EXIT_PERMISSION, CliError, credential_identity, nats_options, parse_pairs, serve, serve_with_nats,
 )
+from dtf.cli import early_signals
 from dtf.cli.commands_metrics import metrics_endpoint, metrics_option
 from dtf import subjects
 from dtf.cli.up import System
@@ -195,7 +196,8 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
            metrics_address: tuple[str, int] | None, task_max_memory_mb: int | None,
            task_max_open_files: int, isolate: str, task_uids: str, exit_when_idle: float | None) -> None:
     """Run a worker agent on this machine (or manage workers: `dtf worker drain ID`)."""
-    if ctx.invoked_subcommand is not None:
+    if ctx.invoked_subcommand is not None:  # `dtf worker drain`: a one-off command, not the service
+        early_signals.release()
         return
     from dtf.spec import TOKEN_RE
     from dtf.workers import process, sandbox

@@ -21,7 +21,7 @@ from dtf import subjects
 from dtf import pyenv, split
 from dtf.cli import rootdir, splitting
 from dtf.cli import github_annotations as github
-from dtf.cli import failures, interrupt
+from dtf.cli import failures, interrupt, unschedulable
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
 from dtf.cli.commands_query import ask, pages, refuse_foreign_run
@@ -112,14 +112,20 @@ def render_report(report: dict) -> None:
 
 
 def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after: float | None = None,
-               failed_tests: list[dict] | None = None) -> int:
+               failed_tests: list[dict] | None = None, unschedulable_after: float | None = None) -> int:
     """Print the run's report; 0 only when everything passed. With `gave_up_after` (--wait-timeout
-    ran out) the report says so and each unsettled task's reason goes to stderr. `failed_tests`
-    (`failures.collect`) are listed after it (`"failures"` in JSON) and annotated for GitHub."""
+    ran out) the report says so and each unsettled task's reason goes to stderr; with
+    `unschedulable_after` (--unschedulable-timeout ran out) so does each unschedulable task's, and it
+    exits 5. `failed_tests` (`failures.collect`) are listed after it (`"failures"` in JSON) and
+    annotated for GitHub."""
     report = sub.run_report(run_id, tasks)
     if gave_up_after is not None:
         report["gave_up_after_s"] = gave_up_after
         report["unsettled"] = sub.unsettled(tasks)
+    stuck = unschedulable.stuck(tasks) if unschedulable_after is not None else []
+    if unschedulable_after is not None:
+        report["unschedulable_after_s"] = unschedulable_after
+        report["unschedulable"] = [{"task_id": t.task_id, "reason": t.reason} for t in stuck]
     report["failures"] = failed_tests or []
     if as_json:
         click.echo(json.dumps(report))
@@ -133,23 +139,39 @@ def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after
         for line in report["unsettled"]:
             click.echo(f"  {line}", err=True)
         return 1
+    if unschedulable_after is not None:
+        waiting = sum(not t.terminal for t in tasks) - len(stuck)
+        click.echo(f"dtf: gave up waiting: for {unschedulable_after:g}s no registered worker could run what is left "
+                   f"of run {run_id}" + (f" ({waiting} more tasks wait on these)" if waiting else "") + ":", err=True)
+        for task in stuck:
+            click.echo(f"  {task.task_id} unschedulable: {task.reason}", err=True)
+        click.echo(f"dtf: run {run_id} stays queued (a capable worker that registers takes it); "
+                   f"`dtf cancel --run {run_id}` cancels it", err=True)
+        return unschedulable.EXIT_UNSCHEDULABLE
     return sub.run_exit_code(tasks)
 
 
 async def follow_with_progress(js, run_id: str, show: bool, timeout: float | None = None,
-                               scope: str | None = None) -> list[TaskState]:
-    """Raises sub.WaitTimeout when `timeout` runs out first."""
+                               scope: str | None = None, unschedulable_timeout: float = 0) -> list[TaskState]:
+    """Raises sub.WaitTimeout when `timeout` runs out first, unschedulable.Unschedulable when
+    nothing left in the run could run for `unschedulable_timeout` (0: never)."""
+    watch = unschedulable.Watch(unschedulable_timeout)
     with RunProgress(run_id, enabled=show) as progress:
-        return await sub.follow_run(js, run_id, progress.update, timeout, scope)
+        def seen(tasks: list[TaskState]) -> None:
+            progress.update(tasks)
+            watch.saw(tasks)
+
+        return await watch.until_stuck(sub.follow_run(js, run_id, seen, timeout, scope))
 
 
 async def follow_or_interrupt(ctx: click.Context, js, run_id: str, show: bool, timeout: float | None,
                              cancel_on_interrupt: bool, creds: str | None,
-                             scope: str | None = None) -> list[TaskState]:
+                             scope: str | None = None, unschedulable_timeout: float = 0) -> list[TaskState]:
     """Follow the run; on SIGINT/SIGTERM cancel its unfinished tasks (the flag, or a yes at the
     terminal) or leave it going, then exit 130."""
     try:
-        return await interrupt.until_interrupted(follow_with_progress(js, run_id, show, timeout, scope))
+        return await interrupt.until_interrupted(
+            follow_with_progress(js, run_id, show, timeout, scope, unschedulable_timeout))
     except interrupt.Interrupted:
         pass
     click.echo(f"\ndtf: interrupted while waiting for run {run_id}", err=True)
@@ -198,7 +220,9 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
               help="Run a benchmark command; it writes a JSON object of metrics to $DTF_METRICS.")
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A seeds-style task spec JSON file (an object or a list of them).")
-@click.option("--wait", is_flag=True, help="Wait for the run to finish; exit 0 only if everything passed.")
+@click.option("--wait", is_flag=True,
+              help="Wait for the run to finish; exit 0 only if everything passed (1 something failed, 3 refused, "
+                   "4 a regression, 5 unschedulable, 130 interrupted).")
 @interrupt.CANCEL_ON_INTERRUPT
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--priority", type=int, default=5, show_default=True, help="Lower is more urgent.")
@@ -237,6 +261,7 @@ async def submit_and_wait_demo(url: str, examples: Path) -> tuple[str, list[Task
 @click.option("--cold", is_flag=True,
               help="With --split: a fresh pytest per shard instead of the worker's warm pytest process.")
 @WAIT_TIMEOUT
+@unschedulable.UNSCHEDULABLE_TIMEOUT
 @nats_options
 @click.pass_context
 def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benchmark: str | None,
@@ -244,7 +269,8 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
            labels: tuple[str, ...], configs: tuple[str, ...], retries: int, timeout: float, no_ship: bool,
            run_id: str | None, project: str, name: str, depends_on: tuple[str, ...], deadline: str | None,
            rerun_failed: str | None, split_into: str | None, group: str, env_mode: str, cold: bool,
-           wait_timeout: float | None, cancel_on_interrupt: bool, nats_url: str | None, creds: str | None) -> None:
+           wait_timeout: float | None, unschedulable_timeout: float, cancel_on_interrupt: bool,
+           nats_url: str | None, creds: str | None) -> None:
     """Submit tests (PATHS), a --command, a --benchmark, a --spec file, or --rerun-failed RUN_ID.
 
     Test PATHS ship their whole project to the workers (the directory pytest takes as its rootdir for
@@ -287,12 +313,12 @@ def submit(ctx: click.Context, paths: tuple[str, ...], command: str | None, benc
     run_id = run_id or sub.new_run_id()
     asyncio.run(_submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json,
                         no_ship, project, wait_timeout, nats_url, creds, splitting_request, joining, env_mode,
-                        cancel_on_interrupt))
+                        cancel_on_interrupt, unschedulable_timeout))
 
 
 async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun_failed, wait, as_json, no_ship,
                   project, wait_timeout, nats_url, creds, splitting_request=None, joining=False,
-                  env_mode="system", cancel_on_interrupt=False) -> None:
+                  env_mode="system", cancel_on_interrupt=False, unschedulable_timeout=0.0) -> None:
     from dtf.workers import workspace
 
     root = None
@@ -372,9 +398,11 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             return
         try:
             tasks = await follow_or_interrupt(ctx, js, run_id, True, wait_timeout, cancel_on_interrupt, creds,
-                                              query_scope(nc))
+                                              query_scope(nc), unschedulable_timeout)
         except sub.WaitTimeout as out:
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
+        except unschedulable.Unschedulable as out:
+            ctx.exit(report_run(run_id, out.tasks, as_json, unschedulable_after=unschedulable_timeout))
         failed_tests = await failures.collect(js, run_id, tasks, query_scope(nc))
         code = await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
                                                                       failed_tests=failed_tests))
@@ -422,11 +450,12 @@ def _place(spec: TaskSpec, ref, root: Path | None) -> TaskSpec:
 @ci.ci_options
 @github.annotations_option
 @WAIT_TIMEOUT
+@unschedulable.UNSCHEDULABLE_TIMEOUT
 @interrupt.CANCEL_ON_INTERRUPT
 @nats_options
 @click.pass_context
-def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | None, cancel_on_interrupt: bool,
-         nats_url: str | None, creds: str | None) -> None:
+def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | None, unschedulable_timeout: float,
+         cancel_on_interrupt: bool, nats_url: str | None, creds: str | None) -> None:
     """Wait for a run to finish; same output and exit codes as `submit --wait`."""
     if not subjects.is_token(run_id):
         raise click.BadParameter("not a run id", param_hint="RUN_ID")
@@ -439,7 +468,7 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
                 await refuse_foreign_run(nc, run_id)
                 raise CliError(f"no run {run_id} in the event log" + (f" of {scope}'s runs" if scope else ""))
             tasks = await follow_or_interrupt(ctx, js, run_id, not as_json or sys.stderr.isatty(), wait_timeout,
-                                              cancel_on_interrupt, creds, scope)
+                                              cancel_on_interrupt, creds, scope, unschedulable_timeout)
             failed_tests = await failures.collect(js, run_id, tasks, scope)
             return await ci.after_wait(ctx, nc, run_id, tasks, report_run(run_id, tasks, as_json,
                                                                           failed_tests=failed_tests))
@@ -448,6 +477,8 @@ def wait(ctx: click.Context, run_id: str, as_json: bool, wait_timeout: float | N
         code = asyncio.run(main())
     except sub.WaitTimeout as out:
         ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
+    except unschedulable.Unschedulable as out:
+        ctx.exit(report_run(run_id, out.tasks, as_json, unschedulable_after=unschedulable_timeout))
     ctx.exit(code)
 
 

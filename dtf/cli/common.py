@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import ssl
 import sys
 import weakref
@@ -21,6 +20,7 @@ import click
 import tenacity
 from nats.aio.client import Client
 
+from dtf.cli import early_signals
 from dtf.cli.submit import submitter_name
 from dtf.streams import auth, bus, retry
 from dtf.streams.retry import is_auth_refusal
@@ -221,13 +221,16 @@ def setup_logging(verbose: bool) -> None:
 
 
 def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run a service coroutine on one loop until SIGINT/SIGTERM sets its stop event; exit 0."""
+    """Run a service coroutine on one loop until SIGINT/SIGTERM sets its stop event; exit 0. A
+    signal that came while the process started (held by early_signals) stops it at once."""
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in early_signals.SIGNALS:
             loop.add_signal_handler(sig, stop.set)
+        if early_signals.held():
+            stop.set()
         await main(stop)
 
     asyncio.run(runner())
@@ -257,14 +260,15 @@ CUT_SHORT_POLL_S = 0.2
 
 
 async def until_stopped_or_cut_short(work: Awaitable[None], stop: asyncio.Event,
-                                     connected_now: Callable[[], bool]) -> None:
+                                     connected_now: Callable[[], bool], gone: asyncio.Event | None = None) -> None:
     """Run a service's body; once `stop` is set it shuts down in its own orderly way (hand work
     back, publish that it left) while NATS is there to take it. With NATS gone, nothing it would
-    publish can land and its publishes would retry for a long time, so it is cancelled at once."""
+    publish can land and its publishes would retry for a long time, so it is cancelled at once;
+    so it is when `gone` is set (the client closed for good)."""
     job = asyncio.ensure_future(work)
-    stopping = asyncio.ensure_future(stop.wait())
+    watchers = [asyncio.ensure_future(stop.wait()), *([asyncio.ensure_future(gone.wait())] if gone else [])]
     try:
-        await asyncio.wait({job, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({job, *watchers}, return_when=asyncio.FIRST_COMPLETED)
         while not job.done():
             if not connected_now():
                 job.cancel()
@@ -272,43 +276,93 @@ async def until_stopped_or_cut_short(work: Awaitable[None], stop: asyncio.Event,
             await asyncio.wait({job}, timeout=CUT_SHORT_POLL_S)
         await asyncio.gather(job, return_exceptions=True)
     finally:
-        stopping.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         job.cancel()
     if not job.cancelled() and job.exception() is not None:
         raise job.exception()
+
+
+RECONNECT_ATTEMPTS = 30
+"""How often nats-py itself tries to reconnect a service, 0.5 s apart: about 15 s, the coordinator's
+default heartbeat timeout, after which a worker counts as lost anyway. Then the client closes and
+the service connects afresh with the logged back-off ($DTF_RECONNECT_ATTEMPTS overrides it)."""
+
+
+def reconnect_attempts() -> int:
+    try:
+        return max(1, int(os.environ.get("DTF_RECONNECT_ATTEMPTS", RECONNECT_ATTEMPTS)))
+    except ValueError:
+        raise CliError(f"DTF_RECONNECT_ATTEMPTS={os.environ['DTF_RECONNECT_ATTEMPTS']!r} is not a number") from None
 
 
 def serve_with_nats(
     nats_url: str | None, creds: str | None, name: str,
     body: Callable[[Client, asyncio.Event], Awaitable[None]],
 ) -> None:
-    """A service process: connect (reconnecting forever), run `body` until a signal, drain."""
+    """A service process: connect, run `body` until a signal, drain. When the client gives up for
+    good (its reconnects ran out, or the server closed the connection), the body is cancelled and
+    run again on a new connection, after the same back-off as the first connect, so it resumes from
+    its durable consumers. Refused credentials, at the first connect or any later one, exit 3."""
     url, options, _ = resolve_connection(nats_url, creds)
+    attempts = reconnect_attempts()
+    log = logging.getLogger("dtf.service")
 
     async def main(stop: asyncio.Event) -> None:
         refused: list[str] = []
 
         async def on_error(exc: Exception) -> None:
             if is_auth_refusal(exc):  # nats-py would retry a refused login forever
-                refused.append(str(exc))
+                refused.append(str(exc) or type(exc).__name__)
                 stop.set()
 
-        # Connecting races the stop signal: with NATS down or refusing, a SIGTERM still ends the process.
-        async def connect() -> Client:
-            await until_reachable(url)
-            return await bus.connect(url, name=name, error_cb=on_error, **options)
+        log.info("%s: connecting to %s", name, url)  # what a user sees first; SIGTERM works from here on
+        losses = 0  # connections in a row lost soon after they were made
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            gone = asyncio.Event()
 
-        try:
-            nc = await unless_set(connect(), stop)
-        except Stopped:
-            if refused:
-                raise CliError(f"NATS at {url} refused these credentials: {refused[0]}", EXIT_PERMISSION) from None
-            return
-        try:
-            await until_stopped_or_cut_short(body(nc, stop), stop, lambda: nc.is_connected)
-        finally:
-            with contextlib.suppress(Exception):
-                await (nc.drain() if nc.is_connected else nc.close())  # drain would wait on a dead link
+            async def on_closed(gone: asyncio.Event = gone) -> None:
+                gone.set()
+
+            # Connecting races the stop signal: with NATS down or refusing, a SIGTERM still ends the process.
+            async def connect() -> Client:
+                await until_reachable(url)
+                return await bus.connect(url, name=name, error_cb=on_error, closed_cb=on_closed,
+                                         max_reconnect_attempts=attempts, **options)
+
+            try:
+                nc = await unless_set(connect(), stop)
+            except Stopped:
+                break
+            except Exception as exc:  # noqa: BLE001 - it listened, then nats-py ran out of attempts
+                log.warning("%s: cannot connect to %s (%s); trying again", name, url, exc or type(exc).__name__)
+                continue
+            log.info("%s: connected to %s", name, nc.connected_url.netloc if nc.connected_url else url)
+            since = loop.time()
+            try:
+                await until_stopped_or_cut_short(body(nc, stop), stop, lambda: nc.is_connected, gone)
+            except Exception:
+                if not nc.is_closed or stop.is_set():
+                    raise
+                # The body tripped over the closed client before the close was signalled: same as below.
+            finally:
+                lost = nc.is_closed and not stop.is_set()  # closed by the server or nats-py, not by us
+                with contextlib.suppress(Exception):
+                    await (nc.drain() if nc.is_connected else nc.close())  # drain would wait on a dead link
+            if is_auth_refusal(nc.last_error or Exception()):  # the server closed us with a refusal
+                refused.append(str(nc.last_error) or type(nc.last_error).__name__)
+            if refused or not lost:
+                break  # refused, stopped, or the body ended on its own (a worker leaving when idle)
+            # A server that closes each new connection at once (a body breaking a limit) is not hammered.
+            losses = 1 if loop.time() - since > retry.BACKOFF_MAX else losses + 1
+            delay = retry.pause(losses)
+            log.warning("%s: connection to %s closed for good (%s); connecting again in %.1fs", name, url,
+                        nc.last_error or "no error given", delay)
+            with contextlib.suppress(Stopped):
+                await unless_set(asyncio.sleep(delay), stop)
+        if refused:
+            raise CliError(f"NATS at {url} refused these credentials: {refused[0]}", EXIT_PERMISSION)
 
     serve(main)
 
