@@ -191,8 +191,10 @@ async def _probe(url: str) -> None:
     for server in (u.strip() for u in url.split(",") if u.strip()):
         parsed = urlsplit(server if "://" in server else f"nats://{server}")
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), 3)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that meets a refused
+            # connect (the inner error wins), and a stop signal then never ends the retry loop.
+            async with asyncio.timeout(3):
+                _, writer = await asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222)
         except (OSError, TimeoutError) as exc:
             error = exc
             continue
