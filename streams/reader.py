@@ -271,7 +271,7 @@ class OrderedConsumer:
         self._queue.put_nowait(RESET)
 
     async def next(self) -> StoredMsg:
-        """The next message in stream order, through resets."""
+        """The next message in stream order, through resets (a server away is waited for)."""
         nc = self.js._nc  # noqa: SLF001
         while True:
             try:
@@ -288,7 +288,11 @@ class OrderedConsumer:
                 await nc.publish(item.reply)
             elif item is RESET:
                 await self._drop()
-                await self.open()
+                try:
+                    await self.open()
+                except (NatsError, JetStreamError, TimeoutError) as exc:  # the server is away: as nats.py does,
+                    log.warning("%s: cannot make the ordered consumer again (%s); retrying", self.stream, exc)
+                    # keep trying: the silence that follows brings the next reset
 
     async def _drop(self) -> None:
         """Unsubscribe and delete the consumer (best effort: unheard, the server drops it anyway)."""
