@@ -45,6 +45,13 @@ checks against the filter in the body. Its reports come from the projector's que
 `dtf.query.<query>.<name>`, the only query subjects it may publish to, which the service scopes to that
 submitter's runs (and its stored logs, which the projector reads from the artifacts store for it). Replies come back on a per-user inbox prefix (`_INBOX.<public key>`), which only that
 user may subscribe to, so no one can listen in on another's replies.
+
+**Consumer names are pinned too.** A consumer's name is in the create subject only in the named
+forms, and wildcards match whole tokens, so names are granted exactly: a worker its durable
+`worker-<id>`, a projector `<name>` and `<name>-hb`, every reader its own pool of ordered-consumer
+names on each stream it reads (`r-<public key>-<k>`, `f-...` on DTF_FEED; dtf.streams.reader). No
+role but coordinator and admin may send the bare `$JS.API.CONSUMER.CREATE.<stream>` on dtf's
+streams, so no one can create, update or delete a consumer by another's name.
 """
 
 from __future__ import annotations

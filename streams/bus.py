@@ -145,8 +145,9 @@ async def follow(
 ) -> AsyncIterator[StoredMsg | None]:
     """Follow `stream` for as long as the caller iterates, through bus trouble: a new ordered consumer
     (from `where()`, e.g. the sequence after the last one seen) whenever the follow fails, or goes
-    quiet for `check_s` while `stalled()` says it should not be. After a node's loss, nats-py's
-    ordered consumer may stop delivering without an error (nats.py #510). Setting up a consumer may
+    quiet for `check_s` while `stalled()` says it should not be. After a node's loss an ordered
+    consumer may stop delivering without an error; the reader notices only after a few missed
+    heartbeats (dtf.streams.reader), `stalled()` sooner. Setting up a consumer may
     take longer than `check_s` (up to `setup_s` is not counted as quiet), or a slow setup would be
     abandoned again and again. With `idle`, a quiet check that finds no stall yields None (a tick
     for callers with work of their own to retry)."""

@@ -169,7 +169,7 @@ class OrderedConsumer:
     start_seq: int | None = None
     near_leader: bool = False
     name: str = ""
-    info: ConsumerInfo | None = None
+    """The consumer it holds now ("" for none)."""
     last_seq: int = 0
     """Stream sequence of the last message received: a new consumer starts after it."""
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -184,7 +184,6 @@ class OrderedConsumer:
             placing = tries_left > 0
             info = await self._create(PLACEMENT_CHECK_S if placing else CREATE_TIMEOUT_S, placing)
             if info is not None and (not placing or await self._beside_leader(info)):
-                self.info = info
                 return info
             await self._drop()
         raise AssertionError("unreachable")
@@ -204,11 +203,11 @@ class OrderedConsumer:
             deliver, start_seq = self.deliver, self.start_seq
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + POOL_WAIT_S, 0.05
-        names = [self.name] if self.name else []  # after a reset, our own name first
         while True:
-            for name in [*names, *(n for n in candidates(nc, self.prefix) if n not in names)]:
+            for name in candidates(nc, self.prefix):
                 config = consumer_config(name, inbox, self.filters, deliver, start_seq)
-                request = json.dumps({"stream_name": self.stream, "config": config.as_dict(), "action": "create"})
+                request = json.dumps({"stream_name": self.stream, "config": config.as_dict(),
+                                      "action": "create"})
                 try:
                     reply = await self.js._api_request(  # noqa: SLF001 - nats.py's add_consumer has no action
                         create_subject(self.stream, config), request.encode(), timeout=timeout)
@@ -219,11 +218,11 @@ class OrderedConsumer:
                 except TimeoutError:  # nats.py's is one too
                     if not placing:
                         raise
-                    self.name = name  # it may exist after all: _drop deletes it
+                    # If it was made after all, it has no subscriber once _drop unsubscribes: the
+                    # server drops it. Deleting it by name could hit another reader's that took it.
                     return None
                 self.name = name
                 return ConsumerInfo.from_response(reply)
-            names = []
             if loop.time() > deadline:
                 raise PoolExhausted(f"every consumer name of this user on {self.stream} stayed in use for "
                                     f"{POOL_WAIT_S:.0f} s: too many readers at once")
@@ -255,7 +254,11 @@ class OrderedConsumer:
                 else:
                     queue.put_nowait(ALIVE)
                 return
-            sseq, dseq, pending = ack_fields(msg.reply)
+            try:
+                sseq, dseq, pending = ack_fields(msg.reply)
+            except ValueError as exc:  # not from JetStream: nothing to deliver
+                log.warning("%s: ignoring a message on consumer %s's inbox: %s", self.stream, self.name, exc)
+                return
             if dseq != self._dseq + 1:
                 self._broken(f"consumer sequence {dseq} after {self._dseq}")
                 return
@@ -279,7 +282,7 @@ class OrderedConsumer:
             except asyncio.QueueEmpty:
                 try:
                     item = await asyncio.wait_for(self._queue.get(), IDLE_HEARTBEAT_S * MISSED_HEARTBEATS)
-                except TimeoutError:
+                except TimeoutError:  # no message, no heartbeat: the consumer is gone
                     log.info("%s: ordered consumer %s went silent; making it again", self.stream, self.name)
                     item = RESET
             if isinstance(item, StoredMsg):
@@ -290,20 +293,26 @@ class OrderedConsumer:
                 await self._drop()
                 try:
                     await self.open()
-                except (NatsError, JetStreamError, TimeoutError) as exc:  # the server is away: as nats.py does,
+                except (NatsError, JetStreamError, TimeoutError) as exc:
+                    # The server is away: as nats.py does, keep trying; the silence that follows
+                    # brings the next reset.
                     log.warning("%s: cannot make the ordered consumer again (%s); retrying", self.stream, exc)
-                    # keep trying: the silence that follows brings the next reset
 
     async def _drop(self) -> None:
-        """Unsubscribe and delete the consumer (best effort: unheard, the server drops it anyway)."""
+        """Unsubscribe and delete the consumer (best effort: unheard, the server drops it anyway).
+        Its name is forgotten either way: once free, another reader of this user may take it."""
         self._generation += 1
         sub, self._sub = self._sub, None
+        name, self.name = self.name, ""
         nc = self.js._nc  # noqa: SLF001
-        if sub is None or nc.is_closed:
+        if nc.is_closed:
             return
-        with contextlib.suppress(NatsError, JetStreamError, TimeoutError):
-            await sub.unsubscribe()  # type: ignore[attr-defined]
-            await asyncio.wait_for(self.js.delete_consumer(self.stream, self.name), CREATE_TIMEOUT_S)
+        if sub is not None:
+            with contextlib.suppress(NatsError):
+                await sub.unsubscribe()  # type: ignore[attr-defined]
+        if name:
+            with contextlib.suppress(NatsError, JetStreamError, TimeoutError):
+                await asyncio.wait_for(self.js.delete_consumer(self.stream, name), CREATE_TIMEOUT_S)
 
     async def close(self) -> None:
         await self._drop()
