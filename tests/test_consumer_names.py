@@ -270,3 +270,10 @@ async def test_a_crashed_readers_names_are_freed_by_the_server(secured_server):
         if vic is not None:
             await vic.close()
         await admin.close()
+
+
+def test_a_projector_takes_its_durable_name_from_its_credentials_and_refuses_another(tmp_path):
+    creds = auth.Registry(tmp_path / "auth").ensure("projector", "projector")
+    other = subprocess.run([sys.executable, "-m", "dtf", "projector", "--creds", str(creds), "--name", "proj2",
+                            "--nats", "nats://127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 3 and "--name projector" in other.stderr
