@@ -16,6 +16,7 @@ import textwrap
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.aio.msg import Msg
 
 from dtf import events as ev
 from dtf.spec import TaskSpec
@@ -53,6 +54,46 @@ def test_two_users_pools_never_share_a_name_nor_take_a_durables(one, other):
         assert len(set(mine)) == reader.POOL_SIZE
         assert one == other or not set(mine) & set(theirs)
         assert not any(name.startswith("worker-") or name == topology.PROJECTOR for name in mine)
+
+
+def delivery(stream_seq: int, consumer_seq: int, pending: int = 0) -> Msg:
+    reply = f"$JS.ACK.S.C.1.{stream_seq}.{consumer_seq}.1700000000000000000.{pending}"
+    return Msg(None, subject=f"dtf.worker.w{stream_seq}.registered", reply=reply, data=b"{}")
+
+
+def heartbeat(last_consumer_seq: int) -> Msg:
+    return Msg(None, subject="_INBOX.x", headers={"Status": "100", "Description": "Idle Heartbeat",
+                                                  "Nats-Last-Consumer": str(last_consumer_seq)})
+
+
+def queued(consumer: reader.OrderedConsumer) -> list:
+    items = []
+    while not consumer._queue.empty():  # noqa: SLF001 - what the caller's `next` would take, in order
+        item = consumer._queue.get_nowait()  # noqa: SLF001
+        items.append(item.seq if isinstance(item, reader.StoredMsg) else item)
+    return items
+
+
+@given(st.integers(1, 40), st.data())
+def test_deliveries_pass_in_order_until_one_is_missing_then_the_consumer_is_made_again(n, data):
+    missing = data.draw(st.none() | st.integers(1, n))
+    stream_seqs = sorted(data.draw(st.sets(st.integers(1, 10_000), min_size=n, max_size=n)))
+    after_last = data.draw(st.booleans())  # nothing after the missing one came: only a heartbeat tells
+
+    async def deliver() -> list:
+        consumer = reader.OrderedConsumer(None, "S", ["dtf.worker.>"])
+        receive = consumer._receiver(consumer._generation)  # noqa: SLF001 - the subscription's callback
+        for dseq, sseq in enumerate(stream_seqs, 1):
+            if dseq != missing and not (after_last and missing and dseq > missing):
+                await receive(delivery(sseq, dseq, n - dseq))
+        await receive(heartbeat(n))  # the server's last delivery, whatever reached us
+        return queued(consumer)
+
+    got = asyncio.run(deliver())
+    if missing is None:
+        assert got == [*stream_seqs, reader.ALIVE]
+    else:  # every message before the missing one, then a reset (from the last of them), nothing after
+        assert got == [*stream_seqs[:missing - 1], reader.RESET]
 
 
 def test_no_role_may_create_a_consumer_on_dtfs_streams_by_a_name_it_does_not_own():
