@@ -45,6 +45,13 @@ checks against the filter in the body. Its reports come from the projector's que
 `dtf.query.<query>.<name>`, the only query subjects it may publish to, which the service scopes to that
 submitter's runs (and its stored logs, which the projector reads from the artifacts store for it). Replies come back on a per-user inbox prefix (`_INBOX.<public key>`), which only that
 user may subscribe to, so no one can listen in on another's replies.
+
+**Consumer names are pinned too.** A consumer's name is in the create subject only in the named
+forms, and wildcards match whole tokens, so names are granted exactly: a worker its durable
+`worker-<id>`, a projector `<name>` and `<name>-hb`, every reader its own pool of ordered-consumer
+names on each stream it reads (`r-<public key>-<k>`, `f-...` on DTF_FEED; dtf.streams.reader). No
+role but coordinator and admin may send the bare `$JS.API.CONSUMER.CREATE.<stream>` on dtf's
+streams, so no one can create, update or delete a consumer by another's name.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from pathlib import Path
 import nkeys
 
 from dtf.spec import TOKEN_RE
+from dtf.streams import reader, topology
 
 ROLES = ("submitter", "worker", "coordinator", "projector", "detector", "viewer", "admin")
 EVENTS = "DTF_EVENTS"
@@ -82,15 +90,28 @@ def inbox_prefix(public_key: str) -> str:
     return f"_INBOX.{public_key}"
 
 
-def _stream_read(stream: str) -> list[str]:
-    """JetStream API subjects to look at a stream and read it through ephemeral (ordered) consumers.
-    The bare CONSUMER.CREATE subject refuses a durable name, but it takes a consumer name from the
-    request body, where no permission can see it: a reader can update another consumer by name (a
-    known limit, docs/OPERATIONS.md)."""
-    return [
-        f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.*",
-    ]
+def _stream_read(stream: str, key: str | None = None) -> list[str]:
+    """JetStream API subjects to look at a stream and read it through ordered consumers. A reader of
+    dtf's streams passes its public `key`: it may create (and delete) consumers only under the names of
+    its own pool (dtf.streams.reader), never on the bare CONSUMER.CREATE subject, whose consumer name
+    is in the request body, where no permission can see it. Without a key (object-store buckets, whose
+    nats.py `get` reads through an unnamed ordered consumer) the bare subject is granted: a bucket
+    holds no durable, but such a reader could update another's unnamed consumer on that bucket by
+    name, a known limit (docs/OPERATIONS.md)."""
+    look = [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.*"]
+    if key is None:
+        return [*look, f"$JS.API.CONSUMER.CREATE.{stream}"]
+    return [*look, *_readers(stream, reader.pool(reader.READER, key), ">")]
+
+
+def _readers(stream: str, names: list[str], filter_: str) -> list[str]:
+    """Create, under each of `names` and only on `filter_` (">": any), an ordered consumer, and delete it."""
+    subjects = []
+    for name in names:
+        create = f"$JS.API.CONSUMER.CREATE.{stream}.{name}"
+        subjects += [*([create] if filter_ == ">" else []), f"{create}.{filter_}", f"$JS.API.CONSUMER.DELETE.{stream}.{name}"]
+    return subjects
 
 
 def _bucket_read(bucket: str) -> list[str]:
@@ -121,7 +142,7 @@ def _artifacts_read(users: Iterable[User]) -> list[str]:
 
 
 def _durable(stream: str, name: str) -> list[str]:
-    """Create, bind, fetch from and acknowledge one named durable consumer."""
+    """Create, bind, fetch from and acknowledge one durable consumer, by its exact name."""
     return [
         f"$JS.API.CONSUMER.CREATE.{stream}.{name}", f"$JS.API.CONSUMER.CREATE.{stream}.{name}.>",
         f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}", f"$JS.API.CONSUMER.INFO.{stream}.{name}",
@@ -130,12 +151,15 @@ def _durable(stream: str, name: str) -> list[str]:
     ]
 
 
-def _own_feed(name: str) -> list[str]:
+def _own_feed(name: str, key: str) -> list[str]:
     """Read one's own runs from DTF_FEED: only the filtered create form, whose subject carries the
-    filter (the server checks it against the body), and only with one's own prefix. Consumer info is
-    by consumer name, which carries no owner: a submitter may look up another's consumer (its filter
-    and counts, not its messages)."""
-    return [f"$JS.API.CONSUMER.CREATE.{FEED}.*.dtf.feed.{name}.>", f"$JS.API.CONSUMER.INFO.{FEED}.*"]
+    filter (the server checks it against the body), only with one's own prefix, and only under the
+    names of one's own feed pool, so no submitter can take over another's feed consumer."""
+    return _readers(FEED, reader.pool(reader.FEED_READER, key), f"dtf.feed.{name}.>")
+
+
+RESERVED_PROJECTOR_NAMES = ("worker-", f"{reader.READER}-", f"{reader.FEED_READER}-")
+"""A projector's durables are named after it: none may be a worker's or a pool name."""
 
 
 COMMON_PUBLISH = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.FC.>"]
@@ -157,14 +181,15 @@ def permissions(role: str, name: str, public_key: str, users: Iterable[User] = (
     publish, subscribe, extra = list(COMMON_PUBLISH), [inbox], {}
     if role == "submitter":
         publish += [f"dtf.task.*.*.submitted.{name}", f"dtf.task.*.*.cancelled.{name}", f"dtf.query.*.{name}",
-                    *_own_feed(name), f"dtf.bucket.ws.{name}",
+                    *_own_feed(name, public_key), f"dtf.bucket.ws.{name}",
                     *_bucket_write(f"{WORKSPACES_PREFIX}{name}", overwrite=False)]
         subscribe.append(f"dtf.log.{name}.>")
     elif role == "worker":
         publish += [f"dtf.task.*.*.{kind}.{name}" for kind in WORKER_PUBLISHES]
         publish += [f"dtf.worker.{name}.registered", f"dtf.worker.{name}.left", f"dtf.hb.{name}",
                     f"dtf.log.*.*.{name}", f"dtf.bucket.artifacts.{name}",
-                    *_durable(EVENTS, f"worker-{name}"), *_stream_read(EVENTS),  # is an assignment stale?
+                    *_durable(EVENTS, topology.worker_consumer(name).durable_name),
+                    *_stream_read(EVENTS, public_key),  # is an assignment stale?
                     *_workspaces_read(users), *_bucket_write(f"{ARTIFACTS_PREFIX}{name}", overwrite=True)]
         subscribe += ["dtf.task.*.*.cancelled.*", f"dtf.task.*.*.preempted.{name}"]
     elif role == "coordinator":
@@ -172,16 +197,20 @@ def permissions(role: str, name: str, public_key: str, users: Iterable[User] = (
         subscribe.append("dtf.bucket.>")
         extra = {"allow_responses": True}  # answers bucket requests
     elif role == "projector":
-        publish += [*_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_artifacts_read(users)]
-        for stream in (EVENTS, HEARTBEATS):
-            publish += _durable(stream, "*")
+        if name.startswith(RESERVED_PROJECTOR_NAMES) or name == "worker":
+            raise AuthError(f"{name!r} cannot name a projector: its durables would be a worker's or a reader's "
+                            f"(names starting {', '.join(RESERVED_PROJECTOR_NAMES)} are taken)")
+        publish += [*_stream_read(EVENTS, public_key), *_stream_read(HEARTBEATS, public_key),
+                    *_artifacts_read(users), *_durable(EVENTS, topology.projector_consumer(name).durable_name),
+                    *_durable(HEARTBEATS, topology.projector_heartbeats_consumer(name).durable_name)]
         subscribe.append("dtf.query.>")
         extra = {"allow_responses": True}  # it answers queries, and may publish nothing else
     elif role == "detector":
         publish += ["dtf.task.*.*.regression.detector", "dtf.task.*.*.anomaly.detector",
-                    *_stream_read(EVENTS), *_artifacts_read(users)]
+                    *_stream_read(EVENTS, public_key), *_artifacts_read(users)]
     elif role == "viewer":
-        publish += ["dtf.query.>", *_stream_read(EVENTS), *_stream_read(HEARTBEATS), *_artifacts_read(users)]
+        publish += ["dtf.query.>", *_stream_read(EVENTS, public_key), *_stream_read(HEARTBEATS, public_key),
+                    *_artifacts_read(users)]
         subscribe.append("dtf.log.>")
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}, **extra}
 

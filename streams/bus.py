@@ -2,7 +2,8 @@
 
 Every process talks to the bus through these few functions so the headers that make the log safe
 (Nats-Msg-Id for dedup, expected-last-subject-sequence for the coordinator's writes) are set the same
-way everywhere.
+way everywhere. Every stream read goes through `read` (dtf.streams.reader: an ordered consumer under
+a name from the user's own pool) or, for a long follow, `follow` around it.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, ConsumerInfo, DeliverPolicy, PubAck
+from nats.js.api import PubAck
 from nats.js.errors import APIError
 from nats.js.errors import Error as JetStreamError
 
 from dtf import events as ev
 from dtf import subjects
+from dtf.streams.reader import StoredMsg, read  # bus.read and bus.StoredMsg, for every reader
 from dtf.streams.retry import is_transient_publish_failure, retrying_publish
 
 log = logging.getLogger("dtf.bus")
@@ -130,92 +130,6 @@ async def publish_many(js: JetStreamContext, events: Iterable[ev.Event], window:
     return list(acks)
 
 
-@dataclass(frozen=True)
-class StoredMsg:
-    stream: str
-    seq: int
-    subject: str
-    data: bytes
-    pending: int = 0
-    """Messages still to come after this one when it was delivered: 0 means caught up."""
-    msg_id: str = ""
-    """Its Nats-Msg-Id header: a republished message's sequence in its source (dtf.streams.feed)."""
-
-
-async def read(
-    js: JetStreamContext, stream: str, filters: list[str], *, start_seq: int = 1,
-    follow: bool = False, last_per_subject: bool = False, near_leader: bool = False,
-    config: ConsumerConfig | None = None,
-) -> AsyncIterator[StoredMsg]:
-    """Stored messages in stream order through an ordered consumer. Without `follow` it stops once it
-    has delivered everything that was in the stream when it started. With `near_leader`, on a cluster
-    the consumer is placed on the stream leader's node (see `subscribe_ordered`). A given `config`
-    is used as it is, with the one filter subject `filters[0]`."""
-    config = config or ConsumerConfig(filter_subjects=filters, inactive_threshold=60.0)
-    if last_per_subject:
-        config.deliver_policy = DeliverPolicy.LAST_PER_SUBJECT
-    elif start_seq > 1:
-        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-        config.opt_start_seq = start_seq
-    sub, info = await subscribe_ordered(js, stream, filters, config, near_leader)
-    try:
-        # Messages may already sit in our buffer (delivered) when we ask, so "nothing to read" is
-        # only when none is pending on the server and none was delivered yet.
-        remaining = info.num_pending + info.delivered.consumer_seq
-        while follow or remaining > 0:
-            msg: Msg = await sub.next_msg(timeout=None)
-            meta = msg.metadata
-            remaining = meta.num_pending
-            yield StoredMsg(stream, meta.sequence.stream, msg.subject, msg.data, remaining,
-                            (msg.headers or {}).get("Nats-Msg-Id", ""))
-    finally:
-        # The caller may stop early and close the connection before this generator is finalised.
-        with contextlib.suppress(NatsError):
-            await sub.unsubscribe()
-
-
-PLACEMENT_CHECK_S = 1.0
-"""How long a new ordered consumer may take to describe itself before we try another."""
-PLACEMENT_TRIES = 20
-"""Ordered consumers created before giving up on placing one beside the stream leader: on three
-nodes each lands there with chance 1/3, so twenty tries all miss once in ~3,000 follows."""
-
-
-async def subscribe_ordered(js: JetStreamContext, stream: str, filters: list[str], config: ConsumerConfig,
-                     near_leader: bool) -> tuple[JetStreamContext.PushSubscription, ConsumerInfo]:
-    """An ordered consumer and its first info. An ordered consumer is an R1 consumer the server puts
-    on a random peer of the stream, where it dies with that node even when the client and the
-    stream leader live on; one that follows for long is worth placing beside the stream leader
-    (which dtf.streams.placement keeps every other group beside): a try or two on three nodes."""
-    for tries_left in reversed(range(PLACEMENT_TRIES)):
-        sub = await js.subscribe(
-            filters[0], stream=stream, ordered_consumer=True, config=config, idle_heartbeat=2.0,
-            pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024,
-        )
-        try:
-            # A consumer the server placed on a node that just died never answers: try another.
-            info = await asyncio.wait_for(sub.consumer_info(), PLACEMENT_CHECK_S) if near_leader and tries_left \
-                else await sub.consumer_info()
-            if not near_leader or tries_left == 0 or await _beside_leader(js, stream, info):
-                return sub, info
-        except TimeoutError:
-            pass
-        except BaseException:
-            with contextlib.suppress(NatsError):
-                await sub.unsubscribe()
-            raise
-        with contextlib.suppress(NatsError):
-            await sub.unsubscribe()
-    raise AssertionError("unreachable")
-
-
-async def _beside_leader(js: JetStreamContext, stream: str, info: ConsumerInfo) -> bool:
-    if info.cluster is None or not info.cluster.leader:
-        return True  # a single server
-    leader = (await js.stream_info(stream)).cluster
-    return leader is None or not leader.leader or leader.leader == info.cluster.leader
-
-
 async def tail(js: JetStreamContext, stream: str, timeout: float = 2.0) -> int:
     """The stream's last sequence, or 0 when it does not answer in time (mid-election): for stall
     checks, where "cannot tell" must not count as "behind"."""
@@ -231,8 +145,9 @@ async def follow(
 ) -> AsyncIterator[StoredMsg | None]:
     """Follow `stream` for as long as the caller iterates, through bus trouble: a new ordered consumer
     (from `where()`, e.g. the sequence after the last one seen) whenever the follow fails, or goes
-    quiet for `check_s` while `stalled()` says it should not be. After a node's loss, nats-py's
-    ordered consumer may stop delivering without an error (nats.py #510). Setting up a consumer may
+    quiet for `check_s` while `stalled()` says it should not be. After a node's loss an ordered
+    consumer may stop delivering without an error; the reader notices only after a few missed
+    heartbeats (dtf.streams.reader), `stalled()` sooner. Setting up a consumer may
     take longer than `check_s` (up to `setup_s` is not counted as quiet), or a slow setup would be
     abandoned again and again. With `idle`, a quiet check that finds no stall yields None (a tick
     for callers with work of their own to retry)."""

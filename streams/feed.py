@@ -6,7 +6,8 @@ coordinator, which folds every run's owner anyway, republishes each event of an 
 feed instead, `reader_of`), with the original bytes and the original stream
 sequence as Nats-Msg-Id. The server lets a submitter create only consumers filtered to its own
 prefix (the filtered `$JS.API.CONSUMER.CREATE.DTF_FEED.<consumer>.<filter>` form, where the filter
-is in the subject a permission sees), and `read` strips the prefix again, so every reader folds the
+is in the subject a permission sees) and named from its own pool (`f-<key>-<k>`, dtf.streams.reader),
+and `read` strips the prefix again, so every reader folds the
 same subjects and sequences whichever stream it reads.
 
 Coordinator replicas all republish; the stream's dedup window drops the copies, and a coordinator
@@ -17,25 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import AsyncIterator, Mapping
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 
 from dtf import admission, subjects
 from dtf import events as ev
-from dtf.streams import bus, topology
+from dtf.streams import bus, reader, topology
 
 log = logging.getLogger("dtf.feed")
 
 WINDOW = 256
 """Republishes in flight at once."""
 RETRY_S = 0.5
-FEED_CONSUMER_IDLE_S = 5.0
-"""A feed consumer nobody listens to is gone this soon (see `read`)."""
 
 
 def feed_subject(owner: str, subject: str) -> str:
@@ -72,13 +69,10 @@ async def read(js: JetStreamContext, filter_: str, scope: str | None, *, follow:
         async for msg in bus.read(js, topology.EVENTS, [filter_], follow=follow):
             yield msg
         return
-    # A named consumer with one filter subject: nats-py then asks on the filtered create subject.
-    # When nats-py resets an ordered consumer it creates it again under this same name, which the
-    # server refuses while the old one lives; a short inactivity threshold (no subscriber on its
-    # inbox) lets the server drop the old one, so a later reset gets through.
-    config = ConsumerConfig(name=f"feed-{secrets.token_hex(8)}", deliver_policy=DeliverPolicy.ALL,
-                            inactive_threshold=FEED_CONSUMER_IDLE_S)
-    async for msg in bus.read(js, topology.FEED, [feed_subject(scope, filter_)], follow=follow, config=config):
+    # One filter subject: the reader asks on the filtered create subject, the only one a submitter may
+    # use, under a name from its own feed pool.
+    async for msg in bus.read(js, topology.FEED, [feed_subject(scope, filter_)], follow=follow,
+                              prefix=reader.FEED_READER):
         seq = int(msg.msg_id) if msg.msg_id.isdigit() else msg.seq
         yield bus.StoredMsg(topology.EVENTS, seq, original_subject(scope, msg.subject), msg.data, msg.pending)
 

@@ -1,5 +1,8 @@
 """The bus contract against a real server: dedup by event id, the coordinator's write arbitration,
-and stream reads that stop at the end."""
+and stream reads that stop at the end or follow through a server restart."""
+
+import asyncio
+import contextlib
 
 from dtf import events as ev
 from dtf.spec import TaskSpec
@@ -47,3 +50,24 @@ async def test_pipelined_publishes_all_land_in_order(js):
     assert [a.seq for a in acks] == list(range(1, 301))
     stored = [m async for m in bus.read(js, topology.EVENTS, ["dtf.task.>"], start_seq=101)]
     assert [m.seq for m in stored] == list(range(101, 301))
+
+
+async def test_a_follow_goes_on_after_the_server_restarts_with_every_message_once_and_in_order(nats_server, nc, js):
+    def registered(i):
+        return ev.WorkerRegistered(id=f"reg-{i}", worker_id=f"w{i}", host="h", pid=i)
+
+    await bus.publish_many(js, [registered(i) for i in range(5)])
+    reader = bus.read(js, topology.EVENTS, ["dtf.worker.>"], follow=True)
+    async with contextlib.aclosing(reader) as messages:
+        seen = [(await anext(messages)).seq for _ in range(5)]
+        nats_server.stop()  # the ordered consumer (R1, in memory) is gone with it
+        nats_server.start()
+        while True:  # the client reconnects; JetStream answers again a little later
+            try:
+                await bus.publish(js, registered(5))
+                break
+            except Exception:  # noqa: BLE001 - any error here means "not yet"
+                await asyncio.sleep(0.1)
+        await bus.publish_many(js, [registered(i) for i in range(6, 10)])
+        seen += [(await asyncio.wait_for(anext(messages), 60)).seq for _ in range(5)]
+    assert seen == list(range(1, 11))

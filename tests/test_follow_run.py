@@ -67,3 +67,22 @@ async def test_a_follow_that_times_out_returns_the_states_so_far(js):
     with pytest.raises(sub.WaitTimeout) as raised:
         await sub.follow_run(js, "run-h", None, 0.3)
     assert [(t.task_id, t.terminal) for t in raised.value.tasks] == [(only.task_id, False)]
+
+
+async def test_a_follow_expecting_new_tasks_waits_for_them_though_the_runs_earlier_tasks_are_done(js):
+    spec = TaskSpec(type="command", config={"command": "true"})
+    [earlier] = sub.submissions("run-e", [spec], "sam", "sam")
+    await sub.submit_run(js, [earlier])
+    await bus.publish(js, cancelled(earlier))
+    later = ev.TaskSubmitted(id="submit-run-e-2", run_id="run-e", task_id="run-e-2", submitter="sam", spec=spec)
+    shown: list[list] = []
+    follower = asyncio.create_task(sub.follow_run(js, "run-e", shown.append, expect=[later.task_id]))
+    for _ in range(500):  # until the follow has caught up with the log as it is: the earlier task, settled
+        if shown:
+            break
+        await asyncio.sleep(0.02)
+    assert [t.task_id for t in shown[-1]] == ["run-e-1"] and not follower.done()
+    await bus.publish(js, later)  # stored only now, as a submitter's feed shows it a little late
+    await bus.publish(js, cancelled(later))
+    tasks = await asyncio.wait_for(follower, 30)
+    assert sorted((t.task_id, t.status) for t in tasks) == [("run-e-1", "cancelled"), ("run-e-2", "cancelled")]

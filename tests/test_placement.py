@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 
 from hypothesis import given
-from nats.js.api import ConsumerConfig
 from hypothesis import strategies as st
 
-from dtf.streams import bus, placement, topology
+from dtf.streams import bus, placement, reader, topology
 from dtf.streams.cluster import Cluster
 
 NODES = ["n1", "n2", "n3", "n4"]
@@ -76,10 +75,9 @@ async def test_an_ordered_consumer_near_the_leader_is_placed_on_the_stream_leade
             await topology.provision(js, replicas=3)
             leader = (await js.stream_info(topology.EVENTS)).cluster.leader
             for _ in range(4):  # several: a random placement would miss sooner or later
-                sub, info = await bus.subscribe_ordered(
-                    js, topology.EVENTS, ["dtf.worker.>"], ConsumerConfig(filter_subjects=["dtf.worker.>"]),
-                    near_leader=True)
+                consumer = reader.OrderedConsumer(js, topology.EVENTS, ["dtf.worker.>"], near_leader=True)
+                info = await consumer.open()
                 assert info.cluster.leader == leader
-                await sub.unsubscribe()
+                await consumer.close()
         finally:
             await nc.close()

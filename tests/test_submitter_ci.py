@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from dtf.streams import auth, feed, topology
+from dtf.streams import auth, feed, reader, topology
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -104,13 +104,17 @@ async def test_the_server_lets_a_submitter_read_only_its_own_feed(secured_server
         def body(**config) -> bytes:
             return json.dumps({"stream_name": topology.FEED, "config": {"deliver_subject": "_INBOX.x", **config}}).encode()
 
-        # another's prefix, by the filtered form or in the body of the bare form: refused by the server
-        for api in (f"{create}.x.{alices}", create):
+        own_name = reader.pool(reader.FEED_READER, reader.user_key(bob))[0]
+        alices_name = reader.pool(reader.FEED_READER, reader.user_key(alice))[0]
+        # another's prefix, by the filtered form or in the body of the bare form; its own prefix under a
+        # name outside its pool (another's, or any other): refused by the server
+        for api in (f"{create}.{own_name}.{alices}", create, f"{create}.{alices_name}.dtf.feed.bob.>",
+                    f"{create}.x.dtf.feed.bob.>"):
             with pytest.raises((NatsTimeoutError, NoRespondersError)):
                 await bob.request(api, body(filter_subject=alices), timeout=2)
         # its own prefix in the subject and another's (or none) in the body: the server checks one against the other
         for config in ({"filter_subject": alices}, {"filter_subjects": [alices]}, {}):
-            reply = await bob.request(f"{create}.x.dtf.feed.bob.>", body(name="x", **config), timeout=2)
+            reply = await bob.request(f"{create}.{own_name}.dtf.feed.bob.>", body(name=own_name, **config), timeout=2)
             assert "error" in json.loads(reply.data), config
         assert refusals
     finally:

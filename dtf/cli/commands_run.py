@@ -244,12 +244,20 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
 @click.option("--db", "db_path", default=".dtf/readmodel.duckdb", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="DuckDB file this projector owns.")
 @metrics_option
-@click.option("--name", default="projector", show_default=True,
-              help="Durable consumer name; each database (each projector) needs its own.")
-def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str,
+@click.option("--name", help="Durable consumer name; each database (each projector) needs its own "
+                             "(default: the name in projector credentials, else projector).")
+def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str | None,
               metrics_address: tuple[str, int] | None) -> None:
     """Run the projector: fold events into the DuckDB read model and answer queries on it."""
     from dtf.projections.projector import run_projector
+
+    identity = credential_identity(creds)
+    if identity is not None and identity.role == "projector":  # the server grants its own durables only
+        name = name or identity.name
+        if name != identity.name:
+            raise CliError(f"{creds} are projector {identity.name}'s credentials: run with --name {identity.name}",
+                           EXIT_PERMISSION)
+    name = name or topology.PROJECTOR
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         await run_projector(nc, db_path, stop, name=name, metrics=endpoint)

@@ -152,7 +152,8 @@ def report_run(run_id: str, tasks: list[TaskState], as_json: bool, gave_up_after
 
 
 async def follow_with_progress(js, run_id: str, show: bool, timeout: float | None = None,
-                               scope: str | None = None, unschedulable_timeout: float = 0) -> list[TaskState]:
+                               scope: str | None = None, unschedulable_timeout: float = 0,
+                               expect: tuple[str, ...] = ()) -> list[TaskState]:
     """Raises sub.WaitTimeout when `timeout` runs out first, unschedulable.Unschedulable when
     nothing left in the run could run for `unschedulable_timeout` (0: never)."""
     watch = unschedulable.Watch(unschedulable_timeout)
@@ -161,17 +162,18 @@ async def follow_with_progress(js, run_id: str, show: bool, timeout: float | Non
             progress.update(tasks)
             watch.saw(tasks)
 
-        return await watch.until_stuck(sub.follow_run(js, run_id, seen, timeout, scope))
+        return await watch.until_stuck(sub.follow_run(js, run_id, seen, timeout, scope, expect))
 
 
 async def follow_or_interrupt(ctx: click.Context, js, run_id: str, show: bool, timeout: float | None,
                              cancel_on_interrupt: bool, creds: str | None,
-                             scope: str | None = None, unschedulable_timeout: float = 0) -> list[TaskState]:
-    """Follow the run; on SIGINT/SIGTERM cancel its unfinished tasks (the flag, or a yes at the
-    terminal) or leave it going, then exit 130."""
+                             scope: str | None = None, unschedulable_timeout: float = 0,
+                             expect: tuple[str, ...] = ()) -> list[TaskState]:
+    """Follow the run (`expect`: the task ids just submitted, see sub.follow_run); on SIGINT/SIGTERM
+    cancel its unfinished tasks (the flag, or a yes at the terminal) or leave it going, then exit 130."""
     try:
         return await interrupt.until_interrupted(
-            follow_with_progress(js, run_id, show, timeout, scope, unschedulable_timeout))
+            follow_with_progress(js, run_id, show, timeout, scope, unschedulable_timeout, expect))
     except interrupt.Interrupted:
         pass
     click.echo(f"\ndtf: interrupted while waiting for run {run_id}", err=True)
@@ -398,7 +400,8 @@ async def _submit(ctx, run_id, base, paths, command, benchmark, spec_file, rerun
             return
         try:
             tasks = await follow_or_interrupt(ctx, js, run_id, True, wait_timeout, cancel_on_interrupt, creds,
-                                              query_scope(nc), unschedulable_timeout)
+                                              query_scope(nc), unschedulable_timeout,
+                                              tuple(e.task_id for e in events))
         except sub.WaitTimeout as out:
             ctx.exit(report_run(run_id, out.tasks, as_json, gave_up_after=wait_timeout))
         except unschedulable.Unschedulable as out:

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -338,16 +338,18 @@ PROGRESS_EVERY_S = 0.2
 
 async def follow_run(
     js: JetStreamContext, run_id: str, on_change: Callable[[list[TaskState]], None] | None = None,
-    timeout: float | None = None, scope: str | None = None,
+    timeout: float | None = None, scope: str | None = None, expect: Iterable[str] = (),
 ) -> list[TaskState]:
     """Fold the run's events until every task in it is terminal; returns the final task states.
-    A submitter (`scope`, its name) reads them from its own feed (dtf.streams.feed).
+    A submitter (`scope`, its name) reads them from its own feed (dtf.streams.feed). `expect` are
+    task ids just submitted: unsettled until seen terminal, so a run whose earlier tasks are done does
+    not end before the feed (which the coordinator writes a little later) shows the new ones.
     With `timeout` (seconds), raises WaitTimeout with the states so far when it runs out.
     `on_change` sees the states whenever the follow has caught up, at most every PROGRESS_EVERY_S
     (a change held back is shown when that time is up) and once at the end. What is unsettled is
     tracked per event, so following a run of 10,000 tasks costs per event, not per task."""
     fold = Fold()
-    unsettled: set[str] = set()
+    unsettled: set[str] = set(expect)
     loop = asyncio.get_running_loop()
     shown = -PROGRESS_EVERY_S
     held_back: asyncio.TimerHandle | None = None
