@@ -180,12 +180,16 @@ class OrderedConsumer:
     async def open(self) -> ConsumerInfo:
         """Subscribe a fresh inbox and create the consumer under a free name (beside the stream
         leader, with `near_leader`, on a cluster)."""
+        resume = self.last_seq
         for tries_left in reversed(range(PLACEMENT_TRIES if self.near_leader else 1)):
             placing = tries_left > 0
             info = await self._create(PLACEMENT_CHECK_S if placing else CREATE_TIMEOUT_S, placing)
             if info is not None and (not placing or await self._beside_leader(info)):
                 return info
             await self._drop()
+            # What the misplaced consumer delivered meanwhile went with its queue: the next one
+            # starts where this one did, or those messages would be skipped.
+            self.last_seq = resume
         raise AssertionError("unreachable")
 
     async def _create(self, timeout: float, placing: bool) -> ConsumerInfo | None:

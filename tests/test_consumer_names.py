@@ -318,3 +318,35 @@ def test_a_projector_takes_its_durable_name_from_its_credentials_and_refuses_ano
     other = subprocess.run([sys.executable, "-m", "dtf", "projector", "--creds", str(creds), "--name", "proj2",
                             "--nats", "nats://127.0.0.1:1"], capture_output=True, text=True, timeout=120)
     assert other.returncode == 3 and "--name projector" in other.stderr
+
+
+class MisplacedFirst(reader.OrderedConsumer):
+    """An ordered read whose first consumer lands off the stream leader's node, as one may on a
+    cluster, and is found out only after it has begun delivering."""
+
+    misplaced: int = 0
+
+    async def _beside_leader(self, info) -> bool:
+        if self.misplaced:
+            return True
+        async def delivering() -> bool:
+            return self._queue.qsize() >= 10
+
+        await until(delivering, "the misplaced consumer's first deliveries")
+        self.misplaced += 1
+        return False
+
+
+async def test_what_a_misplaced_consumer_delivered_before_it_was_dropped_is_read_again(js):
+    await js.add_stream(name="S", subjects=["s.>"])
+    for n in range(1, 51):
+        await js.publish(f"s.{n}", str(n).encode())
+    consumer = MisplacedFirst(js, "S", ["s.>"], near_leader=True)
+    try:
+        info = await consumer.open()
+        assert info.num_pending == 50, "the consumer it kept skips what the dropped one delivered"
+        got = [(await asyncio.wait_for(consumer.next(), SAFETY_S)).seq for _ in range(50)]
+    finally:
+        await consumer.close()
+    assert consumer.misplaced == 1
+    assert got == list(range(1, 51))
