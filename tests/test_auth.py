@@ -283,6 +283,8 @@ async def test_refusals_in_the_cli_exit_3_with_the_reason_and_change_nothing(sec
     assert drain.returncode == 3 and "dtf.worker.w1.drain" in drain.stderr
     viewer_submit = await run(vic, "submit", "--command", "true", user="vic")
     assert viewer_submit.returncode == 3
+    dashboard = await run(bob, "dashboard", "--port", "0")  # said at once, not retried for ever
+    assert dashboard.returncode == 3 and "viewer credentials" in dashboard.stderr, dashboard.stderr
     nobody = await run(None, "tasks")
     assert nobody.returncode == 3 and "without credentials" in nobody.stderr
     assert await stream_state(log_state) == before

@@ -9,11 +9,13 @@ import click
 from nats.aio.client import Client
 
 from dtf import events as ev
-from dtf.cli.common import nats_options, serve_with_nats
+from dtf.cli.common import EXIT_PERMISSION, CliError, credential_identity, nats_options, serve_with_nats
 from dtf.state import TaskState, WorkerState
 from dtf.streams.cluster import free_port
 
 DEFAULT_PORT = 8050
+DASHBOARD_ROLES = ("viewer", "admin")
+"""The roles the server lets read both streams, as the dashboard does."""
 
 
 def detector_series(task: TaskState, worker: WorkerState | None, result: ev.ResultReported) -> list[tuple[str, float]]:
@@ -40,6 +42,11 @@ def dashboard(nats_url: str | None, creds: str | None, port: int, listen: str, o
     from dtf.projections.forecast import forecast
     from dtf.ui.app import serve
 
+    identity = credential_identity(creds)
+    if identity is not None and identity.role not in DASHBOARD_ROLES:  # the server would refuse its reads forever
+        raise CliError(f"{creds} are {identity.role} {identity.name}'s credentials; the dashboard shows the whole "
+                       f"fleet and every run: give it viewer credentials (dtf creds add --role viewer)",
+                       EXIT_PERMISSION)
     port = port or free_port(listen)
     for noisy in ("tornado.access", "bokeh.server"):  # a line per HTTP request and per tab otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
