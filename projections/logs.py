@@ -21,6 +21,7 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 
 from dtf import wire
+from dtf.projections.queries import foreign_task
 from dtf.streams.topology import artifacts_bucket
 
 CHUNK = 512 * 1024
@@ -47,16 +48,6 @@ def log_ref(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> tup
     finally:
         cur.close()
     return (row[0], row[1]) if row else None
-
-
-def foreign_task(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> bool:
-    """Whether the read model holds the task as another submitter's."""
-    cur = con.cursor()
-    try:
-        row = cur.execute("SELECT submitter FROM tasks WHERE task_id = $task", {"task": task_id}).fetchone()
-    finally:
-        cur.close()
-    return row is not None and row[0] != submitter
 
 
 def page(data: bytes, offset: int) -> dict:

@@ -228,6 +228,16 @@ def foreign_run(cur: duckdb.DuckDBPyConnection, run_id: str, submitter: str) -> 
     return mine == 0 and others > 0
 
 
+def foreign_task(con: duckdb.DuckDBPyConnection, task_id: str, submitter: str) -> bool:
+    """Whether the read model holds the task as another submitter's."""
+    cur = con.cursor()
+    try:
+        row = cur.execute("SELECT submitter FROM tasks WHERE task_id = $task", {"task": task_id}).fetchone()
+    finally:
+        cur.close()
+    return row is not None and row[0] != submitter
+
+
 def answer(con: duckdb.DuckDBPyConnection, name: str, data: bytes, party: str | None = None) -> bytes:
     """The JSON reply to one request. Never raises: a failure is an {"error": ...} reply. Runs on its
     own cursor, so it sees the last committed batch while the projector writes the next. A request on
@@ -243,6 +253,9 @@ def answer(con: duckdb.DuckDBPyConnection, name: str, data: bytes, party: str | 
             run_id = getattr(request, "run_id", None)
             if party is not None and run_id is not None and foreign_run(cur, run_id, party):
                 raise Refused(f"run {run_id} is another submitter's: {party} may read only its own runs")
+            task_id = getattr(request, "task_id", None)
+            if party is not None and task_id is not None and foreign_task(cur, task_id, party):
+                raise Refused(f"task {task_id} is another submitter's: {party} may read only its own tasks")
             reply = QUERIES[name][1](cur, request)
         finally:
             cur.close()

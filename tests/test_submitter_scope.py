@@ -279,7 +279,7 @@ def test_two_ci_jobs_each_read_and_report_only_their_own_runs_and_are_refused_th
             ("tasks", "--run", "run-bob"), ("anomalies", "--run", "run-bob"),
             *(("report", "--run", "run-bob", "--format", fmt) for fmt in ("md", "json", "html", "junit")),
             ("report", "--run", "ok-bob", "--fail-on-regression"), ("wait", "run-bob"),
-            ("wait", "ok-bob", "--fail-on-regression"), ("cancel", "--run", "run-bob"),
+            ("wait", "ok-bob", "--fail-on-regression"), ("cancel", "--run", "run-bob"), ("cancel", "run-bob-1"),
             ("submit", "--rerun-failed", "run-bob", "--run-id", "stolen"), ("logs", "run-bob-1"),
         ]
         for args in refusals:

@@ -72,9 +72,18 @@ async def ask(nc, name: str, request: dict) -> list[dict]:
 async def refuse_foreign_run(nc, run_id: str) -> None:
     """For a submitter whose feed holds no run `run_id`: exit 3 when the read model holds it as
     another submitter's (the projector refuses to answer for it); return when it is just unknown."""
+    await _refuse_foreign(nc, "tasks", {"run_id": run_id, "limit": 1})
+
+
+async def refuse_foreign_task(nc, task_id: str) -> None:
+    """`refuse_foreign_run` for a task."""
+    await _refuse_foreign(nc, "results", {"task_id": task_id, "limit": 1})
+
+
+async def _refuse_foreign(nc, name: str, request: dict) -> None:
     if query_scope(nc) is None:
         return
-    async with contextlib.aclosing(pages(nc, "tasks", {"run_id": run_id, "limit": 1})) as replies:
+    async with contextlib.aclosing(pages(nc, name, request)) as replies:
         async for _ in replies:
             return
 

@@ -24,7 +24,7 @@ from dtf.cli import github_annotations as github
 from dtf.cli import failures, interrupt, unschedulable
 from dtf.cli import commands_results as ci
 from dtf.cli import submit as sub
-from dtf.cli.commands_query import ask, pages, refuse_foreign_run
+from dtf.cli.commands_query import ask, pages, refuse_foreign_run, refuse_foreign_task
 from dtf.cli.common import (
     EXIT_PERMISSION, CliError, acting_as, acting_name, connected, credential_identity, nats_options, parse_pairs,
     query_scope,
@@ -622,7 +622,17 @@ async def _cancel(scope: str, target: str, reason: str, nats_url: str | None, cr
     async with connected(nats_url, creds, "dtf-cancel") as nc:
         if scope == subjects.run_all(target) and not await sub.run_exists(nc.jetstream(), target, query_scope(nc)):
             await refuse_foreign_run(nc, target)
-        cancelled, total = await cancel_open(nc.jetstream(), scope, target, reason, creds, query_scope(nc))
+        try:
+            cancelled, total = await cancel_open(nc.jetstream(), scope, target, reason, creds, query_scope(nc))
+        except CliError as unknown:
+            if unknown.exit_code == EXIT_PERMISSION and scope != subjects.run_all(target):
+                try:  # the read model tells "another's" from "unknown"
+                    await refuse_foreign_task(nc, target)
+                except CliError as refused:
+                    if refused.exit_code == EXIT_PERMISSION:
+                        raise refused from None
+                    # no projector: "not among mine" still holds
+            raise
         click.echo(f"dtf: cancelled {cancelled} of {total} tasks", err=True)
 
 
@@ -634,6 +644,9 @@ async def cancel_open(js, scope: str, target: str, reason: str, creds: str | Non
     async for msg in feed.read(js, scope, feed_scope):  # a submitter's from its own feed
         fold.apply(msg.subject, msg.seq, msg.data)
     if not fold.tasks:
+        if feed_scope is not None:  # its feed holds all its own tasks: this one is not, or is not its own
+            raise CliError(f"no task or run {target} among {feed_scope}'s: a submitter may cancel only its own",
+                           EXIT_PERMISSION)
         raise CliError(f"nothing known as {target} in the event log")
     actor = acting_name(creds)
     identity = credential_identity(creds)
