@@ -100,8 +100,9 @@ def run_job(script: str, env: dict[str, str], cwd: Path) -> subprocess.Completed
                           text=True, timeout=600)
 
 
-def assert_junit_shows_the_failure(junit: Path) -> None:
+def assert_junit_shows_the_failure(junit: Path, job: subprocess.CompletedProcess) -> None:
     outcomes = {case.name: case for suite in JUnitXml.fromfile(str(junit)) for case in suite}
+    assert "test_passes" in outcomes, (junit.read_text(), job.stdout, job.stderr)  # what the job said, if not
     assert outcomes["test_passes"].is_passed
     assert outcomes["test_fails"].is_failure and "'one' == 'two'" in outcomes["test_fails"].result[0].text
 
@@ -114,7 +115,7 @@ def test_the_gitlab_job_runs_as_written_with_submitter_credentials(fleet, checko
     done = run_job(script, env, checkout)
     assert done.returncode == 1, done.stdout + done.stderr  # the suite has a failing test: the job fails
     assert "tests/test_suite.py::test_fails" in done.stdout + done.stderr
-    assert_junit_shows_the_failure(checkout / "junit.xml")
+    assert_junit_shows_the_failure(checkout / "junit.xml", done)
 
 
 @pytest.mark.slow
@@ -123,4 +124,4 @@ def test_the_github_job_annotates_the_failed_test_with_submitter_credentials(fle
     done = run_job(github_steps("tests")["Tests on the fleet"], env, checkout)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "::error file=tests/test_suite.py,line=6" in done.stdout + done.stderr
-    assert_junit_shows_the_failure(checkout / "junit.xml")
+    assert_junit_shows_the_failure(checkout / "junit.xml", done)
