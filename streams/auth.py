@@ -98,8 +98,10 @@ def _stream_read(stream: str, key: str | None = None) -> list[str]:
     nats.py `get` reads through an unnamed ordered consumer) the bare subject is granted: a bucket
     holds no durable, but such a reader could update another's unnamed consumer on that bucket by
     name, a known limit (docs/OPERATIONS.md)."""
+    # No CONSUMER.INFO: an ordered reader learns its consumer from the create reply, and another's
+    # consumer info would show its filter (a submitter's name) and how far it has read.
     look = [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}",
-            f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.*"]
+            f"$JS.API.DIRECT.GET.{stream}.>"]
     if key is None:
         return [*look, f"$JS.API.CONSUMER.CREATE.{stream}"]
     return [*look, *_readers(stream, reader.pool(reader.READER, key), ">")]

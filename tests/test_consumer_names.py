@@ -106,6 +106,8 @@ def test_no_role_may_create_a_consumer_on_dtfs_streams_by_a_name_it_does_not_own
             mine = [s for s in creates if s.split(".")[4] == stream]
             assert all(len(s.split(".")) > 5 and s.split(".")[5] != "*" for s in mine), (role, stream)
             names = {s.split(".")[5] for s in mine}
+            looks = {s.split(".")[5] for s in allowed if s.startswith(f"$JS.API.CONSUMER.INFO.{stream}.")}
+            assert looks <= {"worker-x", "x", "x-hb"}, (role, looks)  # its own durables' info, no one else's
             assert names <= {*reader.pool(reader.READER, key), *reader.pool(reader.FEED_READER, key),
                              "worker-x", "x", "x-hb"}, (role, names)
 
