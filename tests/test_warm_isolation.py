@@ -156,7 +156,8 @@ async def settled(condition) -> bool:
 async def run(pool: warm.WarmPool, spec: TaskSpec, cwd: Path, name: str, run_id: str = "run-1"):
     attempt_dir = sandbox.sandbox.attempt_dir(cwd.parent, name)  # as `attempt.execute` places it
     try:
-        return await run_attempt(spec, cwd, attempt_dir, python=pool.python, launch=pool.launcher(run_id, spec))
+        return await run_attempt(spec, cwd, attempt_dir, python=pool.python,
+                                 launch=pool.launcher(run_id, spec))
     finally:
         shutil.rmtree(attempt_dir, ignore_errors=True)
 
@@ -166,8 +167,8 @@ async def test_a_warm_process_runs_as_a_task_uid_of_its_own_and_takes_its_proces
     pool = warm.WarmPool(tmp_path / "warm", task_python)
     try:
         cwd = await pool.workspace("run-1", suite, "suite")
-        first = await run(pool, shard(["test_probe.py::test_whoami", "test_probe.py::test_writes_stay_its_own"]),
-                          cwd, "w1-a")
+        first = await run(pool, shard(["test_probe.py::test_whoami",
+                                       "test_probe.py::test_writes_stay_its_own"]), cwd, "w1-a")
         second = await run(pool, shard(["test_probe.py::test_no_credential_in_reach",
                                         "test_probe.py::test_leaves_a_setsid_child"]), cwd, "w1-b")
         assert (first.outcome, second.outcome) == ("passed", "passed"), first.output_tail + second.output_tail
@@ -207,7 +208,26 @@ async def test_a_shard_past_its_timeout_ends_its_process_and_every_process_of_it
         await pool.close()
 
 
-async def test_an_idle_process_is_stopped_without_waiting_for_another_shard(isolated, suite, tmp_path, task_python):
+async def test_a_shard_cut_off_by_the_worker_stopping_leaves_nothing_of_its_uid(
+        isolated, suite, tmp_path, task_python):
+    """The worker cancels its attempts, then closes the pool (`WorkerAgent.run`)."""
+    pool = warm.WarmPool(tmp_path / "warm", task_python)
+    cwd = await pool.workspace("run-1", suite, "suite")
+    shard_run = asyncio.create_task(run(pool, shard(["test_hang.py::test_hangs"]), cwd, "x-a"))
+    try:
+        assert await settled(lambda: pool.processes and pool.processes[0].lease is not None)
+        [process] = pool.processes
+        assert await settled(lambda: len(living(process.lease.uid)) == 2)  # pytest, and its setsid sleep
+    finally:
+        shard_run.cancel()
+        await asyncio.gather(shard_run, return_exceptions=True)
+        await pool.close()
+    assert await settled(lambda: not living(process.lease.uid))
+    assert not process.lease.dir.exists() and process.lease.uid not in sandbox.sandbox._held
+
+
+async def test_an_idle_process_is_stopped_without_waiting_for_another_shard(
+        isolated, suite, tmp_path, task_python):
     pool = warm.WarmPool(tmp_path / "warm", task_python, idle_s=1.0)
     try:
         cwd = await pool.workspace("run-1", suite, "suite")
@@ -233,7 +253,8 @@ async def test_a_shard_that_falls_back_to_cold_runs_as_a_task_uid_in_its_own_cop
     pool = warm.WarmPool(tmp_path / "warm", task_python)
     try:
         cwd = await pool.workspace("run-1", suite, "suite")
-        result = await run(pool, shard(["test_probe.py::test_whoami", "test_probe.py::test_no_credential_in_reach",
+        result = await run(pool, shard(["test_probe.py::test_whoami",
+                                        "test_probe.py::test_no_credential_in_reach",
                                         "test_probe.py::test_writes_stay_its_own"]), cwd, "c-a")
         assert result.outcome == "passed", result.output_tail
         assert "warm pytest not used: it exited (code 7) while collecting" in result.output_tail
@@ -246,7 +267,8 @@ async def test_a_shard_that_falls_back_to_cold_runs_as_a_task_uid_in_its_own_cop
         await pool.close()
 
 
-async def test_without_task_uids_a_warm_process_runs_as_the_worker_in_the_runs_copy(monkeypatch, suite, tmp_path):
+async def test_without_task_uids_a_warm_process_runs_as_the_worker_in_the_runs_copy(
+        monkeypatch, suite, tmp_path):
     """`--isolate auto` where the uid cannot run the Python (or the worker is not root): as before."""
     monkeypatch.setattr(sandbox, "sandbox", sandbox.Sandbox(fresh_dir=True, uids=None))
     pool = warm.WarmPool(tmp_path / "warm", sys.executable)
@@ -254,7 +276,8 @@ async def test_without_task_uids_a_warm_process_runs_as_the_worker_in_the_runs_c
         cwd = await pool.workspace("run-1", suite, "suite")
         result = await run(pool, shard(["test_probe.py::test_whoami"]), cwd, "n-a")
         assert result.outcome == "passed", result.output_tail
-        assert said(result.output_tail, "uid") == str(os.getuid()) and said(result.output_tail, "cwd") == str(cwd)
+        assert said(result.output_tail, "uid") == str(os.getuid())
+        assert said(result.output_tail, "cwd") == str(cwd)
         assert not cwd.is_symlink() and [p.lease for p in pool.processes] == [None]
     finally:
         await pool.close()
@@ -264,10 +287,11 @@ def test_a_working_directory_moves_into_the_copy_only_when_it_lies_in_a_run_work
     run = tmp_path / "warm" / "run-1-x" / "proj"
     dest = tmp_path / "lease"
     assert warm.relocated(run, [run], dest) == (run, dest / "proj")
-    assert warm.relocated(run / "sub" / "deep", [tmp_path / "other", run], dest) == (run, dest / "proj" / "sub" / "deep")
+    deep = run / "sub" / "deep"
+    assert warm.relocated(deep, [tmp_path / "other", run], dest) == (run, dest / "proj" / "sub" / "deep")
     assert warm.relocated(run / ".." / "elsewhere", [run], dest) is None  # `config.cwd: ../elsewhere`
     assert warm.relocated(Path("/srv/shared"), [run], dest) is None  # an absolute config.cwd stays as it is
-    assert warm.relocated(tmp_path / "warm" / "run-1-x" / "projects", [run], dest) is None  # a prefix, not a parent
+    assert warm.relocated(run.with_name("projects"), [run], dest) is None  # a prefix of it, not under it
 
 
 async def test_a_split_run_on_an_isolated_worker_is_served_warm_as_a_task_uid_that_dies_with_the_worker(
@@ -293,7 +317,8 @@ async def test_a_split_run_on_an_isolated_worker_is_served_warm_as_a_task_uid_th
     assert [r.outcome for r in results.values()] == ["passed", "passed"], out + results["s2"].output_tail
     assert "warm pytest not used" not in out + results["s2"].output_tail
     assert int(said(out, "uid")) == lease.uid in UIDS and int(said(out, "pid")) == process.proc.pid
-    assert {t.nodeid for r in results.values() for t in r.tests} == {n for ids in shards.values() for n in ids}
+    reported = {t.nodeid for r in results.values() for t in r.tests}
+    assert reported == {n for ids in shards.values() for n in ids}
     child = int(said(results["s2"].output_tail, "child"))
     assert await settled(lambda: not living(lease.uid))  # the stopped worker took the setsid child too
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
