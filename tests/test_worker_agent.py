@@ -87,7 +87,7 @@ async def running_agent(nats_server, js, tmp_path, *, worker_id="w1", wait_regis
     stop = asyncio.Event()
     agent = WorkerAgent(
         client, worker_id=worker_id, concurrency=options.pop("concurrency", 1), tags={"pool": "test"},
-        cache_dir=tmp_path / "cache", workdir=tmp_path, python=sys.executable,
+        cache_dir=tmp_path / "cache", workdir=tmp_path, python=options.pop("python", sys.executable),
         heartbeat_interval=0.2, drain_grace=options.pop("drain_grace", 5.0), fetch_timeout=0.25, **options,
     )
     task = asyncio.create_task(agent.run(stop))

@@ -246,7 +246,9 @@ async def _keep_claim(attempt: Attempt) -> None:
 async def _workdir(ctx: Context, a: ev.TaskAssigned, attempt_dir: Path) -> Path:
     """Where the attempt runs: the worker's workdir, or a private copy of the cached workspace (so a
     task that writes into its tree, even just __pycache__, cannot change what a retry starts from);
-    a split shard for a warm pytest process shares its run's copy with that process."""
+    a split shard for a warm pytest process gets its run's copy (under task uids only a link to the
+    cache: each warm process, and a shard falling back to cold, runs in a copy its uid owns:
+    `warm.Lease`)."""
     ref = a.spec.workspace
     if ref is None:  # isolated: the fresh attempt dir, not the worker's own cwd
         return attempt_dir if sandbox.sandbox.fresh_dir else ctx.workdir
@@ -295,7 +297,7 @@ async def execute(ctx: Context, attempt: Attempt) -> None:
         except workspace.WorkspaceError as exc:
             await _finish(ctx, attempt, failed(a, exc.category, str(exc)))
             return
-        if not ctx.warm.wants(a.spec):  # a warm pytest process runs as the worker (not isolated)
+        if not ctx.warm.wants(a.spec):  # a warm shard runs as its warm process's uid, which `warm` takes
             uid = await asyncio.to_thread(sandbox.sandbox.take_uid)
             await asyncio.to_thread(attempt_dir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(sandbox.hand_over, attempt_dir, uid)

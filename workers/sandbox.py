@@ -86,6 +86,11 @@ class Sandbox:
             log.info("isolation: each task runs as its own uid from %d-%d", uids.start, uids[-1])
         return cls(fresh_dir=fresh, uids=uids if by_uid else None)
 
+    @property
+    def by_uid(self) -> bool:
+        """Whether tasks run as task uids (root, and isolation not off nor fallen back)."""
+        return self.uids is not None
+
     def attempt_dir(self, fallback: Path, name: str) -> Path:
         """Where an attempt's scratch (and, without a workspace, its cwd) lives."""
         if not self.fresh_dir:
@@ -133,10 +138,10 @@ def hand_over(path: Path, uid: int | None) -> None:
                 os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
 
 
-def runs_python_as(uid: int) -> bool:
-    """Whether `uid` can start this worker's Python with its pytest: a test task runs it."""
+def runs_python_as(uid: int, python: str = sys.executable) -> bool:
+    """Whether `uid` can start `python` (this worker's) with its pytest: a test task runs it."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run([sys.executable, "-c", "import pytest"], user=uid, group=uid, extra_groups=[],
+        return subprocess.run([python, "-c", "import pytest"], user=uid, group=uid, extra_groups=[],
                               cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, timeout=60, check=False).returncode == 0
     return False

@@ -13,6 +13,16 @@ What still holds, and how:
                 workspace, gets its own (and its own copy, made once per run rather than per
                 shard). Shards of one run share the process and the directory, as tests of one
                 `pytest` (or one xdist worker) do; every fixture is torn down after each shard.
+    task uids   when the worker runs tasks as task uids (`sandbox`: root, isolation on), each warm
+                process runs as a uid of its own from the sandbox's pool, held for the process's
+                lifetime, in a directory of its own under the sandbox's base that holds its copy of
+                the run's workspace and its HOME/TMPDIR and is handed over to that uid, with the same
+                credential-free environment as a cold attempt; a shard's attempt directory is handed
+                to it for the shard's report. When the process stops (idle, killed after a timeout
+                or cancel, the worker stopping) the uid is released, which kills every process of
+                it (a `setsid` child too), and the directory removed. A shard that falls back to cold
+                runs as a uid and in a copy of its own too (`Lease`). Without task uids none of this
+                happens: processes run as the worker, in the run's shared copy.
     timeouts    a shard past its timeout (counted from its start, a cold start included) or
                 cancelled: the process group is killed (SIGTERM, then SIGKILL), the result is
                 timed_out/cancelled as for a cold run, and the next shard gets a fresh process.
@@ -39,13 +49,13 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dtf.spec import TaskSpec, test_args
-from dtf.workers import process
+from dtf.workers import process, sandbox
 from dtf.workers.process import (
     KILL_GRACE_S, PIPE_DRAIN_S, READ_CHUNK, LogSink, ProcessResult, _open_output_pipe, _signal_group,
     _stop_group, run_process,
@@ -108,6 +118,69 @@ class Replies:
             self.pending = self.pending[end + 1:]
 
 
+def relocated(cwd: Path, roots: Iterable[Path], dest: Path) -> tuple[Path, Path] | None:
+    """The run workspace (one of `roots`) `cwd` lies in, and where `cwd` is in a copy of it made
+    under `dest`; None when it lies in none (no workspace, an absolute `config.cwd`). Normalized
+    first, so a `config.cwd` of `../x` is not taken to be inside."""
+    cwd = Path(os.path.normpath(cwd))
+    for root in roots:
+        root = Path(os.path.normpath(root))
+        if cwd.is_relative_to(root):
+            return root, dest / root.name / cwd.relative_to(root)
+    return None
+
+
+@dataclass(eq=False)
+class Lease:
+    """What one warm process (or one shard's cold fallback) runs with under task uids: a uid taken
+    from the sandbox's pool and a directory of its own under the sandbox's base, the uid's, holding
+    its copy of the run's workspace and `home` (its HOME and TMPDIR). Per process rather than per
+    run: `end` kills every process of the uid, which must not take down a sibling process of the
+    same run still serving a shard."""
+
+    uid: int
+    dir: Path
+    cwd: Path
+    """Where the process runs: the planned cwd, moved into the copy when it lies in a run workspace."""
+    ended: bool = False
+
+    @property
+    def home(self) -> Path:
+        return self.dir / "home"
+
+    @classmethod
+    async def take(cls, name: str, cwd: Path, roots: Iterable[Path]) -> Lease:
+        uid = await asyncio.to_thread(sandbox.sandbox.take_uid)
+        assert uid is not None, "a lease is only taken when tasks run as task uids"
+        where = sandbox.sandbox.attempt_dir(Path(tempfile.gettempdir()), name)
+        lease = cls(uid=uid, dir=where, cwd=cwd)
+        try:
+            lease.cwd = await asyncio.to_thread(lease._fill, cwd, list(roots))
+        except BaseException:
+            await lease.end()
+            raise
+        return lease
+
+    def _fill(self, cwd: Path, roots: list[Path]) -> Path:
+        """Make the directory, with the copy and home, and hand it to the uid (blocking)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.home.mkdir(parents=True)
+        found = relocated(cwd, roots, self.dir)
+        if found is not None:
+            shutil.copytree(found[0], self.dir / found[0].name, symlinks=True)  # found[0] may be a link
+        sandbox.hand_over(self.dir, self.uid)
+        os.chmod(self.dir, 0o700)  # the base (0711) only hides names: another task uid cannot read it
+        return cwd if found is None else found[1]
+
+    async def end(self) -> None:
+        """Kill whatever of the uid is left, hand it back and remove the directory (once)."""
+        if self.ended:
+            return
+        self.ended = True
+        await asyncio.to_thread(sandbox.sandbox.release_uid, self.uid)
+        await asyncio.to_thread(sandbox.remove, self.dir)
+
+
 class NotServed(Exception):
     """The warm process cannot run this shard; the message says why (the shard then runs cold)."""
 
@@ -132,9 +205,13 @@ class WarmProcess:
     pump: asyncio.Task[None] | None = None
     startup_report: Path | None = None
     exited: asyncio.Task[int] | None = None
+    lease: Lease | None = None
+    """Its uid and directory, under task uids."""
 
     @classmethod
-    async def spawn(cls, key: tuple, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> WarmProcess:
+    async def spawn(cls, key: tuple, argv: Sequence[str], cwd: Path, env: Mapping[str, str],
+                    uid: int | None = None) -> WarmProcess:
+        as_user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}  # as run_process
         token = secrets.token_hex(16)
         loop = asyncio.get_running_loop()
         request_read, request_write = os.pipe()
@@ -145,6 +222,7 @@ class WarmProcess:
                 *argv, cwd=cwd, env={**env, TOKEN_ENV: token, REQUEST_FD_ENV: str(request_read)},
                 stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, pass_fds=(request_read,),
                 start_new_session=True, preexec_fn=process.task_limits.preexec(),  # a cold task's limits
+                **as_user,
             )
         except BaseException:
             transport.close()
@@ -227,6 +305,9 @@ class WarmPool:
         self.workspace_used: dict[tuple[str, str, str], float] = {}
         self.locks: dict[tuple, asyncio.Lock] = {}
         self.broken: set[tuple] = set()
+        self._settling: set[asyncio.Task[None]] = set()
+        """Processes being stopped, leases being ended: `close` waits for them."""
+        self._reaper: asyncio.Task[None] | None = None
 
     def wants(self, spec: TaskSpec) -> bool:
         return suite_of(spec) is not None
@@ -245,10 +326,18 @@ class WarmPool:
             if key not in self.workspaces:
                 await self._ready_root()
                 target = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"{run_id}-", dir=self.root))
-                await asyncio.to_thread(shutil.copytree, cached, target / name, symlinks=True)
+                if sandbox.sandbox.by_uid:  # never run in: each process copies it into its lease (`Lease`)
+                    await asyncio.to_thread((target / name).symlink_to, cached, True)
+                else:
+                    await asyncio.to_thread(shutil.copytree, cached, target / name, symlinks=True)
                 self.workspaces[key] = target
+                self._watch()
             self.workspace_used[key] = time.monotonic()
             return self.workspaces[key] / name
+
+    def _roots(self) -> list[Path]:
+        """Every run workspace, as `workspace` returned it."""
+        return [path / key[2] for key, path in self.workspaces.items()]
 
     def launcher(self, run_id: str, spec: TaskSpec):
         """A drop-in for `process.run_process` that serves the shard from a warm process."""
@@ -260,16 +349,31 @@ class WarmPool:
                          timeout: float, cancel: asyncio.Event) -> ProcessResult:
             key = (run_id, str(cwd), tuple(suite), tuple(test_args(spec)))
             if key in self.broken:
-                return await run_process(argv, cwd=cwd, env=env, sink=sink, timeout=timeout, cancel=cancel)
+                return await self._cold(argv, cwd, env, sink, timeout, cancel)
             try:
                 return await self._serve(key, nodeids, cwd, env, sink, timeout, cancel)
             except NotServed as why:
                 if why.broken:
                     self.broken.add(key)
                 sink.note(f"warm pytest not used: {why}; running this shard in a fresh pytest")
-                return await run_process(argv, cwd=cwd, env=env, sink=sink, timeout=timeout, cancel=cancel)
+                return await self._cold(argv, cwd, env, sink, timeout, cancel)
 
         return launch
+
+    async def _cold(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str], sink: LogSink,
+                    timeout: float, cancel: asyncio.Event) -> ProcessResult:
+        """A shard in a fresh pytest. Under task uids, as a cold attempt runs: as a uid of its own, in
+        a copy of its own (the run's is never run in), its attempt directory (HOME, TMPDIR, report)
+        the uid's; the attempt took no uid for a shard that meant to go warm."""
+        if not sandbox.sandbox.by_uid:
+            return await run_process(argv, cwd=cwd, env=env, sink=sink, timeout=timeout, cancel=cancel)
+        lease = await self._lease("cold", cwd)
+        try:
+            await asyncio.to_thread(sandbox.hand_over, Path(env["DTF_TEST_REPORT"]).parent, lease.uid)
+            return await run_process(argv, cwd=lease.cwd, env=env, sink=sink, timeout=timeout, cancel=cancel,
+                                     uid=lease.uid)
+        finally:
+            await self._settle(lease.end())
 
     async def _serve(self, key: tuple, nodeids: list[str], cwd: Path,
                      env: Mapping[str, str], sink: LogSink, timeout: float,
@@ -294,6 +398,8 @@ class WarmPool:
                     return await self._ended(warm, reply, sink, started)
                 warm.ready = True
             report = Path(env["DTF_TEST_REPORT"])
+            if warm.lease is not None:  # the process writes the shard's report there, as its uid
+                await asyncio.to_thread(sandbox.hand_over, report.parent, warm.lease.uid)
             warm.request(nodeids, report)
             reply = await warm.next_reply(deadline, cancel)
             if not isinstance(reply, dict):
@@ -315,15 +421,27 @@ class WarmPool:
         argv = [self.python, "-m", "pytest", *files, *key[3], "-p", REPORT_PLUGIN, "-p", CHILD_PLUGIN,
                 "-p", "no:cacheprovider", "-q"]
         await self._ready_root()
-        startup_report = self.root / f"startup-{secrets.token_hex(4)}.jsonl"  # collection errors, if any
+        lease = None
+        if sandbox.sandbox.by_uid:  # the planned HOME/TMPDIR are the first shard's, gone after it
+            lease = await self._lease("warm", cwd)
+            cwd, env = lease.cwd, sandbox.task_env(dict(env), lease.home)
+        where = self.root if lease is None else lease.dir  # where the process may write
+        startup_report = where / f"startup-{secrets.token_hex(4)}.jsonl"  # collection errors, if any
         child_env = {**env, "DTF_TEST_REPORT": str(startup_report), IDLE_ENV: str(self.idle_s * 2)}
         try:
-            warm = await WarmProcess.spawn(key, argv, cwd, child_env)
-        except OSError as exc:
-            raise NotServed(f"cannot start {self.python}: {exc}") from None
+            warm = await WarmProcess.spawn(key, argv, cwd, child_env, None if lease is None else lease.uid)
+        except BaseException as exc:
+            if lease is not None:
+                await self._settle(lease.end())
+            if isinstance(exc, OSError):
+                raise NotServed(f"cannot start {self.python}: {exc}") from None
+            raise
         warm.startup_report = startup_report
+        warm.lease = lease
         self.processes.append(warm)
-        log.info("warm pytest %d started for %s", warm.proc.pid, key[0])
+        self._watch()
+        log.info("warm pytest %d started for %s%s", warm.proc.pid, key[0],
+                 "" if lease is None else f" as uid {lease.uid}")
         return warm
 
     async def _ended(self, warm: WarmProcess, how: str, sink: LogSink, started: float) -> ProcessResult:
@@ -338,12 +456,57 @@ class WarmPool:
         return ProcessResult(warm.proc.returncode, "timeout" if how == "timeout" else "cancel",
                              time.monotonic() - started, warm.proc.pid)
 
+    async def _lease(self, kind: str, cwd: Path) -> Lease:
+        """A lease for a process to run in `cwd`; taken in a task of its own, so a caller cancelled
+        while the workspace is copied (in a thread, which runs on) ends it only once it is whole."""
+        taking = asyncio.ensure_future(Lease.take(f"{kind}-{self.root.name}-{secrets.token_hex(6)}", cwd,
+                                                  self._roots()))
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            async def end_once_taken() -> None:
+                with contextlib.suppress(Exception):
+                    await (await taking).end()
+            await self._settle(end_once_taken())
+            raise
+
+    async def _settle(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run `step` to its end even if the caller is cancelled meanwhile (the worker stopping in
+        the middle of a shard): a process half stopped or a uid never handed back would outlive the
+        worker's cleanup. `close` waits for what is still running."""
+        task = asyncio.create_task(step)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
     async def _discard(self, warm: WarmProcess, *, kill: bool = False) -> None:
-        with contextlib.suppress(ValueError):
-            self.processes.remove(warm)
-        await warm.stop(kill=kill)
-        if warm.startup_report is not None:
-            await asyncio.to_thread(warm.startup_report.unlink, True)
+        if warm not in self.processes:  # being stopped already (by the reaper, say)
+            return
+        self.processes.remove(warm)
+        await self._settle(self._stop(warm, kill))
+
+    async def _stop(self, warm: WarmProcess, kill: bool) -> None:
+        try:
+            await warm.stop(kill=kill)
+            if warm.startup_report is not None:
+                await asyncio.to_thread(warm.startup_report.unlink, True)
+        finally:
+            if warm.lease is not None:  # after the group is gone: then nothing of the uid is left running
+                await warm.lease.end()
+
+    def _watch(self) -> None:
+        """Have idle processes stopped on time, not only when the next shard comes: under task uids
+        an idle process holds a uid, and whatever it left running, until it is stopped."""
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_loop(), name="warm-reaper")
+
+    async def _reap_loop(self) -> None:
+        while self.processes or self.workspaces:
+            await asyncio.sleep(self.idle_s / 2)
+            try:
+                await self._reap()
+            except Exception:  # noqa: BLE001 - the next round, or the next shard, tries again
+                log.exception("stopping idle warm pytest processes failed")
 
     async def _reap(self) -> None:
         """Stop processes idle for `idle_s`, and remove run workspaces nothing has used for as long."""
@@ -352,16 +515,22 @@ class WarmPool:
         for warm in idle:
             await self._discard(warm)
         for key, used in list(self.workspace_used.items()):
-            path = self.workspaces[key]
+            path = self.workspaces.get(key)
+            if path is None:  # removed by a concurrent round
+                continue
             if now - used > self.idle_s and not any(w.key[1].startswith(str(path)) for w in self.processes):
                 del self.workspaces[key], self.workspace_used[key]
                 self.locks.pop(key, None)
                 await asyncio.to_thread(shutil.rmtree, path, True)
 
     async def close(self) -> None:
-        """Stop every process and remove every workspace copy (the worker is stopping)."""
+        """Stop every process, hand back every uid, remove every workspace copy (the worker is stopping)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
         for warm in list(self.processes):
             await self._discard(warm)
+        await asyncio.gather(*self._settling, return_exceptions=True)
         for path in self.workspaces.values():
             await asyncio.to_thread(shutil.rmtree, path, True)
         self.workspaces.clear()
