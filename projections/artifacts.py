@@ -23,6 +23,7 @@ from nats.js.errors import InvalidObjectNameError, NotFoundError, ObjectDeletedE
 
 from dtf import events as ev
 from dtf import subjects, wire
+from dtf.streams import objects
 from dtf.streams.topology import artifacts_bucket
 
 log = logging.getLogger("dtf.projector.artifacts")
@@ -73,8 +74,7 @@ async def fetch_tests(js: JetStreamContext, messages: Iterable) -> dict[Stored, 
     for worker, ref in sorted(refs_in(messages)):
         bucket = artifacts_bucket(worker)
         try:
-            result = await (await js.object_store(bucket)).get(ref)
-            found[(worker, ref)] = decode_tests(result.data or b"")
+            found[(worker, ref)] = decode_tests(await objects.get(js, bucket, ref))
         except wire.WireError as exc:
             log.warning("test list %s in %s is not readable: %s", ref, bucket, exc)
         except (NotFoundError, ObjectDeletedError, InvalidObjectNameError) as exc:

@@ -22,6 +22,7 @@ from nats.js.errors import NotFoundError
 
 from dtf import wire
 from dtf.projections.queries import foreign_task
+from dtf.streams import objects
 from dtf.streams.topology import artifacts_bucket
 
 CHUNK = 512 * 1024
@@ -71,9 +72,9 @@ async def answer(js: JetStreamContext, con: duckdb.DuckDBPyConnection, data: byt
     worker, ref = found
     bucket = artifacts_bucket(worker)
     try:
-        stored = await (await js.object_store(bucket)).get(ref)
+        stored = await objects.get(js, bucket, ref)
     except NotFoundError:
         return _encoder.encode({"error": f"log {ref} is gone from {bucket}"})
     except JetStreamError as exc:
         return _encoder.encode({"error": f"log {ref}: {exc}"})
-    return _encoder.encode(page(stored.data or b"", request.offset))
+    return _encoder.encode(page(stored, request.offset))

@@ -90,21 +90,20 @@ def inbox_prefix(public_key: str) -> str:
     return f"_INBOX.{public_key}"
 
 
-def _stream_read(stream: str, key: str | None = None) -> list[str]:
-    """JetStream API subjects to look at a stream and read it through ordered consumers. A reader of
-    dtf's streams passes its public `key`: it may create (and delete) consumers only under the names of
-    its own pool (dtf.streams.reader), never on the bare CONSUMER.CREATE subject, whose consumer name
-    is in the request body, where no permission can see it. Without a key (object-store buckets, whose
-    nats.py `get` reads through an unnamed ordered consumer) the bare subject is granted: a bucket
-    holds no durable, but such a reader could update another's unnamed consumer on that bucket by
-    name, a known limit (docs/OPERATIONS.md)."""
-    # No CONSUMER.INFO: an ordered reader learns its consumer from the create reply, and another's
-    # consumer info would show its filter (a submitter's name) and how far it has read.
-    look = [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}",
+def _stream_read(stream: str, key: str) -> list[str]:
+    """JetStream API subjects to look at one of dtf's streams and read it through ordered consumers:
+    a reader may create (and delete) consumers only under the names of its own pool (`key`, its
+    public key: dtf.streams.reader), never on the bare CONSUMER.CREATE subject, whose consumer name
+    is in the request body, where no permission can see it."""
+    return [*_look(stream), *_readers(stream, reader.pool(reader.READER, key), ">")]
+
+
+def _look(stream: str) -> list[str]:
+    """Stream info and single-message reads. No CONSUMER.INFO: an ordered reader learns its consumer
+    from the create reply, and another's consumer info would show its filter (a submitter's name)
+    and how far it has read."""
+    return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}",
             f"$JS.API.DIRECT.GET.{stream}.>"]
-    if key is None:
-        return [*look, f"$JS.API.CONSUMER.CREATE.{stream}"]
-    return [*look, *_readers(stream, reader.pool(reader.READER, key), ">")]
 
 
 def _readers(stream: str, names: list[str], filter_: str) -> list[str]:
@@ -117,7 +116,8 @@ def _readers(stream: str, names: list[str], filter_: str) -> list[str]:
 
 
 def _bucket_read(bucket: str) -> list[str]:
-    return _stream_read(f"OBJ_{bucket}")
+    """An object's metadata and chunks are single-message reads (dtf.streams.objects): no consumer."""
+    return _look(f"OBJ_{bucket}")
 
 
 def _bucket_write(bucket: str, overwrite: bool) -> list[str]:

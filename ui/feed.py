@@ -24,7 +24,7 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 
 from dtf import subjects, wire
-from dtf.streams import bus, topology
+from dtf.streams import bus, objects, topology
 from dtf.ui.board import Board, Point, SeriesOf, Stored, metric_series
 
 log = logging.getLogger("dtf.dashboard")
@@ -192,10 +192,9 @@ class Feed:
             return detail.output_tail
         bucket = topology.artifacts_bucket(detail.worker_id)  # the attempt's worker's: its ref names nothing else
         try:
-            store = await self.js.object_store(bucket)
-            found = await store.get(detail.log_ref)
+            found = await objects.get(self.js, bucket, detail.log_ref)
         except NotFoundError:
             return f"(log {detail.log_ref} is gone from {bucket})\n{detail.output_tail}"
         except (NatsError, JetStreamError, TimeoutError) as exc:
             return f"(cannot fetch {detail.log_ref}: {type(exc).__name__})\n{detail.output_tail}"
-        return (found.data or b"").decode("utf-8", "replace")
+        return found.decode("utf-8", "replace")

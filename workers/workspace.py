@@ -41,7 +41,7 @@ from nats.js.errors import NotFoundError
 
 from dtf import subjects
 from dtf.spec import WorkspaceRef
-from dtf.streams import buckets, topology
+from dtf.streams import buckets, objects, topology
 
 log = logging.getLogger("dtf.worker.workspace")
 
@@ -197,8 +197,7 @@ async def materialize(js: JetStreamContext, owner: str, ref: WorkspaceRef, cache
 
 async def _fetch(js: JetStreamContext, bucket: str, ref: WorkspaceRef, handle: io.BufferedWriter) -> None:
     try:
-        store = await js.object_store(bucket)
-        await store.get(ref.sha256, writeinto=handle)
+        await objects.get(js, bucket, ref.sha256, writeinto=handle)
     except NotFoundError:
         raise WorkspaceError(f"workspace {ref.sha256[:12]} is not in {bucket}", "data") from None
     except NETWORK_ERRORS as exc:

@@ -32,7 +32,7 @@ from dtf.cli.common import (
 from dtf.cli.progress import RunProgress
 from dtf.spec import HARDWARE_KINDS, Requirements, RetryPolicy, SpecError, TaskSpec, spec_from_json, test_args
 from dtf.state import Fold, TaskState
-from dtf.streams import bus, feed, topology
+from dtf.streams import bus, feed, objects, topology
 from dtf.streams.retry import PUBLISH_ATTEMPTS
 
 
@@ -554,10 +554,10 @@ async def _logs(task_id: str, follow: bool, nats_url: str | None, creds: str | N
             return
         bucket = topology.artifacts_bucket(result.worker_id)
         try:
-            obj = await (await js.object_store(bucket)).get(result.log_ref)
+            data = await objects.get(js, bucket, result.log_ref)
         except NotFoundError:
             raise CliError(f"log {result.log_ref} is gone from {bucket}") from None
-        sys.stdout.buffer.write(obj.data or b"")
+        sys.stdout.buffer.write(data)
         sys.stdout.flush()
 
 

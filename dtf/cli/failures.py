@@ -19,7 +19,7 @@ from dtf import events as ev
 from dtf import subjects
 from dtf.projections.artifacts import decode_tests
 from dtf.state import TaskState
-from dtf.streams import feed, topology
+from dtf.streams import feed, objects, topology
 
 log = logging.getLogger("dtf.cli.failures")
 
@@ -40,8 +40,7 @@ async def _stored_tests(js: JetStreamContext, event: ev.ResultReported) -> list[
     """The result's test list, from its worker's bucket (the only place its ref may point)."""
     ref = event.tests_ref
     try:
-        store = await js.object_store(topology.artifacts_bucket(event.worker_id))
-        return decode_tests((await store.get(ref)).data or b"")
+        return decode_tests(await objects.get(js, topology.artifacts_bucket(event.worker_id), ref))
     except Exception as exc:  # noqa: BLE001 - the counts and the verdict stand without the list
         log.warning("cannot read the test list %s: %s", ref, exc)
         return []
