@@ -1,6 +1,6 @@
 """The detector's findings in the read model: the `detections` rows and the `anomalies` query.
 
-    anomalies {"series"?, "run_id"?, "kind"?: "regression"|"anomaly", "offset"?, "limit"?}
+    anomalies {"series"?, "run_id"?, "kind"?: "regression"|"anomaly", "project"?, "offset"?, "limit"?}
               -> {"anomalies": [{"kind", "series", "owner", "run_id", "task_id", "before", "after",
                                  "size", "confidence", "time", ...}], "next_offset"}
 
@@ -9,6 +9,7 @@ and the outlier itself, so both kinds read alike. `run_id`/`task_id` are the res
 the detection; a regression's `change_run_id` is the run where the shift began; `owner` is the
 submitter whose series it is ("" for a detection from before series were per owner). Newest first, at
 most `limit` (and 1000) a page; `next_offset` says where the next page starts (null at the end).
+`project` narrows to the detections completed by results of tasks submitted under that project.
 
 Asked by a submitter (`submitter`, set by the query service), only the detections its own tasks'
 results completed (whose task is whose, the fold says: `tasks.submitter`), and a `change_run_id`
@@ -55,6 +56,7 @@ class AnomaliesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     series: str | None = None
     run_id: str | None = None
     kind: Literal["regression", "anomaly"] | None = None
+    project: str | None = None
     submitter: str | None = None
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -73,6 +75,9 @@ def anomalies(cur: duckdb.DuckDBPyConnection, request: AnomaliesRequest) -> dict
     clauses = [f"{name} = ${name}" for name in params]
     columns = list(COLUMNS)
     columns[COLUMNS.index("owner")] = "coalesce(owner, '')"
+    if request.project is not None:
+        params["project"] = request.project
+        clauses.append("task_id IN (SELECT task_id FROM tasks WHERE project = $project)")
     if request.submitter is not None:
         params["submitter"] = request.submitter
         mine = "(SELECT {0} FROM tasks WHERE submitter = $submitter)"

@@ -316,6 +316,13 @@ async def test_each_submitters_dtf_anomalies_lists_its_own_series_findings_only(
             return dtf(tenants_server, tenants_server.creds("submitter", who), "anomalies", "--json", *args)["anomalies"]
 
         bobs = await asyncio.to_thread(listed, "bob")
+        # A project narrows within the caller's scope (a submission's project defaults to its submitter).
+        bobs_project = await asyncio.to_thread(listed, "bob", "--project", "bob")
+        other_project = await asyncio.to_thread(listed, "bob", "--project", "alice")
+        bob_creds = tenants_server.creds("submitter", "bob")
+        grouped = await asyncio.to_thread(dtf, tenants_server, bob_creds, "results", "--group-by", "benchmark",
+                                          "--project", "bob", "--json")
+        flaky = await asyncio.to_thread(dtf, tenants_server, bob_creds, "flaky", "--project", "bob", "--json")
         alices = await asyncio.to_thread(listed, "alice", "--series", SERIES)
         everyone = await asyncio.to_thread(
             lambda: dtf(tenants_server, tenants_server.admin, "anomalies", "--json")["anomalies"])
@@ -334,6 +341,9 @@ async def test_each_submitters_dtf_anomalies_lists_its_own_series_findings_only(
     [row] = bobs
     assert (row["id"], row["kind"], row["owner"], row["series"]) == (regression.id, "regression", "bob", SERIES)
     assert row["change_run_id"] == "bob-run20" and row["result_ids"] == regression.result_ids
+    assert bobs_project == bobs and other_project == []
+    assert [(r["benchmark"], r["count"]) for r in grouped["results"]] == [("resnet-bench", 30)]
+    assert flaky == {"flaky": []}
     [row] = alices
     assert (row["id"], row["kind"], row["owner"], row["run_id"]) == (anomaly.id, "anomaly", "alice", "alice-run12")
     assert sorted((r["owner"], r["id"]) for r in everyone) == sorted((d.owner, d.id) for d in expected)

@@ -48,12 +48,14 @@ ANOMALY_COLUMNS = ("time", "kind", "series", "owner", "before", "after", "size",
 @click.option("--series", metavar="S", help="Only this series (as the listing names it).")
 @click.option("--run", "run_id", metavar="RUN_ID", help="Only detections made by this run's results.")
 @click.option("--kind", type=click.Choice(["regression", "anomaly"]), help="Only regressions or anomalies.")
+@click.option("--project", metavar="NAME",
+              help="Only detections made by results of tasks submitted under this project (submit --project).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"anomalies": [...]} on stdout.')
 @nats_options
-def anomalies(series: str | None, run_id: str | None, kind: str | None, as_json: bool,
+def anomalies(series: str | None, run_id: str | None, kind: str | None, project: str | None, as_json: bool,
               nats_url: str | None, creds: str | None) -> None:
     """List the regressions and anomalies the detector found, newest first (from the read model)."""
-    request = {k: v for k, v in {"series": series, "run_id": run_id, "kind": kind}.items() if v}
+    request = {k: v for k, v in {"series": series, "run_id": run_id, "kind": kind, "project": project}.items() if v}
     rows = query("anomalies", request, nats_url, creds)
     if as_json:
         click.echo(json.dumps({"anomalies": rows}))
