@@ -275,11 +275,18 @@ class Detection(TaskEvent, kw_only=True):
     """What the detector found in one series, published on the subject of the task whose result
     completed the finding (`run_id`, `task_id`; for an anomaly, the outlier's own result). A series
     is one benchmark metric (or one test's failure rate) under one set of labels on one kind of
-    hardware, named `BENCHMARK:METRIC{k=v,...}@HARDWARE` (see `dtf.projections.detection`). Ids are
-    `<kind>-<series hash>-<triggering result id>`, so a restarted or rebuilt detector publishes the
-    same event with the same id."""
+    hardware, of one owner, named `BENCHMARK:METRIC{k=v,...}@HARDWARE` (see
+    `dtf.projections.detection`). Ids are `<kind>-<series name hash>-<triggering result id>`, so a
+    restarted or rebuilt detector publishes the same event with the same id.
+
+    `owner` came later, with a default (no new version, no upcaster, as for TaskSubmitted's optional
+    spec fields): a detection from before it decodes with "" and was made from a series every
+    submitter's results went into."""
 
     series: str
+    owner: str = ""
+    """The submitter of the runs whose results make the series (the task's submitter): every result
+    in `result_ids` and the `change_run_id` are its own."""
     benchmark: str
     metric: str
     labels: dict[str, str] = {}

@@ -1,7 +1,7 @@
 """Aggregated results: per test or per benchmark metric, grouped by what the caller names, per time
 window, as pure functions of a DuckDB cursor (the `aggregate` query; `dtf results --group-by`).
 
-    aggregate {"group_by"?: [key, ...], "kind"?: "tests"|"metrics", "metric"?, "run_id"?,
+    aggregate {"group_by"?: [key, ...], "kind"?: "tests"|"metrics", "metric"?, "run_id"?, "project"?,
                "since"?, "until"?, "window_s"?, "offset"?, "limit"?}
               -> {"aggregate": [row, ...], "kind": ..., "next_offset"}
 
@@ -18,7 +18,8 @@ out); `change` is the relative change of the mean against the group's previous w
 Unix epoch); with `since` and no `window_s`, one window from `since` to `until` (default now), compared
 with the window of the same length before it; with neither, one window over everything. A metric row
 also names its series, `BENCHMARK:METRIC{k=v,...}@HARDWARE`, from the other keys of its group.
-Asked by a submitter (`submitter`, set by the query service), only its own tasks' observations count.
+Asked by a submitter (`submitter`, set by the query service), only its own tasks' observations count;
+`project` narrows to the tasks submitted under that project, within the caller's scope.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class AggregateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     """Default: metrics when a metric is named or the groups include benchmark or metric, else tests."""
     metric: str | None = None
     run_id: str | None = None
+    project: str | None = None
     since: Time | None = None
     until: Time | None = None
     window_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
@@ -55,13 +57,13 @@ _SOURCES = {
     "tests": (
         "SELECT r.time, r.outcome, r.duration_s AS value, r.run_id, r.worker_id, r.hardware,"
         " r.nodeid AS test, NULL::VARCHAR AS metric, t.type, t.name, t.commit, t.branch, t.labels, t.state,"
-        " r.task_id, t.submitter"
+        " r.task_id, t.submitter, t.project"
         " FROM test_results r LEFT JOIN tasks t ON t.task_id = r.task_id"
     ),
     "metrics": (
         "SELECT m.time, NULL::VARCHAR AS outcome, m.value, m.run_id, m.worker_id, m.hardware,"
         " NULL::VARCHAR AS test, m.name AS metric, t.type, t.name, t.commit, t.branch, m.labels, t.state,"
-        " m.task_id, t.submitter"
+        " m.task_id, t.submitter, t.project"
         " FROM metrics m LEFT JOIN tasks t ON t.task_id = m.task_id"
     ),
 }
@@ -123,9 +125,10 @@ def _sql(request: AggregateRequest, kind: str, keys: list[str], now: datetime) -
     if request.run_id is not None:
         where.append("run_id = $run_id")
         params["run_id"] = request.run_id
-    if request.submitter is not None:
-        where.append("submitter = $submitter")
-        params["submitter"] = request.submitter
+    for column in ("submitter", "project"):
+        if getattr(request, column) is not None:
+            where.append(f"{column} = ${column}")
+            params[column] = getattr(request, column)
     if request.metric is not None and kind == "metrics":
         where.append("metric = $metric")
         params["metric"] = request.metric

@@ -3,8 +3,11 @@
 A series is one benchmark metric under one set of labels on one kind of hardware, named
 `BENCHMARK:METRIC{k=v,...}@HARDWARE` (labels sorted, `{}` left out when there are none; hardware the
 worker's kinds sorted and joined by "+", as `dtf results --group-by hardware` shows them; `@...` left
-out when unknown), or one test's failure rate, `NODEID:failure_rate{...}@HARDWARE`. Each keeps its
-own detectors:
+out when unknown), or one test's failure rate, `NODEID:failure_rate{...}@HARDWARE`, of one owner:
+the submitter of the run whose result it is. Tenants' series are independent: two submitters running
+the same benchmark with the same labels on the same hardware have two series of the same name, so
+neither's results move the other's baseline, mask its regression or raise an anomaly in it. Each
+keeps its own detectors:
 
 * Level shifts: river's PageHinkley on the value standardized by a robust running scale (the median
   and MAD of the current regime's last `window` points, floored at `scale_floor` of the median so a
@@ -30,7 +33,12 @@ own detectors:
   regularly is flagged while an occasional flake is not.
 
 Everything is a function of the input sequence (no clock, no randomness), so a rebuild from the log
-detects exactly what the live detector did, with the same event ids.
+detects exactly what the live detector did, with the same event ids. An id is
+`<kind>-<hash of the series name>-<triggering result id>`: the owner is left out of the hash on
+purpose. It is not needed to tell two owners' detections apart (a result is one task's, and a task
+one owner's), and leaving it out keeps the ids of logs written before series were per owner: where
+a tenant's own series finds what the shared one found, the detector recognizes the old event and
+publishes nothing again.
 """
 
 from __future__ import annotations
@@ -123,6 +131,9 @@ class SeriesKey:
     metric: str
     labels: tuple[tuple[str, str], ...]
     hardware: tuple[str, ...]
+    owner: str = ""
+    """The submitter of the runs whose results the series holds ("" when unknown): part of the key,
+    not of the name, so each tenant's series of a name are its own and are named as before."""
 
     @property
     def name(self) -> str:
@@ -132,7 +143,8 @@ class SeriesKey:
 
     @property
     def token(self) -> str:
-        """A short stable hash of the name, for event ids."""
+        """A short stable hash of the name, for event ids. Not of the owner: see the module docstring
+        (ids stay unique, since the triggering result names the owner, and old logs keep theirs)."""
         return hashlib.sha256(self.name.encode()).hexdigest()[:16]
 
 
@@ -200,7 +212,7 @@ class _Series:
             return []
         return [cls(
             id=f"{kind}-{self.key.token}-{trigger.result_id}", time=trigger.time,
-            run_id=trigger.run_id, task_id=trigger.task_id, series=self.key.name,
+            run_id=trigger.run_id, task_id=trigger.task_id, series=self.key.name, owner=self.key.owner,
             benchmark=self.key.benchmark, metric=self.key.metric, labels=dict(self.key.labels),
             hardware=list(self.key.hardware), better=self.better, size=round(size, 6),
             confidence=_confidence(z), detector=detector, result_ids=[p.result_id for p in points],
@@ -335,10 +347,11 @@ TEST_OUTCOMES = ("passed", "failed")
 
 def points(
     result: ev.ResultReported, benchmark: str, hardware: list[str], tests: list[ev.TestOutcome],
+    owner: str = "",
 ) -> Iterator[tuple[SeriesKey, bool, Point]]:
     """Every (series, is a test's failures, observation) one counted result brings: `benchmark`
     names the task (its spec name), `hardware` is its worker's, `tests` its test list (inline or
-    fetched from `tests_ref`)."""
+    fetched from `tests_ref`), `owner` the submitter of its run (its task's)."""
     labels = tuple(sorted(result.labels.items()))
     kinds = tuple(sorted(hardware))
 
@@ -347,12 +360,12 @@ def points(
 
     if result.outcome in METRIC_OUTCOMES:
         for metric, value in sorted(result.metrics.items()):
-            yield SeriesKey(benchmark, metric, labels, kinds), False, point(float(value))
+            yield SeriesKey(benchmark, metric, labels, kinds, owner), False, point(float(value))
     if result.outcome in TEST_OUTCOMES:
         for test in tests:
             if test.outcome != "skipped":
                 failed = 1.0 if test.outcome in ("failed", "error") else 0.0
-                yield SeriesKey(test.nodeid, TEST_METRIC, labels, kinds), True, point(failed)
+                yield SeriesKey(test.nodeid, TEST_METRIC, labels, kinds, owner), True, point(failed)
 
 
 class Detector:
@@ -364,10 +377,11 @@ class Detector:
 
     def observe(
         self, result: ev.ResultReported, benchmark: str, hardware: list[str], tests: list[ev.TestOutcome],
+        owner: str = "",
     ) -> list[ev.Detection]:
         """The detections this result brings (arguments as for `points`)."""
         found: list[ev.Detection] = []
-        for key, failures, point in points(result, benchmark, hardware, tests):
+        for key, failures, point in points(result, benchmark, hardware, tests, owner):
             series = self.series.get(key)
             if series is None:
                 kind = FailureSeries if failures else MetricSeries

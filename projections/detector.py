@@ -5,7 +5,9 @@
 It keeps no state of its own: at every start it reads DTF_EVENTS from sequence 1 through an ordered
 consumer (like the coordinator) and folds it with the coordinator's `Fold`, so only results that
 count are seen (the current attempt's, from its worker; not a late one from a lost attempt), and
-each worker's hardware is known. Each counted result goes through the pure `Detector`.
+each worker's hardware and each task's submitter are known. Each counted result goes through the
+pure `Detector`, into its owner's series (the task's submitter: one tenant's results never move
+another's baseline).
 
 Nothing is published twice. Detections are TaskEvents with deterministic ids
 (`<kind>-<series hash>-<result id>`), but JetStream deduplicates ids for 2 minutes only, so the
@@ -14,6 +16,12 @@ follower also folds the detections already in the log: while it replays, what it
 caught up with the stream, whatever is still due was never published and is published then. Past
 that point each new result's detections are published as they come. A restarted or second detector
 therefore publishes nothing a previous one did, and a rebuild finds the same detections.
+
+Upgrading from the detector whose series were shared by every submitter: the ids do not name the
+owner, so a detection the owner's own series makes again (same kind, series name and triggering
+result) is the one in the log and is not published again. What the shared series found and the
+owner's does not stays in the log as it was (with owner ""); what only the owner's finds is due,
+published once when the first follow catches up, and never again.
 
 The fold and detection run in a worker thread, one batch at a time, never on the event loop.
 """
@@ -63,6 +71,9 @@ class Counted(NamedTuple):
     benchmark: str
     hardware: list[str]
     tests: list[ev.TestOutcome]
+    owner: str = ""
+    """The task's submitter, whose runs the result's series are (one tenant's series never hold
+    another's results)."""
 
 
 class Results:
@@ -88,7 +99,7 @@ class Results:
         worker = self.fold.workers.get(event.worker_id)
         hardware = list(worker.capabilities.hardware) if worker and worker.registered_at else []
         outcomes = event.tests or (tests.get((event.worker_id, event.tests_ref), []) if event.tests_ref else [])
-        return event, Counted(event, benchmark_name(after), hardware, outcomes)
+        return event, Counted(event, benchmark_name(after), hardware, outcomes, after.submitter)
 
 
 class Follower:

@@ -2,7 +2,7 @@
 query; `dtf flaky`). The code did not change between those runs, so the outcome depends on something
 else: timing, order, shared state.
 
-    flaky {"since"?, "branch"?, "offset"?, "limit"?} -> {"flaky": [row, ...], "next_offset"}
+    flaky {"since"?, "branch"?, "project"?, "offset"?, "limit"?} -> {"flaky": [row, ...], "next_offset"}
 
 A row is one (test, commit, hardware): its runs (passed, failed or errored; skips say nothing), how
 many passed and failed (errors count as failures), its flips (outcome changes from one run to the
@@ -10,6 +10,8 @@ next, in time order) and flip rate (flips over runs - 1: 1.0 alternates every ti
 seen. Most flip-prone first. Results whose task has no known commit are left out: without one, a
 pass then a failure may just be a change in the code. Asked by a submitter (`submitter`, set by the
 query service), only its own tasks' results count: another's runs neither show nor make a test flaky.
+`project` narrows to the tasks submitted under that project (`submit --project`; default the
+submitter), within the caller's scope.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class FlakyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     since: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
     branch: str | None = None
+    project: str | None = None
     submitter: str | None = None
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -40,7 +43,7 @@ _SQL = """
         FROM test_results r JOIN tasks t ON t.task_id = r.task_id
         WHERE coalesce(t.commit, '') <> '' AND r.outcome IN ('passed', 'failed', 'error')
             AND ($since IS NULL OR r.time >= $since) AND ($branch IS NULL OR t.branch = $branch)
-            AND ($submitter IS NULL OR t.submitter = $submitter)
+            AND ($submitter IS NULL OR t.submitter = $submitter) AND ($project IS NULL OR t.project = $project)
     ),
     ordered AS (
         SELECT *, lag(ok) OVER (PARTITION BY test, commit, hardware
@@ -60,7 +63,9 @@ _SQL = """
 def flaky(cur: duckdb.DuckDBPyConnection, request: FlakyRequest) -> dict:
     from dtf.projections.queries import _page  # here, not at the top: queries imports this module
 
-    found, next_offset = _page(cur, _SQL, {"since": request.since, "branch": request.branch, "submitter": request.submitter}, request, _item)
+    params = {"since": request.since, "branch": request.branch, "submitter": request.submitter,
+              "project": request.project}
+    found, next_offset = _page(cur, _SQL, params, request, _item)
     return {"flaky": found, "next_offset": next_offset}
 
 

@@ -3,7 +3,8 @@ it would be?
 
 `SeriesHistory` collects every benchmark series' values from the event log, counting results exactly
 as the detector does (`dtf.projections.detector.Results`, `dtf.projections.detection.points`), so a
-series name from `dtf anomalies` is a name here. `forecast(values)` fits AutoETS on all but the last
+series name from `dtf anomalies` is a name here, and each submitter's runs of a name are a series of
+their own, as the detector keeps them. `forecast(values)` fits AutoETS on all but the last
 value and asks whether the last one falls inside the `level` % prediction interval for it, then fits
 on all of them for the next `horizon` runs. Both are CPU work for a worker thread (the CLI runs them
 in one), never for an event loop.
@@ -29,7 +30,8 @@ class SeriesHistory:
 
     def __init__(self) -> None:
         self.results = Results()
-        self.series: dict[str, list[Point]] = {}
+        self.series: dict[str, dict[str, list[Point]]] = {}
+        """Series name -> owner (the submitter of its runs) -> the observations."""
 
     def apply(self, messages: Sequence[StoredMsg], tests: Mapping[str, list[ev.TestOutcome]]) -> None:
         for message in messages:
@@ -38,7 +40,7 @@ class SeriesHistory:
                 continue
             for key, failures, point in points(*counted):
                 if not failures and math.isfinite(point.value):
-                    self.series.setdefault(key.name, []).append(point)
+                    self.series.setdefault(key.name, {}).setdefault(key.owner, []).append(point)
 
 
 class NotEnoughHistory(ValueError):

@@ -57,6 +57,8 @@ class WorkersRequest(Page, kw_only=True, forbid_unknown_fields=True):
 class ResultsRequest(Page, kw_only=True, forbid_unknown_fields=True):
     run_id: str | None = None
     task_id: str | None = None
+    project: str | None = None
+    """Only the tasks submitted under this project (`submit --project`), within the caller's scope."""
     submitter: str | None = None
 
 
@@ -160,6 +162,9 @@ def results(cur: duckdb.DuckDBPyConnection, request: ResultsRequest) -> dict:
     if request.submitter is not None:
         mine = "run_id IN (SELECT run_id FROM tasks WHERE submitter = $submitter)"
         where, params = (f"{where} AND {mine}" if where else f"WHERE {mine}"), {**params, "submitter": request.submitter}
+    if request.project is not None:
+        theirs = "task_id IN (SELECT task_id FROM tasks WHERE project = $project)"
+        where, params = (f"{where} AND {theirs}" if where else f"WHERE {theirs}"), {**params, "project": request.project}
     names = ("run_id", "task_id", "attempt", "worker_id", "nodeid", "outcome", "duration_s", "message",
              *FAILURE_COLUMNS)
     sql = (

@@ -139,8 +139,9 @@ DETECTIONS = Table("detections", (
     ("hardware", "VARCHAR[]"), ("run_id", "VARCHAR"), ("task_id", "VARCHAR"), ("before", "DOUBLE"),
     ("after", "DOUBLE"), ("size", "DOUBLE"), ("better", "VARCHAR"), ("direction", "VARCHAR"),
     ("confidence", "DOUBLE"), ("detector", "VARCHAR"), ("result_ids", "VARCHAR[]"),
-    ("change_run_id", "VARCHAR"), ("time", "TIMESTAMPTZ"),
-), key=("stream", "seq"))
+    ("change_run_id", "VARCHAR"), ("time", "TIMESTAMPTZ"), ("owner", "VARCHAR"),
+), key=("stream", "seq"), added={"owner": "''"})
+"""`owner` came with per-tenant series (the Detection field; "" in detections made before it)."""
 
 TABLES: tuple[Table, ...] = (
     TASKS, ATTEMPTS, WORKERS, TEST_RESULTS, METRICS, EVENTS, INVALID_EVENTS, CHECKPOINTS, DETECTIONS,

@@ -41,19 +41,21 @@ def detector(better: tuple[str, ...], nats_url: str | None, creds: str | None) -
 
 TEST_METRIC = "failure_rate"
 """`dtf.projections.detection.TEST_METRIC`, without importing river for a listing."""
-ANOMALY_COLUMNS = ("time", "kind", "series", "before", "after", "size", "confidence", "run_id")
+ANOMALY_COLUMNS = ("time", "kind", "series", "owner", "before", "after", "size", "confidence", "run_id")
 
 
 @click.command()
 @click.option("--series", metavar="S", help="Only this series (as the listing names it).")
 @click.option("--run", "run_id", metavar="RUN_ID", help="Only detections made by this run's results.")
 @click.option("--kind", type=click.Choice(["regression", "anomaly"]), help="Only regressions or anomalies.")
+@click.option("--project", metavar="NAME",
+              help="Only detections made by results of tasks submitted under this project (submit --project).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"anomalies": [...]} on stdout.')
 @nats_options
-def anomalies(series: str | None, run_id: str | None, kind: str | None, as_json: bool,
+def anomalies(series: str | None, run_id: str | None, kind: str | None, project: str | None, as_json: bool,
               nats_url: str | None, creds: str | None) -> None:
     """List the regressions and anomalies the detector found, newest first (from the read model)."""
-    request = {k: v for k, v in {"series": series, "run_id": run_id, "kind": kind}.items() if v}
+    request = {k: v for k, v in {"series": series, "run_id": run_id, "kind": kind, "project": project}.items() if v}
     rows = query("anomalies", request, nats_url, creds)
     if as_json:
         click.echo(json.dumps({"anomalies": rows}))
@@ -73,9 +75,12 @@ def anomalies(series: str | None, run_id: str | None, kind: str | None, as_json:
 @click.argument("series")
 @click.option("--horizon", type=click.IntRange(1, 100), default=5, show_default=True,
               help="Runs to forecast ahead.")
+@click.option("--owner", metavar="SUBMITTER",
+              help="Whose series of that name (needed when several submitters run it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the forecast as one JSON object.")
 @nats_options
-def forecast(series: str, horizon: int, as_json: bool, nats_url: str | None, creds: str | None) -> None:
+def forecast(series: str, horizon: int, owner: str | None, as_json: bool, nats_url: str | None,
+             creds: str | None) -> None:
     """Forecast SERIES (AutoETS) and say whether its last run is outside the 95 % interval."""
     from dtf.projections import forecast as fc
 
@@ -96,13 +101,23 @@ def forecast(series: str, horizon: int, as_json: bool, nats_url: str | None, cre
         return history
 
     history = asyncio.run(main())
-    points = history.series.get(series)
-    if points is None:
+    owners = history.series.get(series)
+    if owners is None:
         near = sorted(name for name in history.series if series.lower() in name.lower())[:10]
         hint = f"; did you mean: {', '.join(near)}" if near else f" ({len(history.series)} series known)"
         raise CliError(f"no benchmark series named {series!r}{hint}")
+    # Each submitter's runs of a name are a series of their own (as the detector keeps them).
+    if owner is None and len(owners) > 1:
+        raise CliError(f"{series} is run by several submitters ({', '.join(sorted(owners))}): "
+                       "name one with --owner")
+    if owner is None:
+        [owner] = owners
+    points = owners.get(owner)
+    if points is None:
+        raise CliError(f"{series}: no runs of submitter {owner!r} "
+                       f"(its submitters: {', '.join(sorted(owners))})")
     try:
-        result = {"series": series, **fc.forecast(points, horizon)}
+        result = {"series": series, "owner": owner, **fc.forecast(points, horizon)}
     except fc.NotEnoughHistory as exc:
         raise CliError(f"{series}: {exc}") from None
     if as_json:

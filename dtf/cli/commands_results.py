@@ -110,8 +110,13 @@ def aggregate_columns(keys: list[str], kind: str, rows: list[dict]) -> list[str]
     return [*keys, *windowed, "series", "count", *stats]
 
 
+PROJECT = click.option("--project", metavar="NAME",
+                       help="Only tasks submitted under this project (submit --project; default the submitter).")
+
+
 @click.command()
 @click.option("--run", "run_id", metavar="RUN_ID", help="Only this run.")
+@PROJECT
 @click.option("--group-by", "group_by", multiple=True, metavar="KEYS",
               help="Aggregate, grouped by these comma-separated keys: hardware, worker, type, test, "
                    "benchmark, metric, commit, branch, run, labels, label.NAME.")
@@ -128,8 +133,8 @@ def aggregate_columns(keys: list[str], kind: str, rows: list[dict]) -> list[str]
 @click.option("--parquet", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Write the rows to a Parquet file.")
 @nats_options
-def results(run_id: str | None, group_by: tuple[str, ...], metric: str | None, kind: str | None,
-            since: str | None, until: str | None, window: str | None, as_json: bool, as_csv: bool,
+def results(run_id: str | None, project: str | None, group_by: tuple[str, ...], metric: str | None,
+            kind: str | None, since: str | None, until: str | None, window: str | None, as_json: bool, as_csv: bool,
             parquet: Path | None, nats_url: str | None, creds: str | None) -> None:
     """List per-test results, or aggregate them (--group-by, --metric, --since, --window): count, pass
     rate, mean, median, p95, stddev and the change against the previous window."""
@@ -137,7 +142,7 @@ def results(run_id: str | None, group_by: tuple[str, ...], metric: str | None, k
         raise click.UsageError("give --json or --csv, not both")
     now = datetime.now(UTC)
     aggregating = bool(group_by or metric or kind or since or until or window)
-    request: dict = {"run_id": run_id} if run_id else {}
+    request: dict = {k: v for k, v in (("run_id", run_id), ("project", project)) if v}
     if aggregating:
         request |= {"group_by": parse_group_by(group_by), "kind": kind, "metric": metric,
                     "since": parse_time(since, now, "--since").isoformat() if since else None,
@@ -163,13 +168,14 @@ def results(run_id: str | None, group_by: tuple[str, ...], metric: str | None, k
 @click.command()
 @click.option("--since", metavar="T", help="Only results from T on (ISO-8601, or back from now: 30d).")
 @click.option("--branch", metavar="NAME", help="Only runs submitted from this branch.")
+@PROJECT
 @click.option("--json", "as_json", is_flag=True, help='Print {"flaky": [...]} on stdout.')
 @nats_options
-def flaky(since: str | None, branch: str | None, as_json: bool, nats_url: str | None,
+def flaky(since: str | None, branch: str | None, project: str | None, as_json: bool, nats_url: str | None,
           creds: str | None) -> None:
     """Tests that both passed and failed on the same commit and hardware, most flip-prone first."""
     request = {k: v for k, v in (("since", parse_time(since, datetime.now(UTC), "--since").isoformat()
-                                  if since else None), ("branch", branch)) if v is not None}
+                                  if since else None), ("branch", branch), ("project", project)) if v is not None}
     rows = query("flaky", request, nats_url, creds)
     if as_json:
         click.echo(json.dumps({"flaky": rows}))
