@@ -183,14 +183,9 @@ def _confidence(z: float) -> float:
     return round(math.erf(abs(z) / math.sqrt(2)), 6)
 
 
-def _page_hinkley(delta: float, threshold: float, mode: str = "both") -> drift.PageHinkley:
-    # min_instances=1: the warm-up is ours (points before it never reach the detector); alpha=1: no
-    # forgetting, the regime restarts at each change instead.
-    return drift.PageHinkley(min_instances=1, delta=delta, threshold=threshold, alpha=1.0, mode=mode)
-
-
 def _page_hinkley(delta: float, threshold: float, mode: str = "both", warmup: int = 1) -> drift.PageHinkley:
-    # alpha=1: no forgetting; the regime restarts at each change instead.
+    # min_instances=warmup (1 when the warm-up is ours: points before it never reach the detector);
+    # alpha=1: no forgetting, the regime restarts at each change instead.
     return drift.PageHinkley(min_instances=warmup, delta=delta, threshold=threshold, alpha=1.0, mode=mode)
 
 
