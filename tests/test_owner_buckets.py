@@ -14,7 +14,7 @@ from test_auth import ROOT, SPEC, as_user, log_state  # noqa: F401 - log_state i
 
 from dtf import events as ev
 from dtf import subjects
-from dtf.streams import auth, buckets, bus, feed, topology
+from dtf.streams import auth, buckets, bus, feed, objects, topology
 from dtf.workers import workspace
 
 DEADLINE_S = 60.0
@@ -79,8 +79,8 @@ async def test_a_worker_cannot_overwrite_or_purge_another_workers_artifacts(secu
             assert subject.lower() in (await w2.refusal()).lower()
         own = await buckets.own(w2.nc, w2.nc.jetstream(), "artifacts", "w2")
         await own.put("logs/run-a-1/1", b"forged by w2\n")  # only its own bucket, which no reader takes for w1
-        stored = await (await vic.nc.jetstream().object_store(topology.artifacts_bucket("w1"))).get("logs/run-a-1/1")
-        assert stored.data == b"the real log, again\n"
+        stored = await objects.get(vic.nc.jetstream(), topology.artifacts_bucket("w1"), "logs/run-a-1/1")
+        assert stored == b"the real log, again\n"
         assert not w1.refusals
     finally:
         for client in (w1, w2, vic):
