@@ -13,6 +13,8 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -139,3 +141,43 @@ def test_two_workers_on_one_machine_never_hold_the_same_task_uid(tmp_path):
         first.take_uid()
     second.release_uid(b)
     assert first.take_uid() == b
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run a process as a task uid")
+def test_a_uid_held_by_a_worker_that_died_is_cleaned_before_it_is_handed_out_again(tmp_path):
+    """A crashed worker's flock goes with it, but not what its attempt left running as the uid."""
+    uids = range(20210, 20211)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys, time
+        from pathlib import Path
+        from dtf.workers import sandbox
+        box = sandbox.Sandbox(fresh_dir=True, uids=range({uids.start}, {uids.stop}), base=Path({str(tmp_path)!r}))
+        uid = box.take_uid()
+        left = subprocess.Popen(["sleep", "300"], user=uid, group=uid, extra_groups=[], start_new_session=True)
+        print(left.pid, flush=True)
+        time.sleep(300)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        left_behind = int(holder.stdout.readline())
+        holder.kill()  # the worker dies holding the uid; its attempt's process lives on
+        holder.wait(30)
+        assert psutil.pid_exists(left_behind) and psutil.Process(left_behind).status() != psutil.STATUS_ZOMBIE
+        box = sandbox.Sandbox(fresh_dir=True, uids=uids, base=tmp_path)
+        assert box.take_uid() == uids.start
+        for _ in range(300):  # a bound, not a timing: the kill was sent before take_uid returned
+            if gone(left_behind):
+                break
+            time.sleep(0.1)
+        assert gone(left_behind)
+        box.release_uid(uids.start)
+        assert box.take_uid() == uids.start  # released cleanly: taken again without a kill to do
+    finally:
+        holder.kill()
+        sandbox.kill_all_of(uids.start)  # the leftover, should the worker's cleaning have failed

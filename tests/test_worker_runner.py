@@ -219,6 +219,33 @@ async def test_a_benchmark_that_writes_no_metrics_is_an_error(tmp_path):
     assert result.category == "task"
 
 
+@pytest.mark.parametrize("link", ["ln -s", "ln"])
+async def test_a_benchmark_whose_metrics_file_links_elsewhere_is_an_error_and_nothing_of_that_file_is_read(
+        tmp_path, link):
+    elsewhere = tmp_path / "someone-elses.json"  # a file the worker can read and the task should not see
+    elsewhere.write_text('{"secret_number": 42}')
+    spec = TaskSpec(type="benchmark", config={"command": f'{link} {elsewhere} "$DTF_METRICS"'})
+    result = await run(spec, tmp_path)
+    assert result.outcome == "error" and "not reading the metrics file" in result.reason, result.reason
+    assert result.metrics == {} and "secret_number" not in result.reason
+
+
+async def test_a_test_task_whose_report_links_to_another_report_reports_none_of_its_tests(tmp_path):
+    other = tmp_path / "other-tenant.jsonl"
+    other.write_text('{"nodeid": "their_test.py::test_secret", "outcome": "failed", "message": "their data"}\n')
+    suite = write_suite(tmp_path / "suite", f"""
+        import os
+
+        def test_swaps_the_report():
+            report = os.environ["DTF_TEST_REPORT"]
+            if os.path.exists(report):
+                os.unlink(report)
+            os.symlink({str(other)!r}, report)
+        """)
+    result = await run(TaskSpec(type="test", config={"path": str(suite)}), tmp_path)
+    assert "their_test.py::test_secret" not in [t.nodeid for t in result.tests]
+
+
 async def test_a_timeout_kills_the_whole_process_group_including_a_grandchild(tmp_path):
     spec = TaskSpec(type="command", timeout_seconds=1, config={
         "command": "sleep 60 & echo $! > grandchild.pid; echo started; wait"})

@@ -114,6 +114,11 @@ class Sandbox:
                 os.close(fd)
                 continue
             self._held[uid] = fd
+            # The lock file is marked while held and cleared by release_uid: a mark left means a
+            # worker died holding the uid, and what its attempt left running must not meet this one.
+            if os.pread(fd, 1, 0):
+                kill_all_of(uid)
+            os.pwrite(fd, b"held", 0)
             return uid
         raise SandboxError(f"every task uid in {self.uids.start}-{self.uids[-1]} is in use")
 
@@ -124,6 +129,7 @@ class Sandbox:
         kill_all_of(uid)
         fd = self._held.pop(uid, None)
         if fd is not None:
+            os.ftruncate(fd, 0)  # released cleanly: nothing of it is left running
             os.close(fd)  # drops the flock
 
 
