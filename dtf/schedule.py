@@ -85,8 +85,11 @@ def silent(worker: WorkerState, now: datetime, policy: Policy) -> bool:
 
 
 def slots(worker: WorkerState, active: int, now: datetime, policy: Policy) -> int:
-    """Free slots: none while draining, silent or quarantined; one probe once a quarantine is over."""
+    """Free slots: none while draining, silent, quarantined or just found full (`state.note_capacity`);
+    one probe once a quarantine is over."""
     if worker.draining or silent(worker, now, policy):
+        return 0
+    if worker.full_until is not None and now < worker.full_until:
         return 0
     if worker.status == "online":
         due = worker.infra_failures >= policy.quarantine_after  # its quarantine is being decided

@@ -105,6 +105,13 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     quarantines: int = 0
     quarantined_until: datetime | None = None
     draining: bool = False
+    full_until: datetime | None = None
+    """It handed an attempt back for being at capacity: no new work for it before then (`note_capacity`)."""
+
+
+AT_CAPACITY = "worker at capacity"
+"""How a worker's TaskReleased reason begins when it had no free slot for the assignment."""
+FULL_BACKOFF = timedelta(seconds=1)
 
 
 def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
@@ -227,6 +234,17 @@ def note_outcome(worker: WorkerState, event: ev.AttemptEvent) -> WorkerState:
                                            quarantined_until=None, reason="")
         return msgspec.structs.replace(worker, infra_failures=0)
     return worker
+
+
+def note_capacity(worker: WorkerState, event: ev.AttemptEvent) -> WorkerState:
+    """A worker that hands an attempt back for being at capacity runs more than the fold knows (an
+    attempt it still runs after it was declared lost and came back, or events a replica has yet to
+    see): it gets no new work for FULL_BACKOFF, so scheduler and worker do not trade assignments and
+    releases as fast as they can publish. Any other settling of an attempt of its frees it again.
+    Event times only: a replay decides the same."""
+    if isinstance(event, ev.TaskReleased) and event.reason.startswith(AT_CAPACITY):
+        return msgspec.structs.replace(worker, full_until=event.time + FULL_BACKOFF)
+    return worker if worker.full_until is None else msgspec.structs.replace(worker, full_until=None)
 
 
 def evolve_worker(worker: WorkerState | None, event: ev.Event) -> WorkerState | None:
@@ -529,6 +547,8 @@ class Fold:
             self._index(before, after)
             if isinstance(event, (ev.ResultReported, ev.TaskFailed)) and event.worker_id in self.workers:
                 self.workers[event.worker_id] = note_outcome(self.workers[event.worker_id], event)
+            if isinstance(event, (ev.ResultReported, ev.TaskFailed, ev.TaskReleased)) and event.worker_id in self.workers:
+                self.workers[event.worker_id] = note_capacity(self.workers[event.worker_id], event)
         else:
             worker_id = event.worker_id  # type: ignore[attr-defined]
             after_worker = evolve_worker(self.workers.get(worker_id), event)

@@ -86,7 +86,7 @@ async def test_a_task_cannot_change_the_workspace_cache_a_later_run_executes(nat
     (project / "step.sh").write_text("echo honest\n")
     data, ref = await asyncio.to_thread(workspace.pack, project)
     await workspace.upload(js._nc, js, "alice", data, ref)
-    cached = tmp_path / "cache" / "workspaces" / "alice" / ref.sha256
+    cached = tmp_path / "cache" / "workspaces" / "w1" / "alice" / ref.sha256
     first = await run_command(nats_server, js, tmp_path,
                               f"echo 'echo evil' > {cached}/step.sh; sh step.sh", "t1", ref)
     assert "honest" in first.output_tail and "evil" not in first.output_tail

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from dtf import events as ev
 from dtf import schedule, subjects
 from dtf.spec import Requirements, RetryPolicy, TaskSpec
-from dtf.state import Fold, TaskState
+from dtf.state import AT_CAPACITY, FULL_BACKOFF, Fold, TaskState
 
 CLUSTERS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -313,6 +313,26 @@ def test_a_failed_dependency_cancels_its_dependants_one_level_per_decision():
     cluster.publish(cancel)
     [cancel] = decide(cluster.fold)
     assert cancel.task_id == "t3" and cancel.reason == "dependency t2 ended cancelled"
+
+
+def test_a_worker_that_hands_work_back_at_capacity_gets_none_for_a_while_and_again_once_one_settles():
+    cluster = simple_cluster(("t1", 5, []), ("t2", 5, []), concurrency=2)
+    spec = cluster.fold.tasks["t1"].spec
+    first = {"run_id": RUN, "task_id": "t1", "attempt": 1, "worker_id": "w1"}
+    cluster.publish(ev.TaskAssigned(id="as-t1", time=NOW, **first, coordinator="c", spec=spec))
+    # w1 still runs something this fold does not know of (an attempt from before it was declared lost)
+    cluster.publish(ev.TaskReleased(id="rel-t1", time=NOW, **first, reason=f"{AT_CAPACITY} (2)"))
+    at = NOW + FULL_BACKOFF / 2
+    assert list(schedule.decide(cluster.fold, at, "coord", POLICY)) == []  # not straight back to it
+    later = [(d.task_id, d.worker_id) for d in schedule.decide(cluster.fold, NOW + FULL_BACKOFF, "coord", POLICY)]
+    assert later == [("t1", "w1"), ("t2", "w1")]
+    second = {"run_id": RUN, "task_id": "t2", "attempt": 1, "worker_id": "w1"}
+    cluster.publish(ev.TaskAssigned(id="as-t2", time=NOW, **second, coordinator="c", spec=spec))
+    cluster.publish(ev.TaskReleased(id="rel-t2", time=NOW, **second, reason=f"{AT_CAPACITY} (2)"))
+    third = {"run_id": RUN, "task_id": "t1", "attempt": 2, "worker_id": "w1"}
+    cluster.publish(ev.TaskAssigned(id="as-t1-2", time=NOW, **third, coordinator="c", spec=spec))
+    cluster.publish(ev.ResultReported(id="res-t1-2", time=NOW, **third, outcome="passed"))  # a slot came free
+    assert [(d.task_id, d.worker_id) for d in schedule.decide(cluster.fold, at, "coord", POLICY)] == [("t2", "w1")]
 
 
 def test_a_dependant_waits_until_its_dependency_passed():

@@ -288,10 +288,28 @@ async def test_a_test_task_runs_in_a_private_copy_of_its_uploaded_workspace(nats
         _, result = await wait_for(js, of(ev.ResultReported, "t1"))
     assert result.outcome == "passed", result.output_tail
     assert result.counts.passed == 2
-    cached = tmp_path / "cache" / "workspaces" / "alice" / ref.sha256
+    cached = tmp_path / "cache" / "workspaces" / "w1" / "alice" / ref.sha256
     assert (cached / "data.txt").read_text() == "payload"
     assert not (cached / "written.txt").exists()  # each attempt runs in its own copy
     assert not list(cached.rglob("__pycache__"))
+
+
+async def test_two_workers_sharing_a_cache_dir_each_unpack_a_workspace_of_their_own(nats_server, js, tmp_path):
+    """Which unpacked trees are intact only the worker that unpacked them knows: sharing one, a second
+    worker (another process) would take it for changed and remove it while the first copies from it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "data.txt").write_text("payload")
+    data, ref = await asyncio.to_thread(workspace.pack, project)
+    await workspace.upload(js._nc, js, "alice", data, ref)
+    spec = TaskSpec(type="command", config={"command": "cat data.txt"}, workspace=ref)
+    for worker_id, task_id in (("w1", "t1"), ("w2", "t2")):
+        async with running_agent(nats_server, js, tmp_path, worker_id=worker_id):
+            await submit_and_assign(js, task_id, spec, worker_id=worker_id)
+            _, result = await wait_for(js, of(ev.ResultReported, task_id))
+        assert result.outcome == "passed" and "payload" in result.output_tail, result.output_tail
+    for worker_id in ("w1", "w2"):
+        assert (tmp_path / "cache" / "workspaces" / worker_id / "alice" / ref.sha256 / "data.txt").is_file()
 
 
 async def test_a_missing_workspace_fails_the_attempt_as_a_data_error(nats_server, js, tmp_path):

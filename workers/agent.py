@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 
 from dtf import events as ev
 from dtf import subjects
+from dtf.state import AT_CAPACITY
 from dtf.streams import bus, topology
 from dtf.workers import capabilities, idle
 from dtf.workers.attempt import Attempt, Context, execute, publish, released
@@ -206,7 +207,7 @@ class WorkerAgent:
             await self._hand_back(msg, event, "worker stopping")
             return
         if len(self.running()) >= self.concurrency:
-            await self._hand_back(msg, event, f"worker at capacity ({self.concurrency})")
+            await self._hand_back(msg, event, f"{AT_CAPACITY} ({self.concurrency})")
             return
         attempt = Attempt(assignment=event, msg=msg, seq=msg.metadata.sequence.stream)
         self.attempts[key] = attempt

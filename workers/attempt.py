@@ -254,7 +254,10 @@ async def _workdir(ctx: Context, a: ev.TaskAssigned, attempt_dir: Path) -> Path:
         return attempt_dir if sandbox.sandbox.fresh_dir else ctx.workdir
     lock = ctx.workspace_locks.setdefault((a.submitter, ref.sha256), asyncio.Lock())
     async with lock:  # from the run owner's bucket: the submitter the event log names, not the ref
-        cached = await workspace.materialize(ctx.js, a.submitter, ref, ctx.cache_dir / "workspaces")
+        # One cache per worker: which unpacked trees are intact is known only to the process that
+        # unpacked them, so a second worker sharing the cache dir would take another's tree for a
+        # changed one and remove it while the first copies from it.
+        cached = await workspace.materialize(ctx.js, a.submitter, ref, ctx.cache_dir / "workspaces" / ctx.worker_id)
     private = attempt_dir / ref.name
     try:
         if ctx.warm.wants(a.spec):
