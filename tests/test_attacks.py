@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dtf import events as ev
 from dtf import subjects
 from dtf.limits import MAX_SUBMISSION_BYTES, NATS_MAX_PAYLOAD
 from dtf.spec import TaskSpec
+from auth_up import dtf_up
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="uid isolation needs a root worker")
 
@@ -86,17 +86,9 @@ class System:
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     root = tmp_path_factory.mktemp("attacks")
-    env = {k: v for k, v in os.environ.items() if k not in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA")}
-    env["XDG_STATE_HOME"] = str(root / "state")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(root / "d"), "--nats-port", "0",
-         "--no-dashboard", "--isolate", "on"], stdout=subprocess.PIPE, stderr=(root / "up.log").open("ab"),
-        env=env, text=True)
-    try:
-        url = up.stdout.readline().strip().split("=", 1)[1]
-        admin = Path(up.stdout.readline().strip().split("=", 1)[1])
-        system = System(url, root / "d", admin, root / "ann.creds", root / "bob.creds", root, env)
-        system.up = up
+    with dtf_up(root, "--isolate", "on") as up:
+        system = System(up.url, root / "d", up.admin, root / "ann.creds", root / "bob.creds", root, up.env)
+        system.up = up.process
         for name in ("ann", "bob"):
             added = system.cli("creds", "add", "--role", "submitter", "--name", name, "--out", str(root / f"{name}.creds"))
             assert added.returncode == 0, added.stderr
@@ -104,9 +96,6 @@ def system(tmp_path_factory):
             if system.cli("tasks", "--json", creds=system.bob).returncode == 0:
                 break
         yield system
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=60) == 0
 
 
 def submission(task_id: str, who: str, run_id: str, command: str = "true", **config) -> ev.TaskSubmitted:

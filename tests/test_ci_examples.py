@@ -6,7 +6,6 @@ exit code, its JUnit report and its GitHub annotations are what CI shows."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from junitparser import JUnitXml
 
 from cli_lines import dtf_invocations, resolve_dtf_command
+from auth_up import dtf_up
 
 ROOT = Path(__file__).resolve().parents[1]
 GITHUB = ROOT / "docs" / "ci" / "github-actions.yml"
@@ -62,24 +62,14 @@ def test_every_dtf_command_in_the_ci_examples_is_a_real_dtf_command():
 @pytest.fixture
 def fleet(tmp_path):
     """`dtf up` with auth on, and a submitter's credentials as a CI secret would hold them."""
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA", "GITHUB_ACTIONS"):
-        env.pop(name, None)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "dtf", "up", "--workers", "2", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
-         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
-    try:
-        url = up.stdout.readline().strip().split("=", 1)[1]
-        admin = up.stdout.readline().strip().split("=", 1)[1]
+    with dtf_up(tmp_path, workers=2, env={"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}) as up:
+        url, admin, env = up.url, str(up.admin), up.env
         creds = tmp_path / "ci.creds"
         added = subprocess.run([sys.executable, "-m", "dtf", "creds", "add", "--role", "submitter", "--name",
                                 "ci-project", "--out", str(creds)], env={**env, "DTF_CREDS": admin},
                                capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert added.returncode == 0, added.stderr
         yield {**env, "DTF_NATS_URL": url, "DTF_CREDS": str(creds)}
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=60) == 0
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -13,23 +11,17 @@ import pytest
 from dtf.streams import auth, feed, reader, topology
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from auth_up import dtf_up
 
 
 def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path):
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA"):
-        env.pop(name, None)
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "test_ok.py").write_text("def test_ok():\n    assert True\n")
     (suite / "test_bad.py").write_text(  # a log long enough to be stored in the artifacts store
         "def test_bad():\n    print('the start of the log', 'y' * 20000)\n    assert 1 == 2, 'one is not two'\n")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
-         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
-    try:
-        url = up.stdout.readline().strip().split("=", 1)[1]
-        up.stdout.readline()
+    with dtf_up(tmp_path) as up:
+        url, env = up.url, up.env
 
         def cli(*args: str, creds: str | None = None) -> subprocess.CompletedProcess:
             extra = {"DTF_CREDS": creds} if creds else {}
@@ -77,9 +69,6 @@ def test_a_submitter_waits_for_its_own_run_and_cannot_wait_for_anothers(tmp_path
         cancelled = cli("cancel", "--run", "run-long", creds=ann)
         assert cancelled.returncode == 0, cancelled.stderr
         assert cli("wait", "run-long", creds=ann).returncode == 1
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=60) == 0
 
 
 async def test_the_server_lets_a_submitter_read_only_its_own_feed(secured_server):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -22,6 +20,7 @@ from dtf.spec import Requirements
 from dtf.state import WorkerState
 from dtf.projections import logs, queries, schema
 from dtf.streams import auth, bus
+from auth_up import dtf_up
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PEOPLE = ("ann", "bob")
@@ -206,16 +205,9 @@ async def detect(url: str, admin: str, kind: str, run_id: str, task_id: str) -> 
 
 
 def test_two_ci_jobs_each_read_and_report_only_their_own_runs_and_are_refused_the_others(tmp_path):
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    for name in ("DTF_NATS_URL", "DTF_CREDS", "DTF_CA", "GITHUB_STEP_SUMMARY", "GITHUB_ACTIONS"):
-        env.pop(name, None)
     suites = {who: suite(tmp_path / f"suite-{who}", who) for who in ("ann", "bob")}
-    up = subprocess.Popen(
-        [sys.executable, "-m", "dtf", "up", "--workers", "1", "--data-dir", str(tmp_path / "d"), "--nats-port", "0",
-         "--no-dashboard"], stdout=subprocess.PIPE, stderr=(tmp_path / "up.log").open("ab"), env=env, text=True)
-    try:
-        url = up.stdout.readline().strip().split("=", 1)[1]
-        admin = up.stdout.readline().strip().split("=", 1)[1]
+    with dtf_up(tmp_path) as up:
+        url, admin, env = up.url, str(up.admin), up.env
 
         def cli(*args: str, creds: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "dtf", *args, "--nats", url], check=False,
@@ -314,6 +306,3 @@ def test_two_ci_jobs_each_read_and_report_only_their_own_runs_and_are_refused_th
         split = cli("submit", str(suites["ann"]), "--split", "auto", "--run-id", "split-ann", creds=ann)
         assert split.returncode == 0, split.stderr
         assert "slots" in split.stderr and "no capable worker" not in split.stderr, split.stderr
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=60) == 0

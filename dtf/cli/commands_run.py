@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
 from dtf.cli.common import (
-    EXIT_PERMISSION, CliError, credential_identity, nats_options, parse_pairs, serve, serve_with_nats,
+    EXIT_PERMISSION, CliError, nats_options, parse_pairs, serve, serve_with_nats, service_name,
 )
 from dtf.cli import early_signals
 from dtf.cli.commands_metrics import metrics_endpoint, metrics_option
@@ -215,13 +215,8 @@ def worker(ctx: click.Context, nats_url: str | None, creds: str | None, worker_i
     except sandbox.SandboxError as exc:
         raise CliError(str(exc), EXIT_PERMISSION) from None
     tags = parse_pairs(capabilities, "--capability")
-    identity = credential_identity(creds)
-    if identity is not None and identity.role == "worker":  # it may publish only as that worker
-        worker_id = worker_id or identity.name
-        if worker_id != identity.name:
-            raise CliError(f"{creds} are worker {identity.name}'s credentials: run with --id {identity.name}",
-                           EXIT_PERMISSION)
-    worker_id = worker_id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    # it may publish only as the worker its credentials name
+    worker_id = service_name(creds, "worker", worker_id, "--id") or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
     if not TOKEN_RE.match(worker_id):
         raise click.BadParameter("letters, digits, _ and - only (at most 80)", param_hint="--id")
     cache = cache_dir or Path.home() / ".cache" / "dtf" / "worker"
@@ -251,13 +246,7 @@ def projector(nats_url: str | None, creds: str | None, db_path: Path, name: str 
     """Run the projector: fold events into the DuckDB read model and answer queries on it."""
     from dtf.projections.projector import run_projector
 
-    identity = credential_identity(creds)
-    if identity is not None and identity.role == "projector":  # the server grants its own durables only
-        name = name or identity.name
-        if name != identity.name:
-            raise CliError(f"{creds} are projector {identity.name}'s credentials: run with --name {identity.name}",
-                           EXIT_PERMISSION)
-    name = name or topology.PROJECTOR
+    name = service_name(creds, "projector", name, "--name") or topology.PROJECTOR  # its own durables only
 
     async def body(nc: Client, stop: asyncio.Event) -> None:
         await run_projector(nc, db_path, stop, name=name, metrics=endpoint)

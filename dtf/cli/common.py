@@ -111,6 +111,18 @@ def credential_identity(creds: str | None) -> auth.Credentials | None:
     return identity if identity.role else None
 
 
+def service_name(creds: str | None, role: str, given: str | None, flag: str) -> str | None:
+    """The name a service runs under: with `role`'s credentials the name in them, the only one the
+    server grants it (a different `given` is refused, exit 3); otherwise `given`."""
+    identity = credential_identity(creds)
+    if identity is None or identity.role != role:
+        return given
+    if given and given != identity.name:
+        raise CliError(f"{creds} are {role} {identity.name}'s credentials: run with {flag} {identity.name}",
+                       EXIT_PERMISSION)
+    return identity.name
+
+
 def acting_name(creds: str | None) -> str:
     """Who a command acts as (the last token of what it publishes): the name in a submitter's
     credentials, the only one the server lets it publish under, or in an admin's, the only
